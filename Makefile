@@ -1,0 +1,57 @@
+# Tally — run `make help` for the targets. Everything installs into the repo:
+# .venv/ (Python) and .tally/ (Kafka jars, local data), both git-ignored.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA_LIBS := .tally/kafka/libs
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Kafka runs from Maven Central jars on the machine's JDK: no download outside
+# the package registries, no Docker.
+$(KAFKA_LIBS)/.installed: deploy/kafka/pom.xml
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies \
+	  -DoutputDirectory=$(abspath $(KAFKA_LIBS)) -DincludeScope=runtime
+	touch $@
+
+run: setup ## Bootstrap and run the whole stack with demo gateways (Ctrl-C stops it)
+	$(BIN)/tally up --demo
+
+test: setup ## Bootstrap and run lint, types and every test tier
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: setup ## Run only the unit tests (no Kafka, no ClickHouse)
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+lint: ## ruff (lint + format check) and mypy strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: ## Format and auto-fix with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+schema: ## Regenerate schemas/event.schema.json from the pydantic models
+	$(BIN)/python -m schemas.jsonschema > schemas/event.schema.json
+
+clean: ## Remove local data (.tally/data) but keep installed jars and .venv
+	rm -rf .tally/data
+
+.PHONY: help setup run test unit lint fmt schema clean

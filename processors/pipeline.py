@@ -1,0 +1,112 @@
+"""One batch step of the worker: messages in, rollup rows and dead letters out (pure).
+
+Exactly-once rests on one rule: the rollup rows of a batch and the offsets it
+consumed are written in one INSERT (see processors/sink.py). After a restart the
+worker learns, per partition, the next offset not yet counted (`resume`), and a
+message below it is only remembered for deduplication, never counted again.
+Kafka may therefore redeliver anything; the count does not move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from processors.decode import Limits, Rejection, decode_message
+from processors.dedup import Deduplicator
+from processors.rollup import RollupBuilder, marker_rows
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    rejection: Rejection
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    rows: list[list[object]]
+    """Delta rows followed by the offset markers: one INSERT."""
+    dead_letters: list[DeadLetter]
+    next_offsets: dict[int, int]
+    counted: int = 0
+    duplicates: int = 0
+    replayed: int = 0
+    """Messages below the resume offset: already counted before a restart."""
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        topic: str,
+        limits: Limits,
+        dedup_window_s: float,
+        dedup_max_keys: int,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.topic = topic
+        self.limits = limits
+        self._dedup_window_s = dedup_window_s
+        self._dedup_max_keys = dedup_max_keys
+        self._clock = clock
+        self._resume: dict[int, int] = {}
+        self._dedup: dict[int, Deduplicator] = {}
+
+    def knows(self, partition: int) -> bool:
+        return partition in self._resume
+
+    def resume(self, partition: int, next_offset: int) -> None:
+        """Start a partition: offsets below `next_offset` are already counted."""
+        self._resume[partition] = next_offset
+        self._dedup[partition] = Deduplicator(self._dedup_window_s, self._dedup_max_keys)
+
+    def forget(self, partition: int) -> None:
+        """The partition went to another worker; its state is theirs now."""
+        self._resume.pop(partition, None)
+        self._dedup.pop(partition, None)
+
+    def dedup_keys(self) -> int:
+        return sum(len(d) for d in self._dedup.values())
+
+    def process(self, messages: Iterable[Message]) -> BatchResult:
+        now = self._clock()
+        builder = RollupBuilder()
+        result = BatchResult(rows=[], dead_letters=[], next_offsets={})
+        for message in messages:
+            partition = message.partition
+            if partition not in self._resume:
+                raise RuntimeError(f"partition {partition} was not resumed before processing")
+            dedup = self._dedup[partition]
+            events, rejections = decode_message(message.value, now, self.limits)
+            if message.offset < self._resume[partition]:
+                result.replayed += 1
+                for event in events:
+                    dedup.first_time(event.source, event.id)
+                continue
+            for rejection in rejections:
+                result.dead_letters.append(DeadLetter(rejection, partition, message.offset))
+            for event in events:
+                if dedup.first_time(event.source, event.id):
+                    builder.add(event)
+                    result.counted += 1
+                    result.by_type[event.type] = result.by_type.get(event.type, 0) + 1
+                else:
+                    result.duplicates += 1
+            result.next_offsets[partition] = message.offset + 1
+            self._resume[partition] = message.offset + 1
+        result.rows = builder.rows() + marker_rows(self.topic, result.next_offsets)
+        return result

@@ -1,0 +1,31 @@
+"""The worker's configuration (`tally worker`, and the worker inside `tally up`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from schemas.settings import TallySettings
+
+
+class WorkerSettings(TallySettings):
+    consumer_group: str = Field("tally-worker", min_length=1, description="Kafka consumer group.")
+    worker_batch_messages: int = Field(
+        2_000, ge=1, le=100_000, description="Messages per flush at most (each may hold a batch)."
+    )
+    worker_flush_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Flush at least this often while events arrive."
+    )
+    dedup_window_s: float = Field(
+        3_600.0, gt=0, description="A re-sent (source, id) is recognised for at least this long."
+    )
+    dedup_max_keys: int = Field(
+        2_000_000, ge=1_000, description="Keys per partition generation; memory ≤ 2× this."
+    )
+    max_lateness_s: float = Field(
+        35 * 86_400.0, gt=0, description="Events older than this are rejected (too_late)."
+    )
+    max_future_s: float = Field(
+        300.0, ge=0, description="Events further ahead than this are rejected (time_in_future)."
+    )
+    max_message_bytes: int = Field(1_000_000, ge=1_024, description="Larger messages: oversized.")
+    max_event_bytes: int = Field(64_000, ge=512, description="Larger events: oversized.")

@@ -1,0 +1,135 @@
+"""Connecting to ClickHouse (embedded chdb or a server) and migrating its schema.
+
+Always through clickhouse-connect: `chdb:///path` gives the in-process engine,
+`http(s)://user:pass@host:port/db` a server. Migrations are the ordered SQL files
+in `schemas/migrations/`; each applied version is recorded in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def migrations() -> list[Migration]:
+    """The migrations shipped with Tally, in the order they apply."""
+    found = []
+    for entry in MIGRATIONS_DIR.iterdir():
+        match = re.match(r"^(\d{4})_(\w+)\.sql$", entry.name)
+        if not match:
+            continue
+        text = entry.read_text(encoding="utf-8")
+        # Strip comments first so a ';' inside one cannot split a statement.
+        body = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+        statements = tuple(s.strip() for s in body.split(";") if s.strip())
+        found.append(Migration(int(match.group(1)), match.group(2), statements))
+    return sorted(found, key=lambda m: m.version)
+
+
+class Store:
+    """A thread-safe handle on one Tally database.
+
+    chdb admits one data path per process and its handles are not meant for
+    concurrent use, so every call is serialised by a lock; callers on the event
+    loop use `asyncio.to_thread` around these methods.
+    """
+
+    def __init__(self, url: str, database: str) -> None:
+        if not _IDENT.match(database):
+            raise StoreError(
+                f"database name {database!r} is not a plain identifier; "
+                "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)"
+            )
+        self.url = url
+        self.database = database
+        self._lock = threading.Lock()
+        try:
+            admin = _client(url, None)
+            admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            self._client = _client(url, database)
+        except Exception as exc:
+            raise StoreError(
+                f"cannot open the ClickHouse store at {_redact(url)}: {exc}. Check "
+                "TALLY_CLICKHOUSE_URL; an embedded path may be held by another process."
+            ) from exc
+
+    @property
+    def embedded(self) -> bool:
+        return self.url.startswith("chdb:")
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        with self._lock:
+            return self._client.command(sql, parameters=parameters)
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._client.query(sql, parameters=parameters).result_rows)
+
+    def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        with self._lock:
+            self._client.insert(table, rows, column_names=list(columns))
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations in order; return the versions applied now."""
+        self.command(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+            "ENGINE = MergeTree ORDER BY version"
+        )
+        done = {row[0] for row in self.query("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                self.command(statement)
+            self.insert("schema_migrations", [[migration.version, migration.name]], ["version", "name"])
+            applied.append(migration.version)
+        return applied
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+def _client(url: str, database: str | None) -> Client:
+    if url.startswith("chdb:"):
+        return clickhouse_connect.get_client(dsn=url, database=database)
+    parsed = urlparse(url)
+    return clickhouse_connect.get_client(
+        host=parsed.hostname or "localhost",
+        port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
+        username=parsed.username or "default",
+        password=parsed.password or "",
+        secure=parsed.scheme == "https",
+        database=database or "default",
+    )
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
