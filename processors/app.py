@@ -33,6 +33,11 @@ log = logging.getLogger("tally.worker")
 # so nothing is lost, and the worker resumes as soon as the store is back.
 RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
+# A dead letter must fit in one Kafka record (brokers default to ~1 MB). Larger
+# originals (only `oversized` ones can be) keep their first bytes, and the
+# `tally-original-bytes` header says how long they were.
+DLQ_MAX_VALUE_BYTES = 900_000
+
 
 @dataclass
 class WorkerStats:
@@ -68,9 +73,7 @@ class RollupWorker:
         )
 
     async def handle(self, events: Sequence[Any]) -> None:
-        messages = [
-            Message(e.message.partition, e.message.offset, e.message.value) for e in events
-        ]
+        messages = [Message(e.message.partition, e.message.offset, e.message.value) for e in events]
         keys = {(e.message.partition, e.message.offset): e.message.key for e in events}
         await self._resume_new_partitions({m.partition for m in messages})
         result = self.pipeline.process(messages)
@@ -98,12 +101,14 @@ class RollupWorker:
         new = [p for p in partitions if not self.pipeline.knows(p)]
         if not new:
             return
-        stored = await self._retry("read offset markers", self.sink.resume_offsets,
-                                   self.settings.events_topic)
+        stored = await self._retry(
+            "read offset markers", self.sink.resume_offsets, self.settings.events_topic
+        )
         for partition in new:
             self.pipeline.resume(partition, stored.get(partition, 0))
-            log.info("partition %d resumes counting at offset %d", partition,
-                     stored.get(partition, 0))
+            log.info(
+                "partition %d resumes counting at offset %d", partition, stored.get(partition, 0)
+            )
 
     async def _dead_letter(
         self, letters: list[DeadLetter], keys: dict[tuple[int, int], bytes | None]
@@ -123,11 +128,15 @@ class RollupWorker:
             ]
             if rejection.index is not None:
                 headers.append(("tally-batch-index", str(rejection.index).encode()))
+            value = rejection.raw
+            if len(value) > DLQ_MAX_VALUE_BYTES:
+                headers.append(("tally-original-bytes", str(len(value)).encode()))
+                value = value[:DLQ_MAX_VALUE_BYTES]
             pending.append(
                 await producer.send(
                     self.settings.dlq_topic,
                     keys.get((letter.partition, letter.offset)),
-                    rejection.raw,
+                    value,
                     None,
                     None,
                     headers,
@@ -186,7 +195,8 @@ def build_app(settings: WorkerSettings, store: Store) -> tuple[faust.App, Rollup
             await worker.handle(events)
 
     @app.on_partitions_revoked.connect
-    async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
         worker.on_revoked({tp.partition for tp in revoked if tp.topic == settings.events_topic})
 
     return app, worker

@@ -15,7 +15,13 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from schemas.events import EVENT_ADAPTER, EVENT_TYPES, RequestEvent, StreamClosedEvent, StreamOpenedEvent
+from schemas.events import (
+    EVENT_ADAPTER,
+    EVENT_TYPES,
+    RequestEvent,
+    StreamClosedEvent,
+    StreamOpenedEvent,
+)
 
 AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
@@ -134,7 +140,7 @@ def check_time(time: datetime, now: datetime, limits: Limits) -> tuple[str, str]
 
 def _explain(doc: dict[str, Any], exc: ValidationError) -> tuple[str, str]:
     if doc.get("specversion") != "1.0" and "specversion" in doc:
-        return UNSUPPORTED_SPECVERSION, f"specversion must be \"1.0\", got {doc['specversion']!r}"
+        return UNSUPPORTED_SPECVERSION, f'specversion must be "1.0", got {doc["specversion"]!r}'
     kind = doc.get("type")
     if "type" not in doc:
         return MISSING_ATTRIBUTE, "type: required attribute is missing"

@@ -6,7 +6,7 @@ current one takes new keys, and when it has been open for `window_s` seconds or
 holds `max_keys` keys it becomes the previous one, and the old previous one is
 dropped. A key is therefore remembered for at least `window_s` seconds (unless
 more than `max_keys` keys arrive in that time) and at most two windows, and
-memory holds at most 2 × `max_keys` keys.
+memory holds at most 2 x `max_keys` keys.
 
 One `Deduplicator` serves one Kafka partition: all events of an account land in
 one partition (CONTRACT §1), and a gateway re-sends an event with its subject,

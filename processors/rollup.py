@@ -55,8 +55,15 @@ def key_of(event: AnyEvent) -> RollupKey:
     route = getattr(data, "route", None) or ""
     model = getattr(data, "model", None) or ""
     if isinstance(event, RequestEvent):
-        return (event.subject, minute, event.type, route, event.data.method or "", model,
-                event.data.status or 0)
+        return (
+            event.subject,
+            minute,
+            event.type,
+            route,
+            event.data.method or "",
+            model,
+            event.data.status or 0,
+        )
     return (event.subject, minute, event.type, route, "", model, 0)
 
 
@@ -86,8 +93,21 @@ class RollupBuilder:
 
     def rows(self) -> list[list[object]]:
         return [
-            [account, datetime.fromtimestamp(minute, UTC), kind, route, method, model, status,
-             t.events, t.units_micro, t.latency_ms_sum, t.bytes_in, t.bytes_out, 0]
+            [
+                account,
+                datetime.fromtimestamp(minute, UTC),
+                kind,
+                route,
+                method,
+                model,
+                status,
+                t.events,
+                t.units_micro,
+                t.latency_ms_sum,
+                t.bytes_in,
+                t.bytes_out,
+                0,
+            ]
             for (account, minute, kind, route, method, model, status), t in self._totals.items()
         ]
 

@@ -19,7 +19,7 @@ class WorkerSettings(TallySettings):
         3_600.0, gt=0, description="A re-sent (source, id) is recognised for at least this long."
     )
     dedup_max_keys: int = Field(
-        2_000_000, ge=1_000, description="Keys per partition generation; memory ≤ 2× this."
+        2_000_000, ge=1_000, description="Keys per partition generation; memory <= 2x this."
     )
     max_lateness_s: float = Field(
         35 * 86_400.0, gt=0, description="Events older than this are rejected (too_late)."

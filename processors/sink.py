@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from schemas.store import Store
-
 from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
+from schemas.store import Store
 
 TABLE = "rollup_minute"
 

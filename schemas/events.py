@@ -48,7 +48,9 @@ def _parse_rfc3339(value: Any) -> Any:
             raise ValueError("time must carry a zone (RFC 3339), e.g. 2026-03-29T01:02:03.456Z")
         return value
     if not isinstance(value, str) or not _RFC3339.match(value):
-        raise ValueError("time must be an RFC 3339 string with a zone, e.g. 2026-03-29T01:02:03.456Z")
+        raise ValueError(
+            "time must be an RFC 3339 string with a zone, e.g. 2026-03-29T01:02:03.456Z"
+        )
     text = value.replace("z", "Z").replace("t", "T")
     frac = re.search(r"\.(\d+)", text)
     if frac and len(frac.group(1)) > 6:

@@ -85,7 +85,7 @@ class Store:
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._client.query(sql, parameters=parameters).result_rows)
+            return [tuple(row) for row in self._client.query(sql, parameters=parameters).result_rows]
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
         with self._lock:
@@ -105,7 +105,9 @@ class Store:
                 continue
             for statement in migration.statements:
                 self.command(statement)
-            self.insert("schema_migrations", [[migration.version, migration.name]], ["version", "name"])
+            self.insert(
+                "schema_migrations", [[migration.version, migration.name]], ["version", "name"]
+            )
             applied.append(migration.version)
         return applied
 

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from processors.dedup import Deduplicator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_key_counts_once_within_the_window() -> None:
+    clock = Clock()
+    dedup = Deduplicator(window_s=60, max_keys=100, clock=clock)
+    assert dedup.first_time("gw", "1")
+    assert not dedup.first_time("gw", "1")
+    assert dedup.first_time("gw-2", "1")  # the pair identifies the event
+    clock.now = 59
+    assert not dedup.first_time("gw", "1")
+
+
+def test_keys_survive_one_rotation_and_expire_after_two() -> None:
+    clock = Clock()
+    dedup = Deduplicator(window_s=60, max_keys=100, clock=clock)
+    dedup.first_time("gw", "old")
+    clock.now = 61
+    assert dedup.first_time("gw", "new")  # rotates: "old" is now in the previous generation
+    assert not dedup.first_time("gw", "old")
+    clock.now = 122
+    assert dedup.first_time("gw", "newer")  # rotates again: "old" is gone
+    assert dedup.first_time("gw", "old")
+
+
+def test_memory_is_bounded_by_two_generations() -> None:
+    dedup = Deduplicator(window_s=3600, max_keys=10, clock=Clock())
+    for i in range(1000):
+        assert dedup.first_time("gw", str(i))
+    assert len(dedup) <= 20
+    assert not dedup.first_time("gw", "999")
+
+
+def test_separator_inside_ids_cannot_collide() -> None:
+    dedup = Deduplicator(window_s=60, max_keys=10, clock=Clock())
+    assert dedup.first_time("a\x1fb", "c")
+    assert dedup.first_time("a", "b\x1fc")
+
+
+def test_rejects_nonsense_bounds() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Deduplicator(window_s=0, max_keys=1)
