@@ -26,6 +26,26 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from deploy.stack import open_store
+    from query_api.app import create_app
+    from query_api.settings import ApiSettings
+
+    settings = load(ApiSettings)
+    store = open_store(settings)
+    print(f"tally: API http://{settings.api_host}:{settings.api_port} on {settings.store_url}")
+    uvicorn.run(
+        create_app(settings, store),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+    )
+    store.close()
+    return 0
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from deploy.stack import open_store
     from processors.settings import WorkerSettings
@@ -73,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a processor (consumes tally.events)")
     worker.set_defaults(run=_worker)
+
+    api = sub.add_parser("api", help="run the usage API alone (against a ClickHouse server)")
+    api.set_defaults(run=_api)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema")
     migrate.set_defaults(run=_migrate)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,15 +20,18 @@ import faust
 from mode import Service
 
 from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.serve import ApiService
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
 from processors.settings import WorkerSettings
+from query_api.app import create_app
+from schemas.settings import TallySettings
 from schemas.store import Store
 
 log = logging.getLogger("tally.up")
 
 
-def open_store(settings: WorkerSettings) -> Store:
+def open_store(settings: TallySettings) -> Store:
     store = Store(settings.store_url, settings.store_database)
     applied = store.migrate()
     if applied:
@@ -77,6 +80,7 @@ class DemoGateways(Service):
             events=None,
             seed=7,
             progress=False,
+            account_ids=[demo_account_id(i) for i in range(self.settings.demo_accounts)],
         )
 
 
@@ -97,10 +101,13 @@ def kafka_for(settings: StackSettings) -> Iterator[str]:
 
 
 def run_worker(
-    settings: WorkerSettings, extra: list[Service] | None = None, build_extra: Any = None
+    settings: WorkerSettings,
+    extra: list[Service] | None = None,
+    build_extra: Callable[[RollupWorker], list[Service]] | None = None,
+    store: Store | None = None,
 ) -> None:
     """Run the faust worker (plus extra services) until SIGINT/SIGTERM."""
-    store = open_store(settings)
+    store = store or open_store(settings)
     app, worker = build_app(settings, store)
     services = list(extra or [])
     if build_extra is not None:
@@ -117,6 +124,31 @@ def run_worker(
         store.close()
 
 
+def demo_keys(store: Store, settings: StackSettings) -> list[str]:
+    """Demo accounts (the ids the demo gateways use) and fresh keys to try them with."""
+    from query_api.accounts import AccountStore
+
+    accounts = AccountStore(store)
+    lines = []
+    for index, plan in enumerate(("free", "pro", "max")):
+        account_id = demo_account_id(index)
+        if accounts.get(account_id) is None:
+            accounts.create(account_id, plan)
+        key, _ = accounts.create_key(account_id, admin=False)
+        current = accounts.get(account_id)
+        lines.append(f"  {account_id} (plan {current.plan if current else plan}): {key}")
+    for index in range(3, settings.demo_accounts):
+        if accounts.get(demo_account_id(index)) is None:
+            accounts.create(demo_account_id(index), "pro")
+    admin, _ = accounts.create_key(None, admin=True)
+    lines.append(f"  admin: {admin}")
+    return lines
+
+
+def demo_account_id(index: int) -> str:
+    return f"demo-{index:04d}"
+
+
 def up(settings: StackSettings, demo: bool) -> None:
     with kafka_for(settings) as bootstrap:
         asyncio.run(
@@ -130,6 +162,17 @@ def up(settings: StackSettings, demo: bool) -> None:
         print(f"tally: Kafka bootstrap {bootstrap}  (topic {settings.events_topic})", flush=True)
         print(f"tally: store {settings.store_url} database {settings.store_database}", flush=True)
         print("tally: press Ctrl-C to stop", flush=True)
-        extra: list[Service] = [DemoGateways(settings)] if demo else []
-        run_worker(settings, extra, build_extra=lambda worker: [StatusLine(worker)])
+        store = open_store(settings)
+        api = create_app(settings, store)
+        print(
+            f"tally: API http://{settings.api_host}:{settings.api_port}  (OpenAPI at /docs)",
+            flush=True,
+        )
+        if demo:
+            print("tally: demo API keys (shown once):", flush=True)
+            print("\n".join(demo_keys(store, settings)), flush=True)
+        extra: list[Service] = [ApiService(api, settings.api_host, settings.api_port)]
+        if demo:
+            extra.append(DemoGateways(settings))
+        run_worker(settings, extra, build_extra=lambda worker: [StatusLine(worker)], store=store)
     print("tally: stopped", file=sys.stderr, flush=True)

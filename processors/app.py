@@ -16,13 +16,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from processors.decode import Limits
 from processors.pipeline import DeadLetter, Message, Pipeline
+from processors.rollup import EPOCH, marker_rows
 from processors.settings import WorkerSettings
 from processors.sink import RollupSink
 from schemas.store import Store
@@ -60,6 +62,10 @@ class RollupWorker:
         self.app = app
         self.sink = RollupSink(store)
         self.stats = WorkerStats()
+        # Serialises flushes and heartbeats: a heartbeat must only re-state
+        # offsets whose deltas are already in the store.
+        self._write_lock = asyncio.Lock()
+        self._written: dict[int, int] = {}
         self.pipeline = Pipeline(
             settings.events_topic,
             Limits(
@@ -73,12 +79,27 @@ class RollupWorker:
         )
 
     async def handle(self, events: Sequence[Any]) -> None:
-        messages = [Message(e.message.partition, e.message.offset, e.message.value) for e in events]
+        messages = [
+            Message(
+                e.message.partition,
+                e.message.offset,
+                e.message.value,
+                int((e.message.timestamp or 0) * 1000),
+            )
+            for e in events
+        ]
         keys = {(e.message.partition, e.message.offset): e.message.key for e in events}
-        await self._resume_new_partitions({m.partition for m in messages})
-        result = self.pipeline.process(messages)
-        await self._dead_letter(result.dead_letters, keys)
-        await self._write(result.rows)
+        async with self._write_lock:
+            await self._resume_new_partitions({m.partition for m in messages})
+            result = self.pipeline.process(messages)
+            await self._dead_letter(result.dead_letters, keys)
+            reflected = {
+                p: self._reflected_until(p, offset, result.published_until_ms.get(p, 0))
+                for p, offset in result.next_offsets.items()
+            }
+            markers = marker_rows(self.settings.events_topic, result.next_offsets, reflected)
+            await self._write(result.rows + markers)
+            self._written.update(result.next_offsets)
         stats = self.stats
         stats.messages += len(messages)
         stats.counted += result.counted
@@ -96,6 +117,40 @@ class RollupWorker:
     def on_revoked(self, partitions: set[int]) -> None:
         for partition in partitions:
             self.pipeline.forget(partition)
+            self._written.pop(partition, None)
+
+    async def heartbeat(self) -> None:
+        """Re-state the markers of caught-up partitions with the time now.
+
+        An idle partition gets no flushes, yet its data is current; without this
+        `meta.updated_at` would age while nothing is behind. Only offsets already
+        written are re-stated, so a heartbeat can never cover uncounted events.
+        """
+        async with self._write_lock:
+            caught_up = {
+                p: offset
+                for p, offset in self._written.items()
+                if self._reflected_until(p, offset, 0) != EPOCH
+            }
+            if not caught_up:
+                return
+            now = datetime.now(UTC)
+            markers = marker_rows(
+                self.settings.events_topic, caught_up, dict.fromkeys(caught_up, now)
+            )
+            await self._write(markers)
+
+    def _reflected_until(self, partition: int, next_offset: int, published_ms: int) -> datetime:
+        """Time up to which this partition's events are counted (for freshness)."""
+        try:
+            highwater = self.app.consumer.highwater(TP(self.settings.events_topic, partition))
+        except Exception:  # consumer not ready, partition not fetched yet
+            highwater = None
+        if highwater is not None and next_offset >= highwater:
+            return datetime.now(UTC)
+        if published_ms:
+            return datetime.fromtimestamp(published_ms / 1000, UTC)
+        return EPOCH
 
     async def _resume_new_partitions(self, partitions: set[int]) -> None:
         new = [p for p in partitions if not self.pipeline.knows(p)]
@@ -106,6 +161,8 @@ class RollupWorker:
         )
         for partition in new:
             self.pipeline.resume(partition, stored.get(partition, 0))
+            if partition in stored:
+                self._written[partition] = stored[partition]
             log.info(
                 "partition %d resumes counting at offset %d", partition, stored.get(partition, 0)
             )
@@ -198,5 +255,10 @@ def build_app(settings: WorkerSettings, store: Store) -> tuple[faust.App, Rollup
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
         worker.on_revoked({tp.partition for tp in revoked if tp.topic == settings.events_topic})
+
+    async def heartbeat() -> None:
+        await worker.heartbeat()
+
+    app.timer(settings.worker_flush_interval_s)(heartbeat)
 
     return app, worker

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from processors.decode import Limits, Rejection, decode_message
 from processors.dedup import Deduplicator
-from processors.rollup import RollupBuilder, marker_rows
+from processors.rollup import RollupBuilder
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,8 @@ class Message:
     partition: int
     offset: int
     value: bytes | None
+    timestamp_ms: int = 0
+    """Kafka's record timestamp: when the gateway published it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +37,11 @@ class DeadLetter:
 @dataclass(slots=True)
 class BatchResult:
     rows: list[list[object]]
-    """Delta rows followed by the offset markers: one INSERT."""
+    """Delta rows; the caller adds the offset markers to the same INSERT."""
     dead_letters: list[DeadLetter]
     next_offsets: dict[int, int]
+    published_until_ms: dict[int, int] = field(default_factory=dict)
+    """Per partition, the Kafka timestamp of the last message processed."""
     counted: int = 0
     duplicates: int = 0
     replayed: int = 0
@@ -107,6 +111,9 @@ class Pipeline:
                 else:
                     result.duplicates += 1
             result.next_offsets[partition] = message.offset + 1
+            result.published_until_ms[partition] = max(
+                message.timestamp_ms, result.published_until_ms.get(partition, 0)
+            )
             self._resume[partition] = message.offset + 1
-        result.rows = builder.rows() + marker_rows(self.topic, result.next_offsets)
+        result.rows = builder.rows()
         return result

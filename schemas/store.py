@@ -85,7 +85,9 @@ class Store:
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         with self._lock:
-            return [tuple(row) for row in self._client.query(sql, parameters=parameters).result_rows]
+            return [
+                tuple(row) for row in self._client.query(sql, parameters=parameters).result_rows
+            ]
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
         with self._lock:
@@ -117,8 +119,10 @@ class Store:
 
 
 def _client(url: str, database: str | None) -> Client:
+    # Every time column is UTC; "aware" returns them as aware datetimes from
+    # both backends, so no caller ever sees a naive time.
     if url.startswith("chdb:"):
-        return clickhouse_connect.get_client(dsn=url, database=database)
+        return clickhouse_connect.get_client(dsn=url, database=database, tz_mode="aware")
     parsed = urlparse(url)
     return clickhouse_connect.get_client(
         host=parsed.hostname or "localhost",
@@ -127,6 +131,7 @@ def _client(url: str, database: str | None) -> Client:
         password=parsed.password or "",
         secure=parsed.scheme == "https",
         database=database or "default",
+        tz_mode="aware",
     )
 
 

@@ -8,13 +8,15 @@
 -- Key order: `account` first because almost every query is about one account;
 -- `minute` next so a window (today, this week, the session) is one range scan
 -- within it; the dimensions last, so one (account, minute) folds to one row per
--- combination of type/route/method/model/status.
+-- combination of type/route/method/model/status. `stream_id` is '' for requests
+-- and names the stream for stream events, so active streams are countable.
 --
 -- No PARTITION BY, on purpose: an INSERT spanning several partitions becomes
 -- several parts, and the worker relies on one INSERT being one atomic part. The
 -- offset markers (reserved account '', type 'kafka.offset', route = topic,
--- status = partition, offset_end = next offset to read) ride in the same INSERT
--- as the deltas they cover, so deltas and consumed offsets can never disagree.
+-- status = partition, offset_end = next offset to read, last_time = the time up
+-- to which that partition's events are reflected) ride in the same INSERT as
+-- the deltas they cover, so deltas and consumed offsets can never disagree.
 CREATE TABLE IF NOT EXISTS rollup_minute
 (
     account        String,
@@ -24,13 +26,16 @@ CREATE TABLE IF NOT EXISTS rollup_minute
     method         LowCardinality(String),
     model          LowCardinality(String),
     status         UInt16,
+    stream_id      String,
     events         SimpleAggregateFunction(sum, UInt64),
     -- units are metered in millionths so sums are exact integers
     units_micro    SimpleAggregateFunction(sum, UInt64),
     latency_ms_sum SimpleAggregateFunction(sum, Float64),
     bytes_in       SimpleAggregateFunction(sum, UInt64),
     bytes_out      SimpleAggregateFunction(sum, UInt64),
+    -- the latest event time in the row: stream idle timeouts, data freshness
+    last_time      SimpleAggregateFunction(max, DateTime64(3, 'UTC')),
     offset_end     SimpleAggregateFunction(max, Int64)
 )
 ENGINE = AggregatingMergeTree
-ORDER BY (account, minute, type, route, method, model, status);
+ORDER BY (account, minute, type, route, method, model, status, stream_id);

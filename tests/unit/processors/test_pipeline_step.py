@@ -7,7 +7,7 @@ import orjson
 
 from processors.decode import Limits
 from processors.pipeline import Message, Pipeline
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
+from processors.rollup import COLUMNS, MARKER_ACCOUNT
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)
 
@@ -44,10 +44,6 @@ def _deltas(rows: list[list[object]]) -> dict[tuple[object, ...], dict[str, obje
     return out
 
 
-def _markers(rows: list[list[object]]) -> dict[object, object]:
-    return {row[6]: row[12] for row in rows if row[0] == MARKER_ACCOUNT and row[2] == MARKER_TYPE}
-
-
 def test_counts_units_exactly_and_drops_duplicates() -> None:
     pipeline = _pipeline()
     batch = orjson.dumps([_event("1"), _event("2"), _event("1")])
@@ -57,7 +53,7 @@ def test_counts_units_exactly_and_drops_duplicates() -> None:
     assert delta["units_micro"] == 2_500_000
     assert delta["minute"] == datetime(2026, 3, 29, 11, 59, tzinfo=UTC)
     assert result.duplicates == 2
-    assert _markers(result.rows) == {0: 2}
+    assert result.next_offsets == {0: 2}
 
 
 def test_stream_cost_counts_and_rejections_become_dead_letters() -> None:
@@ -72,7 +68,7 @@ def test_stream_cost_counts_and_rejections_become_dead_letters() -> None:
     assert _deltas(result.rows)[("acct-1", "tally.stream.closed.v1")]["units_micro"] == 4_000_000
     [letter] = result.dead_letters
     assert (letter.partition, letter.offset, letter.rejection.reason) == (1, 11, "malformed_json")
-    assert _markers(result.rows) == {1: 12}
+    assert result.next_offsets == {1: 12}
 
 
 def test_messages_below_the_resume_offset_are_not_counted_again_but_remembered() -> None:

@@ -1,0 +1,158 @@
+"""Accounts and API keys in the store (CONTRACT §2): the adapter, kept thin.
+
+Blocking calls (ClickHouse); the API runs them with `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from query_api.keys import hash_key, new_key, prefix_of, same_key
+from schemas.store import Store
+
+SUBJECT_MAX = 128
+
+
+class AccountExistsError(Exception):
+    pass
+
+
+class UnknownAccountError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    plan: str
+    billing_anchor_day: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an account's key, or an admin key (account None)."""
+
+    account: str | None
+    admin: bool
+    key_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    prefix: str
+    account: str | None
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def _version() -> int:
+    return time.time_ns()
+
+
+class AccountStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, account_id: str) -> Account | None:
+        rows = self.store.query(
+            "SELECT id, plan, billing_anchor_day, created_at FROM accounts FINAL "
+            "WHERE id = {id:String}",
+            {"id": account_id},
+        )
+        return Account(*rows[0]) if rows else None
+
+    def page(self, limit: int = 1000, after: str = "") -> list[Account]:
+        rows = self.store.query(
+            "SELECT id, plan, billing_anchor_day, created_at FROM accounts FINAL "
+            "WHERE id > {after:String} ORDER BY id LIMIT {limit:UInt32}",
+            {"after": after, "limit": limit},
+        )
+        return [Account(*row) for row in rows]
+
+    def create(self, account_id: str, plan: str, billing_anchor_day: int = 1) -> Account:
+        # Check-then-insert is not atomic; two admins racing on one new id both
+        # succeed and the later write wins. Acceptable for an admin operation.
+        if self.get(account_id) is not None:
+            raise AccountExistsError(account_id)
+        now = datetime.now(UTC)
+        self.store.insert(
+            "accounts",
+            [[account_id, plan, billing_anchor_day, now, now, _version()]],
+            ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
+        )
+        return Account(account_id, plan, billing_anchor_day, now)
+
+    def set_plan(self, account_id: str, plan: str) -> Account:
+        current = self.get(account_id)
+        if current is None:
+            raise UnknownAccountError(account_id)
+        self.store.insert(
+            "accounts",
+            [
+                [
+                    account_id,
+                    plan,
+                    current.billing_anchor_day,
+                    current.created_at,
+                    datetime.now(UTC),
+                    _version(),
+                ]
+            ],
+            ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
+        )
+        return Account(account_id, plan, current.billing_anchor_day, current.created_at)
+
+    def create_key(self, account_id: str | None, admin: bool) -> tuple[str, KeyInfo]:
+        """A new key (returned once, never stored) and what is stored about it."""
+        if account_id is not None and self.get(account_id) is None:
+            raise UnknownAccountError(account_id)
+        key, prefix = new_key()
+        now = datetime.now(UTC)
+        self.store.insert(
+            "api_keys",
+            [[prefix, hash_key(key), account_id or "", admin, now, None, _version()]],
+            ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
+        )
+        return key, KeyInfo(prefix, account_id, admin, now, None)
+
+    def revoke_key(self, prefix: str) -> bool:
+        rows = self.store.query(
+            "SELECT key_hash, account, is_admin, created_at FROM api_keys FINAL "
+            "WHERE prefix = {p:String} AND revoked_at IS NULL",
+            {"p": prefix},
+        )
+        if not rows:
+            return False
+        key_hash, account, is_admin, created_at = rows[0]
+        self.store.insert(
+            "api_keys",
+            [[prefix, key_hash, account, is_admin, created_at, datetime.now(UTC), _version()]],
+            ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
+        )
+        return True
+
+    def keys(self, account_id: str | None = None) -> list[KeyInfo]:
+        rows = self.store.query(
+            "SELECT prefix, account, is_admin, created_at, revoked_at FROM api_keys FINAL "
+            "WHERE {all:Bool} OR account = {a:String} ORDER BY created_at",
+            {"all": account_id is None, "a": account_id or ""},
+        )
+        return [KeyInfo(p, a or None, bool(adm), c, r) for p, a, adm, c, r in rows]
+
+    def authenticate(self, key: str) -> Principal | None:
+        prefix = prefix_of(key)
+        if prefix is None:
+            return None
+        rows = self.store.query(
+            "SELECT key_hash, account, is_admin FROM api_keys FINAL "
+            "WHERE prefix = {p:String} AND revoked_at IS NULL",
+            {"p": prefix},
+        )
+        if not rows or not same_key(key, rows[0][0]):
+            return None
+        _, account, is_admin = rows[0]
+        return Principal(account or None, bool(is_admin), prefix)

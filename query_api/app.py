@@ -1,0 +1,65 @@
+"""The FastAPI application: routers, the error envelope, request ids, OpenAPI."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+from query_api import errors
+from query_api.accounts import AccountStore
+from query_api.deps import Services
+from query_api.plans import load_plans
+from query_api.routes import health, usage
+from query_api.settings import ApiSettings
+from schemas.store import Store
+
+DESCRIPTION = """
+Usage metering for API companies: what each account has used, served from rollups
+that Tally's processors keep in ClickHouse.
+
+**Authentication.** `Authorization: Bearer <api_key>`; the `/api/v1/...` routes also
+accept `X-API-Key: <api_key>`. Account keys see their own account only; admin keys
+(or `TALLY_ADMIN_KEY`) administer plans, accounts and keys.
+
+**Times** are UTC, RFC 3339 with milliseconds and `Z`.
+
+## Errors
+Every error has the body `{"error": {"code", "message", "docs"}}`:
+
+""" + "\n".join(f"- `{code}`: {text}" for code, text in errors.ERROR_CODES.items())
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def create_app(settings: ApiSettings, store: Store) -> FastAPI:
+    app = FastAPI(
+        title="Tally usage API",
+        version="0.1.0",
+        description=DESCRIPTION,
+    )
+    app.state.services = Services(
+        settings=settings,
+        store=store,
+        accounts=AccountStore(store),
+        plans=load_plans(settings.plans),
+    )
+    errors.install(app)
+
+    @app.middleware("http")
+    async def request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # Echo a caller's id so their logs and ours line up; otherwise make one.
+        incoming = request.headers.get("x-request-id", "")
+        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request.state.request_id = rid
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    app.include_router(usage.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,77 @@
+"""What routes depend on: the services in app.state and the caller's identity."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from query_api.accounts import AccountStore, Principal
+from query_api.errors import ApiError, unauthorized
+from query_api.plans import Plan
+from query_api.settings import ApiSettings
+from schemas.store import Store
+
+
+@dataclass
+class Services:
+    settings: ApiSettings
+    store: Store
+    accounts: AccountStore
+    plans: dict[str, Plan]
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+def presented_key(request: Request) -> str | None:
+    """The key from `X-API-Key` or `Authorization: Bearer` (either endpoint accepts both)."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
+    key = presented_key(request)
+    if not key:
+        raise unauthorized()
+    admin_key = svc.settings.admin_key
+    if admin_key is not None and hmac.compare_digest(
+        key.encode(), admin_key.get_secret_value().encode()
+    ):
+        return Principal(account=None, admin=True, key_prefix="env:TALLY_ADMIN_KEY")
+    # Looked up on every call: a revoked key fails on the very next request.
+    found = await asyncio.to_thread(svc.accounts.authenticate, key)
+    if found is None:
+        raise unauthorized()
+    request.state.principal = found
+    return found
+
+
+async def account_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    if caller.account is None:
+        raise ApiError(
+            403, "forbidden", "admin keys have no usage of their own; use an account key"
+        )
+    return caller
+
+
+async def admin_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not caller.admin:
+        raise ApiError(403, "forbidden", "this route needs an admin key")
+    return caller
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+CallerDep = Annotated[Principal, Depends(principal)]
+AccountCallerDep = Annotated[Principal, Depends(account_principal)]
+AdminDep = Annotated[Principal, Depends(admin_principal)]

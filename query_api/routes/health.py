@@ -1,0 +1,46 @@
+"""Liveness and readiness (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from query_api import queries
+from query_api.deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The API process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="200 once the store, Kafka and the processors are up")
+async def readyz(svc: ServicesDep) -> JSONResponse:
+    checks: dict[str, Any] = {}
+    try:
+        reflected = await asyncio.to_thread(
+            queries.reflected_until, svc.store, svc.settings.events_topic
+        )
+        checks["store"] = "ok"
+    except Exception as exc:
+        reflected = None
+        checks["store"] = f"unavailable: {exc}"
+    # Workers re-state their markers every flush interval while they consume, so
+    # a recent marker proves both a live worker and a reachable Kafka.
+    if reflected is None:
+        checks["processors"] = "no worker has reported yet"
+    else:
+        age = (datetime.now(UTC) - reflected).total_seconds()
+        stale = age > svc.settings.processors_stale_s
+        checks["processors"] = f"behind by {age:.1f}s" if stale else "ok"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )

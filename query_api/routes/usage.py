@@ -1,0 +1,125 @@
+"""The two usage endpoints (CONTRACT §3): the product's face."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from fastapi import APIRouter, Response
+
+from processors.windows import format_time, period_end_inclusive, used_percentage
+from query_api import queries
+from query_api.deps import AccountCallerDep, ServicesDep
+from query_api.errors import ApiError, ErrorBody
+from query_api.models import (
+    AccountUsageOut,
+    LimitOut,
+    MetaOut,
+    PeriodOut,
+    RequestsOut,
+    StreamsOut,
+    UsageDataOut,
+    UsageV1Out,
+    WindowUsageOut,
+)
+from query_api.plans import Plan
+from query_api.usage import AccountUsage, WindowUse, compute, history_start
+
+router = APIRouter(tags=["usage"])
+ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Invalid or missing API key"},
+    403: {"model": ErrorBody, "description": "An admin key (it has no usage)"},
+}
+# Events may be up to 5 minutes ahead of the clock (CONTRACT §1).
+AHEAD = timedelta(minutes=6)
+
+
+async def _usage(svc: ServicesDep, account_id: str, now: datetime) -> tuple[AccountUsage, Plan]:
+    account = await asyncio.to_thread(svc.accounts.get, account_id)
+    if account is None:
+        # The key outlived its account: treat as an unknown key, not a server fault.
+        raise ApiError(401, "unauthorized", "Invalid or missing API key")
+    plan = svc.plans.get(account.plan)
+    if plan is None:
+        raise ApiError(
+            500, "internal_error", f"account {account_id} has unknown plan {account.plan!r}"
+        )
+    since = history_start(
+        now, timedelta(days=svc.settings.window_history_days), account.billing_anchor_day
+    )
+    rows = await asyncio.to_thread(
+        queries.account_minutes, svc.store, account_id, since, now + AHEAD
+    )
+    return compute(rows, plan, account.billing_anchor_day, now), plan
+
+
+def _window_out(use: WindowUse, limit: float) -> WindowUsageOut:
+    return WindowUsageOut(
+        used_percentage=used_percentage(use.used_micro, limit),
+        resets_at=format_time(use.window.end) if use.window else None,
+    )
+
+
+@router.get(
+    "/api/account/usage",
+    response_model=AccountUsageOut,
+    responses=ERRORS,
+    summary="Session and weekly usage as percentages of the plan (Bearer key)",
+)
+async def account_usage(caller: AccountCallerDep, svc: ServicesDep) -> AccountUsageOut:
+    assert caller.account is not None
+    usage, plan = await _usage(svc, caller.account, datetime.now(UTC))
+    return AccountUsageOut(
+        session=_window_out(usage.session, plan.session_limit),
+        weekly=_window_out(usage.weekly, plan.weekly_limit),
+        plan=plan.name,
+    )
+
+
+@router.get(
+    "/api/v1/account/usage",
+    response_model=UsageV1Out,
+    responses=ERRORS,
+    summary="Request counts, the per-minute limit, streams and the billing period",
+)
+async def account_usage_v1(
+    caller: AccountCallerDep, svc: ServicesDep, response: Response
+) -> UsageV1Out:
+    assert caller.account is not None
+    now = datetime.now(UTC)
+    (usage, plan), active, reflected = await asyncio.gather(
+        _usage(svc, caller.account, now),
+        asyncio.to_thread(
+            queries.active_streams,
+            svc.store,
+            caller.account,
+            now - timedelta(seconds=svc.settings.stream_idle_timeout_s),
+        ),
+        asyncio.to_thread(queries.reflected_until, svc.store, svc.settings.events_topic),
+    )
+    remaining = max(0, plan.per_minute - usage.this_minute)
+    updated = min(reflected, now) if reflected else datetime.fromtimestamp(0, UTC)
+    response.headers["X-RateLimit-Limit"] = str(plan.per_minute)
+    response.headers["X-RateLimit-Remaining"] = str(remaining)
+    response.headers["X-RateLimit-Reset"] = str(int(usage.minute.end.timestamp()))
+    response.headers["X-Data-Delay"] = f"{(now - updated).total_seconds():.3f}"
+    return UsageV1Out(
+        data=UsageDataOut(
+            requests=RequestsOut(
+                today=usage.today,
+                this_week=usage.this_week,
+                this_month=usage.this_month,
+                limit=LimitOut(
+                    per_minute=plan.per_minute,
+                    remaining=remaining,
+                    resets_at=format_time(usage.minute.end),
+                ),
+            ),
+            streams=StreamsOut(active=active, max=plan.max_streams),
+            period=PeriodOut(
+                start=format_time(usage.period.start),
+                end=format_time(period_end_inclusive(usage.period)),
+            ),
+        ),
+        meta=MetaOut(updated_at=format_time(updated)),
+    )

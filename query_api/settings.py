@@ -1,0 +1,45 @@
+"""The API's configuration (`tally api`, and the API inside `tally up`)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+
+from query_api.plans import load_plans
+from schemas.settings import TallySettings
+
+
+class ApiSettings(TallySettings):
+    api_host: str = Field("127.0.0.1", description="Interface the API listens on.")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    admin_key: SecretStr | None = Field(
+        None, description="Accepted as an admin key, so a fresh deployment can be administered."
+    )
+    plans: str | None = Field(
+        None, description="JSON object overriding or adding plans (see query_api/plans.py)."
+    )
+    default_plan: str = Field("free", description="Plan of accounts created without one.")
+    stream_idle_timeout_s: float = Field(
+        900.0, gt=0, description="A stream not closed nor re-announced for this long is inactive."
+    )
+    window_history_days: float = Field(
+        42.0, gt=0, description="History read to place first_request windows (see docs)."
+    )
+    analytics_max_buckets: int = Field(
+        10_000, ge=1, description="Most time buckets one analytics query may ask for."
+    )
+    processors_stale_s: float = Field(
+        30.0, gt=0, description="/readyz fails when no worker has reported for this long."
+    )
+
+    @field_validator("plans")
+    @classmethod
+    def _plans_parse(cls, value: str | None) -> str | None:
+        load_plans(value)  # raises with every problem listed
+        return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 24:
+            raise ValueError("must be at least 24 characters (use a random string)")
+        return value

@@ -1,0 +1,93 @@
+"""An account's usage at an instant, from its per-minute rollups (pure).
+
+Both usage endpoints are views of `AccountUsage`. Every window is minute-aligned
+(processors/windows.py), so summing whole minutes gives exact window totals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from processors.windows import (
+    Window,
+    billing_period,
+    chain_start,
+    current_first_request_window,
+    day_window,
+    fixed_window,
+    minute_window,
+    week_window,
+)
+from query_api.plans import Plan
+from query_api.queries import MinuteRow
+
+WEEK = timedelta(days=7)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    window: Window | None
+    """None: first_request anchoring with no window running now."""
+    used_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountUsage:
+    session: WindowUse
+    weekly: WindowUse
+    today: int
+    this_week: int
+    this_month: int
+    this_minute: int
+    minute: Window
+    period: Window
+
+
+def history_start(now: datetime, history: timedelta, anchor_day: int) -> datetime:
+    """How far back the rollups must be read to answer for `now`."""
+    return min(now - history, billing_period(now, anchor_day).start)
+
+
+def compute(rows: Sequence[MinuteRow], plan: Plan, anchor_day: int, now: datetime) -> AccountUsage:
+    activity = [minute for minute, requests, _ in rows if requests > 0]
+    session = _window(plan.session_anchor, timedelta(minutes=plan.session_minutes), activity, now)
+    weekly = (
+        week_window(now) if plan.weekly_anchor == "fixed" else _first_request(activity, WEEK, now)
+    )
+    day, week, minute = day_window(now), week_window(now), minute_window(now)
+    period = billing_period(now, anchor_day)
+    return AccountUsage(
+        session=WindowUse(session, _units(rows, session)),
+        weekly=WindowUse(weekly, _units(rows, weekly)),
+        today=_requests(rows, day),
+        this_week=_requests(rows, week),
+        this_month=_requests(rows, period),
+        this_minute=_requests(rows, minute),
+        minute=minute,
+        period=period,
+    )
+
+
+def _window(
+    anchor: str, length: timedelta, activity: list[datetime], now: datetime
+) -> Window | None:
+    if anchor == "fixed":
+        return fixed_window(now, length)
+    return _first_request(activity, length, now)
+
+
+def _first_request(activity: list[datetime], length: timedelta, now: datetime) -> Window | None:
+    tail = activity[chain_start(activity, length) :]
+    return current_first_request_window(tail, length, now)
+
+
+def _units(rows: Sequence[MinuteRow], window: Window | None) -> int:
+    if window is None:
+        return 0
+    return sum(units for minute, _, units in rows if window.start <= minute < window.end)
+
+
+def _requests(rows: Sequence[MinuteRow], window: Window) -> int:
+    return sum(requests for minute, requests, _ in rows if window.start <= minute < window.end)
