@@ -109,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
     loadgen.add_argument("--seed", type=int, default=1, help="random seed (1)")
     loadgen.add_argument("--quiet", action="store_true", help="no progress line")
     loadgen.set_defaults(run=_loadgen)
+    from deploy import admin_cli
+
+    admin_cli.register(sub)
     return root
 
 

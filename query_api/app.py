@@ -12,7 +12,7 @@ from query_api import errors
 from query_api.accounts import AccountStore
 from query_api.deps import Services
 from query_api.plans import load_plans
-from query_api.routes import health, usage
+from query_api.routes import admin, analytics, health, usage
 from query_api.settings import ApiSettings
 from schemas.store import Store
 
@@ -61,5 +61,7 @@ def create_app(settings: ApiSettings, store: Store) -> FastAPI:
         return response
 
     app.include_router(usage.router)
+    app.include_router(analytics.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     return app
