@@ -79,8 +79,12 @@ def _window(
 
 
 def _first_request(activity: list[datetime], length: timedelta, now: datetime) -> Window | None:
-    tail = activity[chain_start(activity, length) :]
-    return current_first_request_window(tail, length, now)
+    # Only history up to now places the current window; a gap found among
+    # minutes ahead of the clock would cut off the running session.
+    past = [minute for minute in activity if minute <= now]
+    # The read history may begin mid-chain; a gap of `length` inside it is a
+    # certain window boundary, so the chain is exact from there on.
+    return current_first_request_window(past[chain_start(past, length) :], length, now)
 
 
 def _units(rows: Sequence[MinuteRow], window: Window | None) -> int:
