@@ -240,7 +240,7 @@ async def test_rollups_equal_ground_truth(
         "GROUP BY minute, type",
         {"a": account},
     )
-    assert {(m.replace(tzinfo=UTC), t): int(n) for m, t, n in rows} == dict(per_minute)
+    assert {(m, t): int(n) for m, t, n in rows} == dict(per_minute)
 
     letters = await _drain_dlq(kafka_bootstrap, settings.dlq_topic, len(junk) + 2)
     reasons = Counter(dict(r.headers)["tally-reason"].decode() for r in letters)
