@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 from fastapi import FastAPI, Request, Response
 
 from query_api import errors
 from query_api.accounts import AccountStore
-from query_api.deps import Services
+from query_api.deps import Services, utcnow
 from query_api.plans import load_plans
 from query_api.routes import admin, analytics, health, usage
 from query_api.settings import ApiSettings
@@ -34,7 +35,9 @@ Every error has the body `{"error": {"code", "message", "docs"}}`:
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def create_app(settings: ApiSettings, store: Store) -> FastAPI:
+def create_app(
+    settings: ApiSettings, store: Store, now: Callable[[], datetime] | None = None
+) -> FastAPI:
     app = FastAPI(
         title="Tally usage API",
         version="0.1.0",
@@ -45,6 +48,7 @@ def create_app(settings: ApiSettings, store: Store) -> FastAPI:
         store=store,
         accounts=AccountStore(store),
         plans=load_plans(settings.plans),
+        now=now or utcnow,
     )
     errors.install(app)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,12 +18,18 @@ from query_api.settings import ApiSettings
 from schemas.store import Store
 
 
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass
 class Services:
     settings: ApiSettings
     store: Store
     accounts: AccountStore
     plans: dict[str, Plan]
+    now: Callable[[], datetime] = utcnow
+    """The API's clock; tests pin it to compare answers with an exact expectation."""
 
 
 def services(request: Request) -> Services:

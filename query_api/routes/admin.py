@@ -1,7 +1,294 @@
-"""admin routes (CONTRACT §3). Filled in by the admin work."""
+"""Administration (CONTRACT §3): plans, accounts and API keys. Admin keys only.
+
+Each route is a thin async wrapper around a blocking operation below; the
+operations are also what `tally accounts|keys` runs when it opens the store
+directly (deploy/admin_cli.py), so the CLI and the API answer alike. Nothing is
+cached: a plan change or a revocation holds from the very next request.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from collections.abc import Mapping
+from typing import Annotated
 
-router = APIRouter(tags=["admin"])
+from fastapi import APIRouter, Query, status
+
+from processors.windows import format_time
+from query_api.accounts import (
+    Account,
+    AccountExistsError,
+    AccountStore,
+    KeyInfo,
+    UnknownAccountError,
+)
+from query_api.admin_models import (
+    AccountCreatedOut,
+    AccountCreatedResponse,
+    AccountCreateIn,
+    AccountOut,
+    AccountResponse,
+    AccountsOut,
+    KeyCreatedOut,
+    KeyCreatedResponse,
+    KeyCreateIn,
+    KeyOut,
+    KeyRevokedOut,
+    KeyRevokedResponse,
+    KeysOut,
+    PageMeta,
+    PlanChangedOut,
+    PlanChangedResponse,
+    PlanChangeIn,
+    PlanOut,
+    PlansOut,
+)
+from query_api.deps import AdminDep, ServicesDep
+from query_api.errors import ApiError, ErrorBody
+from query_api.plans import Plan
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+
+_AUTH: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Invalid or missing API key"},
+    403: {"model": ErrorBody, "description": "An account key: these routes need an admin key"},
+    422: {"model": ErrorBody, "description": "A parameter or body field is invalid"},
+}
+_404: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorBody, "description": "No such account or key"}
+}
+_409: dict[int | str, dict[str, object]] = {
+    409: {"model": ErrorBody, "description": "An account with this id exists already"}
+}
+
+PAGE_MAX = 1000
+ENV_ADMIN_PREFIX = "env:TALLY_ADMIN_KEY"
+
+
+# -- the operations (blocking; shared with the CLI) -------------------------------
+
+
+def _account_out(account: Account) -> AccountOut:
+    return AccountOut(id=account.id, plan=account.plan, created_at=format_time(account.created_at))
+
+
+def _key_out(info: KeyInfo) -> KeyOut:
+    return KeyOut(
+        key_prefix=info.prefix,
+        account=info.account,
+        admin=info.admin,
+        created_at=format_time(info.created_at),
+        revoked_at=format_time(info.revoked_at) if info.revoked_at else None,
+    )
+
+
+def _no_account(account_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no account {account_id!r}")
+
+
+def check_plan(plan: str, plans: Mapping[str, Plan], field: str = "plan") -> str:
+    if plan not in plans:
+        known = ", ".join(sorted(plans))
+        raise ApiError(
+            422, "validation_error", f"{field}: unknown plan {plan!r}; known plans: {known}"
+        )
+    return plan
+
+
+def list_plans(plans: Mapping[str, Plan]) -> list[PlanOut]:
+    return [PlanOut.model_validate(plans[name].model_dump()) for name in sorted(plans)]
+
+
+def create_account(
+    accounts: AccountStore, plans: Mapping[str, Plan], default_plan: str, body: AccountCreateIn
+) -> AccountCreatedOut:
+    if body.plan is None:
+        if default_plan not in plans:
+            known = ", ".join(sorted(plans))
+            raise ApiError(
+                422,
+                "validation_error",
+                f"plan: none given and the default plan {default_plan!r} (TALLY_DEFAULT_PLAN) "
+                f"is not a known plan; name one of: {known}",
+            )
+        plan = default_plan
+    else:
+        plan = check_plan(body.plan, plans)
+    try:
+        account = accounts.create(body.id, plan)
+    except AccountExistsError:
+        raise ApiError(409, "conflict", f"account {body.id!r} exists already") from None
+    key, _ = accounts.create_key(account.id, admin=False)
+    return AccountCreatedOut(id=account.id, plan=account.plan, api_key=key)
+
+
+def list_accounts(accounts: AccountStore, limit: int, after: str) -> AccountsOut:
+    page = accounts.page(limit=limit, after=after)
+    next_after = page[-1].id if len(page) == limit else None
+    return AccountsOut(data=[_account_out(a) for a in page], meta=PageMeta(next_after=next_after))
+
+
+def get_account(accounts: AccountStore, account_id: str) -> AccountOut:
+    account = accounts.get(account_id)
+    if account is None:
+        raise _no_account(account_id)
+    return _account_out(account)
+
+
+def set_plan(
+    accounts: AccountStore, plans: Mapping[str, Plan], account_id: str, body: PlanChangeIn
+) -> PlanChangedOut:
+    # An unknown account is 404 whatever the body says: the resource comes first.
+    if accounts.get(account_id) is None:
+        raise _no_account(account_id)
+    plan = check_plan(body.plan, plans)
+    try:
+        account = accounts.set_plan(account_id, plan)
+    except UnknownAccountError:
+        raise _no_account(account_id) from None
+    return PlanChangedOut(id=account.id, plan=account.plan)
+
+
+def create_key(accounts: AccountStore, body: KeyCreateIn) -> KeyCreatedOut:
+    try:
+        key, info = accounts.create_key(body.account, admin=body.account is None)
+    except UnknownAccountError:
+        raise _no_account(body.account or "") from None
+    return KeyCreatedOut(
+        key_prefix=info.prefix, api_key=key, account=info.account, admin=info.admin
+    )
+
+
+def list_keys(accounts: AccountStore, account_id: str | None) -> list[KeyOut]:
+    if account_id is not None and accounts.get(account_id) is None:
+        raise _no_account(account_id)
+    return [_key_out(info) for info in accounts.keys(account_id)]
+
+
+def revoke_key(accounts: AccountStore, key_prefix: str) -> KeyRevokedOut:
+    if key_prefix == ENV_ADMIN_PREFIX:
+        raise ApiError(
+            404,
+            "not_found",
+            "TALLY_ADMIN_KEY is not a stored key; unset or change it where the API runs",
+        )
+    if not accounts.revoke_key(key_prefix):
+        raise ApiError(404, "not_found", f"no active key with prefix {key_prefix!r}")
+    return KeyRevokedOut(key_prefix=key_prefix, revoked=True)
+
+
+# -- the routes --------------------------------------------------------------------
+
+
+@router.get(
+    "/plans",
+    response_model=PlansOut,
+    responses=_AUTH,
+    summary="The plans accounts can be on, sorted by name",
+)
+async def get_plans(caller: AdminDep, svc: ServicesDep) -> PlansOut:
+    return PlansOut(data=list_plans(svc.plans))
+
+
+@router.post(
+    "/accounts",
+    response_model=AccountCreatedResponse,
+    status_code=status.HTTP_201_CREATED,
+    responses={**_AUTH, **_409},
+    summary="Create an account and its first API key (the key is shown once)",
+)
+async def post_account(
+    body: AccountCreateIn, caller: AdminDep, svc: ServicesDep
+) -> AccountCreatedResponse:
+    """`plan` defaults to TALLY_DEFAULT_PLAN; an unknown plan is 422 and names the known
+    ones. 409 when the id exists already."""
+    created = await asyncio.to_thread(
+        create_account, svc.accounts, svc.plans, svc.settings.default_plan, body
+    )
+    return AccountCreatedResponse(data=created)
+
+
+@router.get(
+    "/accounts",
+    response_model=AccountsOut,
+    responses=_AUTH,
+    summary="Accounts in id order, a page at a time",
+)
+async def get_accounts(
+    caller: AdminDep,
+    svc: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="Page size.")] = 100,
+    after: Annotated[
+        str, Query(max_length=128, description="Return accounts with ids after this one.")
+    ] = "",
+) -> AccountsOut:
+    """Pages are in id order; pass `meta.next_after` as `after` for the next one."""
+    return await asyncio.to_thread(list_accounts, svc.accounts, limit, after)
+
+
+@router.get(
+    "/accounts/{account_id}",
+    response_model=AccountResponse,
+    responses={**_AUTH, **_404},
+    summary="One account",
+)
+async def get_one_account(account_id: str, caller: AdminDep, svc: ServicesDep) -> AccountResponse:
+    return AccountResponse(data=await asyncio.to_thread(get_account, svc.accounts, account_id))
+
+
+@router.put(
+    "/accounts/{account_id}",
+    response_model=PlanChangedResponse,
+    responses={**_AUTH, **_404},
+    summary="Change an account's plan (effective from the next request)",
+)
+async def put_account(
+    account_id: str, body: PlanChangeIn, caller: AdminDep, svc: ServicesDep
+) -> PlanChangedResponse:
+    """404 for an unknown account; 422 for an unknown plan. Usage already counted stays;
+    percentages are computed against the new plan's limits from the next request on."""
+    changed = await asyncio.to_thread(set_plan, svc.accounts, svc.plans, account_id, body)
+    return PlanChangedResponse(data=changed)
+
+
+@router.post(
+    "/keys",
+    response_model=KeyCreatedResponse,
+    status_code=status.HTTP_201_CREATED,
+    responses={**_AUTH, **_404},
+    summary="Create an API key for an account, or an admin key (the key is shown once)",
+)
+async def post_key(body: KeyCreateIn, caller: AdminDep, svc: ServicesDep) -> KeyCreatedResponse:
+    """Body: exactly one of `{"account": "<id>"}` or `{"admin": true}` (else 422).
+    404 when the account does not exist. Only the key's hash is stored."""
+    return KeyCreatedResponse(data=await asyncio.to_thread(create_key, svc.accounts, body))
+
+
+@router.get(
+    "/keys",
+    response_model=KeysOut,
+    responses={**_AUTH, **_404},
+    summary="API keys (prefixes and metadata; never a key or its hash)",
+)
+async def get_keys(
+    caller: AdminDep,
+    svc: ServicesDep,
+    account: Annotated[
+        str | None, Query(max_length=128, description="Only this account's keys.")
+    ] = None,
+) -> KeysOut:
+    """Revoked keys are listed too, with `revoked_at`. 404 when `account` does not exist."""
+    return KeysOut(data=await asyncio.to_thread(list_keys, svc.accounts, account))
+
+
+@router.delete(
+    "/keys/{key_prefix}",
+    response_model=KeyRevokedResponse,
+    responses={**_AUTH, **_404},
+    summary="Revoke a key: it is refused (401) from the next request on",
+)
+async def delete_key(key_prefix: str, caller: AdminDep, svc: ServicesDep) -> KeyRevokedResponse:
+    """Answers **200** with `{"data": {"key_prefix", "revoked": true}}`. 404 when no
+    active key has this prefix (unknown, or revoked already). TALLY_ADMIN_KEY is not a
+    stored key and cannot be revoked here."""
+    return KeyRevokedResponse(data=await asyncio.to_thread(revoke_key, svc.accounts, key_prefix))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
@@ -36,7 +35,7 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
     if reflected is None:
         checks["processors"] = "no worker has reported yet"
     else:
-        age = (datetime.now(UTC) - reflected).total_seconds()
+        age = (svc.now() - reflected).total_seconds()
         stale = age > svc.settings.processors_stale_s
         checks["processors"] = f"behind by {age:.1f}s" if stale else "ok"
     ready = all(value == "ok" for value in checks.values())

@@ -68,7 +68,7 @@ def _window_out(use: WindowUse, limit: float) -> WindowUsageOut:
 )
 async def account_usage(caller: AccountCallerDep, svc: ServicesDep) -> AccountUsageOut:
     assert caller.account is not None
-    usage, plan = await _usage(svc, caller.account, datetime.now(UTC))
+    usage, plan = await _usage(svc, caller.account, svc.now())
     return AccountUsageOut(
         session=_window_out(usage.session, plan.session_limit),
         weekly=_window_out(usage.weekly, plan.weekly_limit),
@@ -86,7 +86,7 @@ async def account_usage_v1(
     caller: AccountCallerDep, svc: ServicesDep, response: Response
 ) -> UsageV1Out:
     assert caller.account is not None
-    now = datetime.now(UTC)
+    now = svc.now()
     (usage, plan), active, reflected = await asyncio.gather(
         _usage(svc, caller.account, now),
         asyncio.to_thread(
