@@ -51,7 +51,10 @@ fmt: ## Format and auto-fix with ruff
 schema: ## Regenerate schemas/event.schema.json from the pydantic models
 	$(BIN)/python -m schemas.jsonschema > schemas/event.schema.json
 
+docs: ## Regenerate the README's configuration table from the settings classes
+	$(BIN)/python -m deploy.readme_sync
+
 clean: ## Remove local data (.tally/data) but keep installed jars and .venv
 	rm -rf .tally/data
 
-.PHONY: help setup run test unit lint fmt schema clean
+.PHONY: help setup run test unit lint fmt schema docs clean

@@ -30,8 +30,15 @@ class TallySettings(BaseSettings):
         description="Kafka bootstrap servers (host:port,...). Unset: the local broker on "
         "127.0.0.1:9092 that `tally up` starts.",
     )
-    events_topic: str = Field("tally.events", min_length=1, max_length=249)
-    dlq_topic: str = Field("tally.events.dlq", min_length=1, max_length=249)
+    events_topic: str = Field(
+        "tally.events", min_length=1, max_length=249, description="Topic gateways publish to."
+    )
+    dlq_topic: str = Field(
+        "tally.events.dlq",
+        min_length=1,
+        max_length=249,
+        description="Dead-letter topic: rejected input with its reason in headers.",
+    )
     clickhouse_url: str | None = Field(
         None,
         description="chdb:///path (embedded) or http(s)://user:pass@host:8123/db. "
