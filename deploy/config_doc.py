@@ -12,8 +12,8 @@ from typing import Any
 from pydantic_settings import BaseSettings
 
 from deploy.settings import REPO_ROOT, StackSettings
-from producers.settings import ProducerSettings
 from processors.settings import WorkerSettings
+from producers.settings import ProducerSettings
 from query_api.settings import ApiSettings
 from schemas.settings import TallySettings
 
