@@ -481,7 +481,7 @@ async def analytics_usage(
     reflected = await asyncio.to_thread(
         queries.reflected_until, svc.store, svc.settings.events_topic
     )
-    now = datetime.now(UTC)
+    now = svc.now()
 
     data = [
         UsageBucketOut(
