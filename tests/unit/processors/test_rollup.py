@@ -15,8 +15,7 @@ def _rows(builder: RollupBuilder) -> list[dict[str, object]]:
 def test_streams_are_keyed_by_stream_id_and_keep_their_latest_time() -> None:
     builder = RollupBuilder()
     builder.add(build.stream_opened("a", "gw", "s-1", route="/v1/chat", time=T0))
-    builder.add(build.stream_opened("a", "gw", "s-1", route="/v1/chat",
-                                    time=T0.replace(second=50)))
+    builder.add(build.stream_opened("a", "gw", "s-1", route="/v1/chat", time=T0.replace(second=50)))
     builder.add(build.stream_opened("a", "gw", "s-2", route="/v1/chat", time=T0))
     builder.add(build.stream_closed("a", "gw", "s-1", units=2.5, time=T0))
     rows = {(r["type"], r["stream_id"]): r for r in _rows(builder)}

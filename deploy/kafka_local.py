@@ -1,0 +1,798 @@
+"""A single-node KRaft Kafka broker run from the Maven jars in `.tally/kafka/libs`.
+
+`tally up` and the test suite use it when no Kafka is given (`TALLY_KAFKA_BOOTSTRAP`,
+`TALLY_TEST_KAFKA_BOOTSTRAP`) and no Docker engine exists. Everything the broker owns lives
+under ``<data_dir>/kafka``:
+
+    server.properties   rendered on every start (ports may change between runs)
+    log/                log.dirs; holds meta.properties once formatted, and the topic data
+    server.log          the broker's own log (deploy/kafka/log4j2.properties)
+    broker.out          the JVM's stdout/stderr: crashes that happen before log4j is up
+    broker.pid          "<java pid> <owner pid>", to find a broker left by a crashed run
+
+The broker must never outlive the Python process that started it, even when that process
+is killed with SIGKILL, or the next run finds port 9092 taken by a ghost. See `_Spawner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ctypes
+import errno
+import os
+import pathlib
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+__all__ = [
+    "LOG4J2_CONFIG",
+    "LocalKafka",
+    "TopicSetupError",
+    "ensure_topics",
+    "free_port",
+    "is_formatted",
+    "kafka_jars",
+    "kill_stale_broker",
+    "new_cluster_id",
+    "port_is_free",
+    "process_exited",
+    "read_properties",
+    "render_server_properties",
+]
+
+LOG4J2_CONFIG: Final = pathlib.Path(__file__).resolve().parent / "kafka" / "log4j2.properties"
+HOST: Final = "127.0.0.1"
+NODE_ID: Final = 1
+_PR_SET_PDEATHSIG: Final = 1
+_T = TypeVar("_T")
+
+
+class TopicSetupError(RuntimeError):
+    """A topic exists in a shape we cannot use, or the broker refused to create it."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def render_server_properties(
+    *, port: int, controller_port: int, log_dir: pathlib.Path, num_partitions: int = 8
+) -> str:
+    """The broker+controller configuration of a one-node KRaft cluster on loopback."""
+    settings = {
+        "process.roles": "broker,controller",
+        "node.id": str(NODE_ID),
+        # A static voter set: `--standalone` formatting would conflict with it.
+        "controller.quorum.voters": f"{NODE_ID}@{HOST}:{controller_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(log_dir),
+        "num.partitions": str(num_partitions),
+        # One broker: every internal topic must accept a single replica.
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        # The defaults (50 each) cost seconds of startup and hundreds of files for nothing.
+        "offsets.topic.num.partitions": str(num_partitions),
+        "transaction.state.log.num.partitions": str(num_partitions),
+        # Nobody else will join: a consumer group need not wait for more members.
+        "group.initial.rebalance.delay.ms": "0",
+        # After a kill the restarted broker cannot register until the controller expired
+        # the dead one's session (default 9 s, then 13 s to restart). Heartbeats never leave
+        # the process here, so a shorter session only fails on multi-second JVM stalls.
+        "broker.heartbeat.interval.ms": "1000",
+        "broker.session.timeout.ms": "5000",
+    }
+    lines = ["# Written by deploy/kafka_local.py on every start; edits are overwritten."]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_properties(path: pathlib.Path) -> dict[str, str]:
+    """Parse the simple key=value files Kafka writes (no continuation lines)."""
+    result: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("#", "!")) or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            result[key.strip()] = value.strip()
+    return result
+
+
+def is_formatted(log_dir: pathlib.Path) -> bool:
+    """Whether `kafka-storage format` already ran on this log dir.
+
+    Formatting again would need a new cluster id and would orphan the existing data, so
+    a restart must recognise the dir by the meta.properties that formatting leaves.
+    """
+    meta = read_properties(log_dir / "meta.properties")
+    return bool(meta.get("cluster.id")) and bool(meta.get("node.id"))
+
+
+def new_cluster_id() -> str:
+    """A 22-character cluster id, the same shape as `kafka-storage random-uuid`."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        # Kafka never issues ids starting with '-': the CLI would parse them as an option.
+        if not text.startswith("-"):
+            return text
+
+
+def free_port(host: str = HOST, exclude: frozenset[int] = frozenset()) -> int:
+    """A port nothing listens on right now (the kernel's choice, never 9092 by luck)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in exclude and port != 9092:
+            return port
+    raise RuntimeError("could not find a free TCP port")
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    """Whether the broker could bind `port`.
+
+    SO_REUSEADDR mirrors what the JVM sets on its server sockets, so sockets lingering in
+    TIME_WAIT from a previous broker do not count as taken; only a live listener does.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def _accepts_connections(port: int, host: str = HOST) -> bool:
+    # A connect, not a bind: a probe bind could race the broker's own bind of the port.
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def kafka_jars(libs_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The broker jars, or a RuntimeError saying how to get them."""
+    jars = sorted(libs_dir.glob("*.jar")) if libs_dir.is_dir() else []
+    if not any(jar.name.startswith("kafka_") for jar in jars):
+        raise RuntimeError(
+            f"No Kafka broker jars in {libs_dir} (expected kafka_2.13-*.jar and its "
+            "dependencies). Run `make setup` in the repository root: it copies them from "
+            "Maven Central as listed in deploy/kafka/pom.xml. Or point TALLY_KAFKA_BOOTSTRAP "
+            "at a Kafka broker you already run."
+        )
+    return jars
+
+
+def find_java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.access(pathlib.Path(java_home) / "bin" / "java", os.X_OK):
+        return str(pathlib.Path(java_home) / "bin" / "java")
+    found = shutil.which("java")
+    if found is None:
+        raise RuntimeError(
+            "`java` not found (PATH, JAVA_HOME): the local Kafka broker needs a JDK 17 or "
+            "newer. Install one, or point TALLY_KAFKA_BOOTSTRAP at an existing broker."
+        )
+    return found
+
+
+def tail(path: pathlib.Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    chunk = text.splitlines()[-lines:]
+    return "\n".join(chunk) if chunk else f"({path} is empty)"
+
+
+# --------------------------------------------------------------------------- process care
+
+
+class _Spawner:
+    """Forks the broker from one daemon thread that lives as long as the process.
+
+    The broker gets PR_SET_PDEATHSIG=SIGKILL, so the kernel kills it the moment its parent
+    dies, however that happens (kill -9 included); nothing in user space has to run. But the
+    kernel's "parent" is the *thread* that forked: a broker started from a short-lived
+    thread (asyncio.to_thread, an executor, a test helper) would be killed as soon as that
+    thread ends. Forking from this thread, which only ends with the process, makes the
+    signal fire exactly when the process dies. The alternative, a watchdog process reading
+    a pipe, costs one more process per broker and one more thing to orphan.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="tally-kafka-spawner", daemon=True
+                )
+                self._thread.start()
+        future: Future[_T] = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+_SPAWNER: Final = _Spawner()
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A preexec_fn arming PDEATHSIG, or None where prctl does not exist (non-Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    # Resolved before fork: the child must not load libraries or allocate much.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork and prctl: then nobody would signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat from the state (field 3) on; [] if there is none."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    # The command name (field 2) may contain spaces and parentheses: split after it.
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _proc_ppid(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def process_exited(pid: int) -> bool:
+    """Whether every thread of `pid` is gone, so that its sockets are closed.
+
+    Neither an empty cmdline (the kernel drops the address space before the files) nor a
+    zombie group leader will do: the JVM's other threads still hold the open files until
+    the last of them exits. (A zombie nobody reaps, e.g. under a PID 1 that does not
+    reap, counts as exited: it holds nothing.)
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+            return False
+    return True
+
+
+def kill_stale_broker(kafka_dir: pathlib.Path) -> int | None:
+    """Kill a broker that a crashed earlier run left on this data dir; return its pid.
+
+    PDEATHSIG makes this rare (it needs a non-Linux host, or a broker started by older
+    code), but a leftover broker would hold the port and the log dir lock forever. A broker
+    whose owner is still alive belongs to a running stack: that is an error, not garbage.
+    """
+    pid_file = kafka_dir / "broker.pid"
+    try:
+        java_pid, owner_pid = (int(part) for part in pid_file.read_text().split()[:2])
+    except (OSError, ValueError):
+        return None
+    props = str(kafka_dir / "server.properties")
+    cmdline = _proc_cmdline(java_pid)
+    if "kafka.Kafka" not in cmdline or props not in cmdline:
+        # Gone, or the pid now belongs to an unrelated process.
+        pid_file.unlink(missing_ok=True)
+        return None
+    if _proc_ppid(java_pid) == owner_pid and _pid_alive(owner_pid):
+        raise RuntimeError(
+            f"The Kafka data dir {kafka_dir} is in use by a running broker (pid {java_pid}) "
+            f"of process {owner_pid}. Stop that stack first, use another data dir, or set "
+            "TALLY_KAFKA_BOOTSTRAP to use that broker."
+        )
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(java_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not process_exited(java_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+    return java_pid
+
+
+def _shutdown(proc: subprocess.Popen[bytes], timeout: float, pid_file: pathlib.Path) -> None:
+    if proc.poll() is None:
+        # SIGTERM runs Kafka's shutdown hook: a controlled shutdown that flushes and closes
+        # every log, so the next start skips log recovery.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    pid_file.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a coroutine to completion from sync code, even inside a running event loop.
+
+    `LocalKafka.start()` is synchronous but gets called from async code too (`tally up`,
+    async fixtures): a private loop in a helper thread works in both cases.
+    """
+    future: Future[_T] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(asyncio.run(factory()))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    thread = threading.Thread(target=target, name="tally-kafka-probe", daemon=True)
+    thread.start()
+    thread.join()
+    return future.result()
+
+
+async def _broker_ready(bootstrap: str, request_timeout: float) -> str | None:
+    """None once the broker answers metadata requests as a registered broker, else why not.
+
+    An open port proves little: the listener binds long before the broker has joined the
+    quorum and can create a topic.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(request_timeout * 1000),
+        client_id="tally-kafka-probe",
+    )
+    try:
+        async with asyncio.timeout(request_timeout):
+            await admin.start()
+            cluster: dict[str, Any] = await admin.describe_cluster()
+    except (KafkaError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    if not cluster.get("brokers"):
+        return "metadata lists no registered broker yet"
+    if cluster.get("controller_id", -1) < 0:
+        return "metadata names no active controller yet"
+    return None
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+class LocalKafka:
+    """One broker+controller JVM on 127.0.0.1, with its data under ``data_dir/kafka``.
+
+    Usable as a context manager. `start()` reuses the data of a previous run (stopped or
+    killed) on the same dir; it formats storage only the first time.
+    """
+
+    def __init__(
+        self,
+        data_dir: pathlib.Path,
+        libs_dir: pathlib.Path,
+        port: int = 9092,
+        controller_port: int | None = None,
+        heap: str = "512m",
+    ) -> None:
+        self.data_dir = pathlib.Path(data_dir).resolve()
+        self.libs_dir = pathlib.Path(libs_dir).resolve()
+        self.port = port
+        self.heap = heap
+        self._requested_controller_port = controller_port
+        self.controller_port: int | None = controller_port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[Any, LocalKafka] | None = None
+
+    # Paths ------------------------------------------------------------------------------
+
+    @property
+    def kafka_dir(self) -> pathlib.Path:
+        return self.data_dir / "kafka"
+
+    @property
+    def log_dir(self) -> pathlib.Path:
+        return self.kafka_dir / "log"
+
+    @property
+    def properties_file(self) -> pathlib.Path:
+        return self.kafka_dir / "server.properties"
+
+    @property
+    def server_log(self) -> pathlib.Path:
+        return self.kafka_dir / "server.log"
+
+    @property
+    def stdout_file(self) -> pathlib.Path:
+        return self.kafka_dir / "broker.out"
+
+    @property
+    def pid_file(self) -> pathlib.Path:
+        return self.kafka_dir / "broker.pid"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The java process id while it runs."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the broker and return once it serves metadata as a registered broker.
+
+        Blocks for a few seconds. Async callers may use `await asyncio.to_thread(b.start)`:
+        the broker does not die with that worker thread (see `_Spawner`).
+        """
+        if self.pid is not None:
+            return
+        self.kill()  # reap a broker that died on its own since the last start
+        kafka_jars(self.libs_dir)
+        java = find_java()
+        self.kafka_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        kill_stale_broker(self.kafka_dir)
+        self._check_port(self.port, "Kafka broker")
+        self.controller_port = self._pick_controller_port()
+        self.properties_file.write_text(
+            render_server_properties(
+                port=self.port, controller_port=self.controller_port, log_dir=self.log_dir
+            ),
+            encoding="utf-8",
+        )
+        if not is_formatted(self.log_dir):
+            self._format(java, timeout)
+        self._launch(java)
+        self._wait_ready(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Shut the broker down cleanly (SIGTERM), or SIGKILL it after `timeout` seconds."""
+        proc, self._proc = self._proc, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if proc is not None:
+            _shutdown(proc, timeout, self.pid_file)
+
+    def kill(self) -> None:
+        """SIGKILL the broker now, as a crash would, and reap it."""
+        proc, self._proc = self._proc, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            proc.wait()
+            self.pid_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"LocalKafka({self.bootstrap}, data={self.kafka_dir}, pid={self.pid})"
+
+    # Internals --------------------------------------------------------------------------
+
+    def _check_port(self, port: int, what: str) -> None:
+        if port_is_free(port):
+            return
+        raise RuntimeError(
+            f"Cannot start the local {what}: {HOST}:{port} is already taken by "
+            "another process. If that is a Kafka broker you want to use, set "
+            f"TALLY_KAFKA_BOOTSTRAP={HOST}:{port} and no local broker is started; "
+            "otherwise stop that process or choose another port."
+        )
+
+    def _pick_controller_port(self) -> int:
+        if self._requested_controller_port is not None:
+            self._check_port(self._requested_controller_port, "Kafka controller")
+            return self._requested_controller_port
+        # Keep the previous run's port when it is free: the controller endpoint recorded in
+        # the metadata log then stays true, and the rendered config stays stable.
+        previous = read_properties(self.properties_file).get("controller.quorum.voters", "")
+        _, _, old = previous.rpartition(":")
+        if old.isdigit() and int(old) != self.port and port_is_free(int(old)):
+            return int(old)
+        return free_port(exclude=frozenset({self.port}))
+
+    def _java_args(self, java: str) -> list[str]:
+        return [
+            java,
+            f"-Xmx{self.heap}",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
+            f"-Dkafka.logs.dir={self.kafka_dir}",
+            "-cp",
+            f"{self.libs_dir}{os.sep}*",
+        ]
+
+    def _format(self, java: str, timeout: float) -> None:
+        cmd = [
+            *self._java_args(java),
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            new_cluster_id(),
+            "-c",
+            str(self.properties_file),
+        ]
+        try:
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(
+                f"Formatting Kafka storage in {self.log_dir} took over {timeout:.0f}s."
+            ) from exc
+        if result.returncode != 0 or not is_formatted(self.log_dir):
+            output = (result.stdout + result.stderr).strip()[-3000:]
+            raise RuntimeError(
+                f"Formatting Kafka storage in {self.log_dir} failed "
+                f"(exit code {result.returncode}):\n{output}\n"
+                f"Check the jars in {self.libs_dir} (`make setup` restores them) and that "
+                f"{self.kafka_dir} is writable."
+            )
+
+    def _launch(self, java: str) -> None:
+        cmd = [*self._java_args(java), "kafka.Kafka", str(self.properties_file)]
+        preexec = _die_with_parent_hook()
+
+        def spawn() -> subprocess.Popen[bytes]:
+            with self.stdout_file.open("ab") as out:
+                out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting broker\n".encode())
+                out.flush()
+                return subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.kafka_dir,
+                    # Own session: a Ctrl-C in the terminal reaches only `tally up`, which
+                    # then stops the processors before the broker they still need.
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )
+
+        proc = _SPAWNER.call(spawn)
+        self._proc = proc
+        self.pid_file.write_text(f"{proc.pid} {os.getpid()}\n", encoding="utf-8")
+        # Stop cleanly at interpreter exit if the owner forgot; PDEATHSIG covers crashes.
+        self._finalizer = weakref.finalize(self, _shutdown, proc, 30.0, self.pid_file)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        why = "not probed yet"
+        while True:
+            proc = self._proc
+            assert proc is not None
+            code = proc.poll()
+            if code is not None:
+                self.kill()
+                raise RuntimeError(self._failure(f"The Kafka broker exited with code {code}"))
+            if _accepts_connections(self.port):
+                # Only ask Kafka once something listens: aiokafka logs every refused connect.
+                why = _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0)) or ""
+                if not why:
+                    return
+            else:
+                why = f"nothing listens on {self.bootstrap} yet"
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise RuntimeError(
+                    self._failure(f"The Kafka broker was not ready within {timeout:.0f}s ({why})")
+                )
+            time.sleep(0.2)
+
+    def _failure(self, what: str) -> str:
+        log = tail(self.server_log)
+        out = tail(self.stdout_file, 15)
+        hint = (
+            "The port was taken by another process meanwhile; set TALLY_KAFKA_BOOTSTRAP to "
+            "use an existing broker, or free the port."
+            if "Address already in use" in log + out
+            else f"See {self.server_log}. `make setup` restores the jars; deleting "
+            f"{self.kafka_dir} starts from an empty broker (all events in it are lost)."
+        )
+        return (
+            f"{what}.\n--- last lines of {self.server_log}:\n{log}\n"
+            f"--- last lines of {self.stdout_file}:\n{out}\n{hint}"
+        )
+
+
+# --------------------------------------------------------------------------- topics
+
+
+# `timeout` bounds a retry loop over fresh connections and shapes the error message; an
+# outer asyncio.timeout would only say "cancelled" (hence the ASYNC109 exemption).
+async def ensure_topics(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> None:
+    """Create the missing topics with the given partition counts; wait until all are usable.
+
+    Existing topics are kept as they are (more partitions than asked is fine). One with
+    fewer partitions raises TopicSetupError: events keyed by account would map to other
+    partitions than the producers assume. Connection problems and a broker still warming up
+    are retried until `timeout`; concurrent creation by another process is harmless.
+    """
+    for name, partitions in topics.items():
+        if partitions < 1:
+            raise ValueError(f"topic {name!r}: partitions must be >= 1, not {partitions}")
+    if not topics:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            async with asyncio.timeout(max(remaining, 0.1)):
+                pending = await _ensure_topics_once(bootstrap, topics, request_timeout=remaining)
+        except TopicSetupError:
+            raise
+        except (KafkaError, OSError, TimeoutError) as exc:
+            pending = f"{type(exc).__name__}: {exc}"
+        if pending is None:
+            return
+        if loop.time() >= deadline:
+            raise TopicSetupError(
+                f"Could not create/verify topics {sorted(topics)} on {bootstrap} within "
+                f"{timeout:.0f}s: {pending}. Is the broker running and reachable?"
+            )
+        await asyncio.sleep(0.25)
+
+
+async def _ensure_topics_once(
+    bootstrap: str, topics: Mapping[str, int], request_timeout: float
+) -> str | None:
+    """One round: None when every topic is ready, else what we are still waiting for."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=max(int(request_timeout * 1000), 1000),
+        client_id="tally-ensure-topics",
+    )
+    try:
+        await admin.start()
+        cluster: dict[str, Any] = await admin.describe_cluster()
+        brokers = len(cluster.get("brokers") or [])
+        if brokers == 0:
+            return "no broker registered yet"
+        # All topics (a null topic list): naming topics would let the broker auto-create
+        # them with its default partition count before we do.
+        described = await admin.describe_topics()
+        existing = {str(t["topic"]): t for t in described}
+        for name, wanted in topics.items():
+            meta = existing.get(name)
+            if meta is None:
+                continue
+            code = int(meta["error_code"])
+            if code != 0:
+                error = for_code(code)
+                if error.retriable:
+                    return f"topic {name!r}: {error.__name__}"
+                raise TopicSetupError(
+                    f"Topic {name!r} on {bootstrap} is unusable: {error.__name__}: "
+                    f"{error.description}"
+                )
+            have = len(meta["partitions"])
+            if have < wanted:
+                raise TopicSetupError(
+                    f"Topic {name!r} on {bootstrap} has {have} partitions, {wanted} are "
+                    "needed. Partitions can only be added, and adding them moves accounts to "
+                    "other partitions: recreate the topic (losing its events) or add them "
+                    "deliberately with kafka-topics --alter."
+                )
+        missing = [name for name in topics if name not in existing]
+        if missing:
+            replication = min(brokers, 3)
+            response = await admin.create_topics(
+                [NewTopic(name, topics[name], replication) for name in missing]
+            )
+            for entry in response.to_object()["topic_errors"]:
+                code = int(entry["error_code"])
+                if code in (0, TopicAlreadyExistsError.errno):
+                    continue
+                error = for_code(code)
+                message = entry.get("error_message") or error.description
+                if error.retriable:
+                    return f"creating {entry['topic']!r}: {error.__name__}: {message}"
+                raise TopicSetupError(
+                    f"Kafka at {bootstrap} refused to create topic {entry['topic']!r}: "
+                    f"{error.__name__}: {message}"
+                )
+            # Re-read: another process may have won the race with a different shape.
+            return "waiting for the new topics to appear in metadata"
+        for name in topics:
+            meta = existing[name]
+            leaderless = [p["partition"] for p in meta["partitions"] if p["leader"] < 0]
+            if leaderless:
+                return f"topic {name!r}: partitions {leaderless} have no leader yet"
+        return None
+    finally:
+        await admin.close()

@@ -1,0 +1,91 @@
+"""Fixtures shared by every test tier.
+
+`kafka_bootstrap` finds a broker for the whole session, in this order:
+1. TALLY_TEST_KAFKA_BOOTSTRAP (a broker someone already runs, e.g. in CI);
+2. a Kafka container, when a Docker engine answers;
+3. a local KRaft broker from the Maven jars in .tally/kafka/libs (`make setup`).
+No Kafka at all fails the tests that need one: skipping would hide untested code.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from deploy.kafka_local import LocalKafka, ensure_topics, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KAFKA_LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
+
+MakeTopics = Callable[[str, Mapping[str, int]], Awaitable[None]]
+
+
+def _docker_engine() -> str | None:
+    """None when a Docker engine answers, else why not."""
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        client = docker.from_env(timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("TALLY_TEST_KAFKA_BOOTSTRAP", "").strip()
+    if given:
+        yield given
+        return
+
+    docker_problem = _docker_engine()
+    if docker_problem is None:
+        try:
+            from testcontainers.community.kafka import KafkaContainer
+        except ImportError:  # testcontainers < 4.13 kept it at the top level
+            from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+
+    # A free port, never 9092: a developer's `tally up` may be holding that one.
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), KAFKA_LIBS, port=free_port())
+    try:
+        broker.start()
+    except Exception as exc:
+        broker.kill()
+        pytest.fail(
+            "No Kafka broker for the tests. TALLY_TEST_KAFKA_BOOTSTRAP is not set; no Docker "
+            f"engine ({docker_problem}); and the local broker failed: {exc}",
+            pytrace=False,
+        )
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A fresh name for a topic, consumer group or database: tests share one broker."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+async def make_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
+    """Create `{name: partitions}` and wait until every partition has a leader."""
+    await ensure_topics(bootstrap, topics)
+
+
+@pytest.fixture(name="make_topics")
+def make_topics_fixture() -> MakeTopics:
+    """`await make_topics(kafka_bootstrap, {name: partitions})` without importing conftest."""
+    return make_topics

@@ -1,0 +1,180 @@
+"""The local KRaft broker against a real JVM: data survives restarts, nothing outlives us."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from deploy.kafka_local import (
+    LocalKafka,
+    TopicSetupError,
+    ensure_topics,
+    free_port,
+    port_is_free,
+    process_exited,
+    read_properties,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
+EVENTS = "tally.events"
+DLQ = "tally.events.dlq"
+
+
+async def _partitions(bootstrap: str) -> dict[str, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+    finally:
+        await admin.close()
+
+
+async def _produce(bootstrap: str, key: bytes, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(EVENTS, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def _read_all(bootstrap: str, want: int, seconds: float = 20.0) -> list[tuple[bytes, bytes]]:
+    consumer = AIOKafkaConsumer(
+        EVENTS,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    got: list[tuple[bytes, bytes]] = []
+    try:
+        deadline = time.monotonic() + seconds
+        while len(got) < want and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            got += [(m.key, m.value) for msgs in batches.values() for m in msgs]
+    finally:
+        await consumer.stop()
+    return got
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return bool(condition())
+
+
+async def test_topics_data_and_restarts(tmp_path: Path) -> None:
+    broker = LocalKafka(tmp_path, LIBS, port=free_port())
+    try:
+        # From a worker thread on purpose: the broker must not die with that thread.
+        await asyncio.to_thread(broker.start)
+        assert not port_is_free(broker.port)
+
+        await ensure_topics(broker.bootstrap, {EVENTS: 8, DLQ: 1})
+        await ensure_topics(broker.bootstrap, {EVENTS: 8, DLQ: 1})  # idempotent
+        await ensure_topics(broker.bootstrap, {EVENTS: 2})  # more than asked is fine
+        parts = await _partitions(broker.bootstrap)
+        assert (parts[EVENTS], parts[DLQ]) == (8, 1)
+        with pytest.raises(TopicSetupError, match="has 8 partitions, 16 are needed"):
+            await ensure_topics(broker.bootstrap, {EVENTS: 16}, timeout=10)
+
+        await _produce(broker.bootstrap, b"acct-1", b"first")
+        assert await _read_all(broker.bootstrap, 1) == [(b"acct-1", b"first")]
+
+        # A second broker on the same port explains itself instead of hanging.
+        with pytest.raises(RuntimeError, match="TALLY_KAFKA_BOOTSTRAP"):
+            LocalKafka(tmp_path / "other", LIBS, port=broker.port).start()
+
+        cluster_id = read_properties(broker.log_dir / "meta.properties")["cluster.id"]
+        assert "Kafka Server started" in broker.server_log.read_text()
+
+        broker.stop()
+        assert broker.pid is None
+        assert port_is_free(broker.port)
+        broker.stop()  # idempotent
+
+        broker.start()
+        assert read_properties(broker.log_dir / "meta.properties")["cluster.id"] == cluster_id
+        assert await _read_all(broker.bootstrap, 1) == [(b"acct-1", b"first")]
+        await _produce(broker.bootstrap, b"acct-2", b"second")
+
+        java = broker.pid
+        assert java is not None
+        broker.kill()
+        assert process_exited(java)
+        assert _wait_until(lambda: port_is_free(broker.port), 5)
+
+        broker.start()  # log recovery after an unclean stop
+        got = await _read_all(broker.bootstrap, 2)
+        assert sorted(got) == [(b"acct-1", b"first"), (b"acct-2", b"second")]
+    finally:
+        broker.kill()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, threading, time
+    from pathlib import Path
+    from deploy.kafka_local import LocalKafka
+
+    broker = LocalKafka(Path(sys.argv[1]), Path(sys.argv[2]), port=int(sys.argv[3]))
+    # Started from a thread that then ends, the hard case for PR_SET_PDEATHSIG.
+    starter = threading.Thread(target=broker.start)
+    starter.start()
+    starter.join()
+    print(broker.pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_killed_parent_takes_the_broker_down(tmp_path: Path) -> None:
+    port = free_port()
+    errors = tmp_path / "child.err"
+    with errors.open("wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path / "data"), str(LIBS), str(port)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    java_pid = 0
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        line = child.stdout.readline() if ready else b""
+        assert line.strip().isdigit(), f"no broker: {line!r}\n{errors.read_text()[-3000:]}"
+        java_pid = int(line)
+        time.sleep(1.0)  # would the broker die with its starter thread? It must not.
+        assert not process_exited(java_pid)
+        assert not port_is_free(port)
+
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert _wait_until(lambda: process_exited(java_pid), 5), "broker survived its parent"
+        assert _wait_until(lambda: port_is_free(port), 5), f"port {port} still taken"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if java_pid and not process_exited(java_pid):
+            os.kill(java_pid, signal.SIGKILL)
