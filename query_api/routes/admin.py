@@ -52,7 +52,9 @@ router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 _AUTH: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody, "description": "Invalid or missing API key"},
     403: {"model": ErrorBody, "description": "An account key: these routes need an admin key"},
-    422: {"model": ErrorBody, "description": "A parameter or body field is invalid"},
+}
+_422: dict[int | str, dict[str, object]] = {
+    422: {"model": ErrorBody, "description": "A parameter or body field is invalid"}
 }
 _404: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorBody, "description": "No such account or key"}
@@ -194,7 +196,7 @@ async def get_plans(caller: AdminDep, svc: ServicesDep) -> PlansOut:
     "/accounts",
     response_model=AccountCreatedResponse,
     status_code=status.HTTP_201_CREATED,
-    responses={**_AUTH, **_409},
+    responses={**_AUTH, **_409, **_422},
     summary="Create an account and its first API key (the key is shown once)",
 )
 async def post_account(
@@ -211,7 +213,7 @@ async def post_account(
 @router.get(
     "/accounts",
     response_model=AccountsOut,
-    responses=_AUTH,
+    responses={**_AUTH, **_422},
     summary="Accounts in id order, a page at a time",
 )
 async def get_accounts(
@@ -229,7 +231,7 @@ async def get_accounts(
 @router.get(
     "/accounts/{account_id}",
     response_model=AccountResponse,
-    responses={**_AUTH, **_404},
+    responses={**_AUTH, **_404, **_422},
     summary="One account",
 )
 async def get_one_account(account_id: str, caller: AdminDep, svc: ServicesDep) -> AccountResponse:
@@ -239,7 +241,7 @@ async def get_one_account(account_id: str, caller: AdminDep, svc: ServicesDep) -
 @router.put(
     "/accounts/{account_id}",
     response_model=PlanChangedResponse,
-    responses={**_AUTH, **_404},
+    responses={**_AUTH, **_404, **_422},
     summary="Change an account's plan (effective from the next request)",
 )
 async def put_account(
@@ -255,7 +257,7 @@ async def put_account(
     "/keys",
     response_model=KeyCreatedResponse,
     status_code=status.HTTP_201_CREATED,
-    responses={**_AUTH, **_404},
+    responses={**_AUTH, **_404, **_422},
     summary="Create an API key for an account, or an admin key (the key is shown once)",
 )
 async def post_key(body: KeyCreateIn, caller: AdminDep, svc: ServicesDep) -> KeyCreatedResponse:
@@ -267,7 +269,7 @@ async def post_key(body: KeyCreateIn, caller: AdminDep, svc: ServicesDep) -> Key
 @router.get(
     "/keys",
     response_model=KeysOut,
-    responses={**_AUTH, **_404},
+    responses={**_AUTH, **_404, **_422},
     summary="API keys (prefixes and metadata; never a key or its hash)",
 )
 async def get_keys(
@@ -284,7 +286,7 @@ async def get_keys(
 @router.delete(
     "/keys/{key_prefix}",
     response_model=KeyRevokedResponse,
-    responses={**_AUTH, **_404},
+    responses={**_AUTH, **_404, **_422},
     summary="Revoke a key: it is refused (401) from the next request on",
 )
 async def delete_key(key_prefix: str, caller: AdminDep, svc: ServicesDep) -> KeyRevokedResponse:
