@@ -89,3 +89,17 @@ async def make_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
 def make_topics_fixture() -> MakeTopics:
     """`await make_topics(kafka_bootstrap, {name: partitions})` without importing conftest."""
     return make_topics
+
+
+@pytest.fixture(scope="session")
+def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One ClickHouse target for the whole session.
+
+    chdb admits one data path per process, so every test shares one path and
+    isolates itself with a database of its own (`unique_name`).
+    """
+    explicit = os.environ.get("TALLY_TEST_CLICKHOUSE_URL")
+    if explicit:
+        return explicit
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
