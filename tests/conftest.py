@@ -102,4 +102,3 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if explicit:
         return explicit
     return f"chdb://{tmp_path_factory.mktemp('chdb')}"
-
