@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -13,6 +14,7 @@ from query_api import errors
 from query_api.accounts import AccountStore
 from query_api.deps import Services, utcnow
 from query_api.plans import load_plans
+from query_api.ratelimit import Clock, RateLimiter
 from query_api.routes import admin, analytics, health, usage
 from query_api.settings import ApiSettings
 from schemas.store import Store
@@ -25,6 +27,15 @@ that Tally's processors keep in ClickHouse.
 accept `X-API-Key: <api_key>`. Account keys see their own account only; admin keys
 (or `TALLY_ADMIN_KEY`) administer plans, accounts and keys.
 
+**Rate limit.** Each API key may make `TALLY_API_RATE_BURST` requests at once and
+`TALLY_API_RATE_PER_S` per second sustained (defaults 100 and 50); requests without a
+valid key count against the client's address, and once that is spent the address
+gets 429 before any key it sends is checked. Over the limit: 429 `rate_limited` with
+`Retry-After` (seconds). The limit is per API process (with M replicas a caller may make
+M times as many requests) and is separate from the plan's `per_minute` limit, which
+`/api/v1/account/usage` reports in its `X-RateLimit-*` headers. `/healthz`, `/readyz`,
+`/docs` and `/openapi.json` are not limited.
+
 **Times** are UTC, RFC 3339 with milliseconds and `Z`.
 
 ## Errors
@@ -36,8 +47,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def create_app(
-    settings: ApiSettings, store: Store, now: Callable[[], datetime] | None = None
+    settings: ApiSettings,
+    store: Store,
+    now: Callable[[], datetime] | None = None,
+    rate_clock: Clock | None = None,
 ) -> FastAPI:
+    """The app. `now` pins the clock usage is computed at; `rate_clock` (monotonic
+    seconds) drives the rate limiter's refills. Both are for tests."""
     app = FastAPI(
         title="Tally usage API",
         version="0.1.0",
@@ -48,6 +64,9 @@ def create_app(
         store=store,
         accounts=AccountStore(store),
         plans=load_plans(settings.plans),
+        limiter=RateLimiter(
+            settings.api_rate_per_s, settings.api_rate_burst, clock=rate_clock or time.monotonic
+        ),
         now=now or utcnow,
     )
     errors.install(app)

@@ -12,8 +12,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from query_api.accounts import AccountStore, Principal
-from query_api.errors import ApiError, unauthorized
+from query_api.errors import ApiError, rate_limited, unauthorized
 from query_api.plans import Plan
+from query_api.ratelimit import RateLimiter
 from query_api.settings import ApiSettings
 from schemas.store import Store
 
@@ -28,6 +29,8 @@ class Services:
     store: Store
     accounts: AccountStore
     plans: dict[str, Plan]
+    limiter: RateLimiter
+    """The API's own per-caller limit (query_api/ratelimit.py)."""
     now: Callable[[], datetime] = utcnow
     """The API's clock; tests pin it to compare answers with an exact expectation."""
 
@@ -48,19 +51,50 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
+def client_address(request: Request) -> str:
+    """The peer address. Behind a proxy, run uvicorn with --proxy-headers and
+    --forwarded-allow-ips so this is the real client: trusting X-Forwarded-For from
+    anyone would let a caller pick a fresh address, and a fresh bucket, per request."""
+    return request.client.host if request.client else "unknown"
+
+
+def _spend(svc: Services, bucket: str) -> None:
+    decision = svc.limiter.hit(bucket)
+    if not decision.allowed:
+        raise rate_limited(decision, svc.now().timestamp())
+
+
 async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
+    """The caller, once their key checks out and their rate limit allows the request.
+
+    Requests without a valid key are limited by client address, which throttles key
+    guessing. Once an address has spent that budget, its requests are refused (429)
+    before their key is even checked: a guess cannot be told from a real key without
+    checking it, and checking is what a guesser is after. Valid keys from a busy
+    address therefore wait too, until its budget refills.
+    """
+    anonymous = f"ip:{client_address(request)}"
     key = presented_key(request)
     if not key:
+        _spend(svc, anonymous)
         raise unauthorized()
+    waiting = svc.limiter.peek(anonymous)
+    if not waiting.allowed:
+        raise rate_limited(waiting, svc.now().timestamp())
+    found: Principal | None
     admin_key = svc.settings.admin_key
     if admin_key is not None and hmac.compare_digest(
         key.encode(), admin_key.get_secret_value().encode()
     ):
-        return Principal(account=None, admin=True, key_prefix="env:TALLY_ADMIN_KEY")
-    # Looked up on every call: a revoked key fails on the very next request.
-    found = await asyncio.to_thread(svc.accounts.authenticate, key)
+        found = Principal(account=None, admin=True, key_prefix="env:TALLY_ADMIN_KEY")
+    else:
+        # Looked up on every call: a revoked key fails on the very next request.
+        found = await asyncio.to_thread(svc.accounts.authenticate, key)
     if found is None:
+        _spend(svc, anonymous)
         raise unauthorized()
+    # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
+    _spend(svc, f"key:{found.key_prefix}")
     request.state.principal = found
     return found
 

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from query_api.ratelimit import Decision
 
 log = logging.getLogger("tally.api")
 
@@ -51,6 +54,46 @@ def unauthorized() -> ApiError:
     return ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE, {"WWW-Authenticate": "Bearer"})
 
 
+def rate_limited(decision: Decision, now_epoch: float) -> ApiError:
+    """429 for a caller over the API's own limit; the headers describe that limit."""
+    return ApiError(
+        429,
+        "rate_limited",
+        f"too many requests: at most {decision.limit} at once, then refilling over time; "
+        f"retry in {decision.retry_after_s}s",
+        {
+            "Retry-After": str(decision.retry_after_s),
+            "X-RateLimit-Limit": str(decision.limit),
+            "X-RateLimit-Remaining": str(decision.remaining),
+            # Rounded up: at that second the whole burst is available again.
+            "X-RateLimit-Reset": str(math.ceil(now_epoch + decision.reset_after)),
+        },
+    )
+
+
+def _int_header(description: str) -> dict[str, object]:
+    return {"description": description, "schema": {"type": "integer"}}
+
+
+RATE_LIMITED_RESPONSE: dict[int | str, dict[str, object]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "Too many requests from this API key (or, without a valid key, from "
+        "this client address): the API's own limit, per API process "
+        "(TALLY_API_RATE_PER_S, TALLY_API_RATE_BURST). Not the plan's per_minute limit.",
+        "headers": {
+            "Retry-After": _int_header("Seconds to wait before the next request (at least 1)."),
+            "X-RateLimit-Limit": _int_header("Requests allowed in one burst."),
+            "X-RateLimit-Remaining": _int_header("Requests left in the burst now (0)."),
+            "X-RateLimit-Reset": _int_header(
+                "Epoch seconds at which the whole burst is available again."
+            ),
+        },
+    }
+}
+"""For `responses=` of every route that authenticates (they are the limited ones)."""
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -84,6 +127,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8, say): the caller's
+            # fault like any other unreadable body, which FastAPI already answers with
+            # 422. One status and code for both; it is never an internal error.
+            detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+            return error_response(422, "validation_error", f"body: {detail}")
         code = _STATUS_CODES.get(exc.status_code, "internal_error")
         message = exc.detail if isinstance(exc.detail, str) else code
         if exc.status_code == 404:

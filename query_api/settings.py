@@ -30,6 +30,21 @@ class ApiSettings(TallySettings):
     processors_stale_s: float = Field(
         30.0, gt=0, description="/readyz fails when no worker has reported for this long."
     )
+    api_rate_per_s: float = Field(
+        50.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="The API's own limit on each caller (API key, or client IP for requests "
+        "without a valid key): requests per second, sustained. Per API process: with M "
+        "replicas a caller may make M x this.",
+    )
+    api_rate_burst: int = Field(
+        100,
+        ge=1,
+        description="Requests a caller may make at once (the bucket size); after that, "
+        "TALLY_API_RATE_PER_S. Over the limit the API answers 429 rate_limited with "
+        "Retry-After.",
+    )
 
     @field_validator("plans")
     @classmethod

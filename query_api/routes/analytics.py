@@ -21,13 +21,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from processors.rollup import MARKER_ACCOUNT
 from processors.windows import format_time
 from query_api import queries
 from query_api.deps import AdminDep, CallerDep, ServicesDep
-from query_api.errors import ApiError, ErrorBody
+from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from schemas.events import REQUEST, STREAM_CLOSED, SUBJECT_PATTERN, Rfc3339
 from schemas.store import Store
 
@@ -77,7 +77,23 @@ def _restore_plus(value: Any) -> Any:
     return value
 
 
-QueryTime = Annotated[Rfc3339, BeforeValidator(_restore_plus)]
+# The store's DateTime holds 1970-01-01 .. 2106-02-07; a time outside it reached
+# ClickHouse as an unparsable parameter (a 500). A round, documented range, with room
+# for rounding a range end up to the next day.
+TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_MAX = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _in_store_range(value: datetime) -> datetime:
+    # Compared before converting: astimezone(UTC) itself overflows at year 1 or 9999.
+    if not TIME_MIN <= value <= TIME_MAX:
+        raise ValueError(
+            "time must lie between 1970-01-01T00:00:00.000Z and 2100-01-01T00:00:00.000Z"
+        )
+    return value.astimezone(UTC)
+
+
+QueryTime = Annotated[Rfc3339, BeforeValidator(_restore_plus), AfterValidator(_in_store_range)]
 
 ERRORS_USAGE: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Invalid or missing API key"},
@@ -92,11 +108,13 @@ ERRORS_USAGE: dict[int | str, dict[str, Any]] = {
         "description": "A bad parameter: time without a zone, from >= to, too many "
         "buckets or rows, an unknown window, group_by dimension or metric",
     },
+    **RATE_LIMITED_RESPONSE,
 }
 ERRORS_TOP: dict[int | str, dict[str, Any]] = {
     401: ERRORS_USAGE[401],
     403: {"model": ErrorBody, "description": "An account key (this route needs an admin key)"},
     422: ERRORS_USAGE[422],
+    **RATE_LIMITED_RESPONSE,
 }
 
 
@@ -210,14 +228,16 @@ FromQuery = Annotated[
     QueryTime,
     Query(
         alias="from",
-        description="Range start, RFC 3339 with a zone (Z or ±hh:mm; encode + as %2B).",
+        description="Range start, RFC 3339 with a zone (Z or ±hh:mm; encode + as %2B), "
+        "from 1970-01-01T00:00:00Z to 2100-01-01T00:00:00Z.",
         openapi_examples={"UTC": {"value": "2026-03-29T00:00:00.000Z"}},
     ),
 ]
 ToQuery = Annotated[
     QueryTime,
     Query(
-        description="Range end, exclusive, RFC 3339 with a zone; must be after `from`.",
+        description="Range end, exclusive, RFC 3339 with a zone; must be after `from`, "
+        "at most 2100-01-01T00:00:00Z.",
         openapi_examples={"UTC": {"value": "2026-03-30T00:00:00.000Z"}},
     ),
 ]
@@ -369,7 +389,8 @@ A time series of one account's usage (or, for an admin key, of every account).
 
 - **Range**: `[from, to)`. Usage is stored per minute, so a minute counts when its
   *start* lies in the range: `from=10:00:30Z` begins with the 10:01 minute.
-  `from` must be before `to`.
+  `from` must be before `to`; both must lie in 1970-01-01T00:00:00Z ..
+  2100-01-01T00:00:00Z (else 422).
 - **Buckets** are aligned to UTC minute, hour or day boundaries (`window`, default
   `hour`). `window_start`/`window_end` always name the whole aligned bucket; a
   partial bucket at either edge of the range holds only the minutes inside the

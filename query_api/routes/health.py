@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from query_api import queries
 from query_api.deps import ServicesDep
@@ -14,12 +15,30 @@ from query_api.deps import ServicesDep
 router = APIRouter(tags=["health"])
 
 
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(
+        description='Per dependency ("store", "processors"): "ok", or what is wrong.'
+    )
+
+
+_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": ReadyOut, "description": "Every check is ok"},
+    503: {"model": ReadyOut, "description": "Not ready: the checks say what is not ok"},
+}
+
+
 @router.get("/healthz", summary="The API process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="200 once the store, Kafka and the processors are up")
+@router.get(
+    "/readyz",
+    summary="200 once the store, Kafka and the processors are up",
+    # The handler answers a JSONResponse (its status varies), so the body is documented here.
+    responses=_READY_RESPONSES,
+)
 async def readyz(svc: ServicesDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from processors.windows import format_time, period_end_inclusive, used_percentage
 from query_api import queries
 from query_api.deps import AccountCallerDep, ServicesDep
-from query_api.errors import ApiError, ErrorBody
+from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.models import (
     AccountUsageOut,
     LimitOut,
@@ -29,7 +29,23 @@ router = APIRouter(tags=["usage"])
 ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody, "description": "Invalid or missing API key"},
     403: {"model": ErrorBody, "description": "An admin key (it has no usage)"},
+    **RATE_LIMITED_RESPONSE,
 }
+_PLAN_LIMIT_HEADERS: dict[int | str, dict[str, object]] = {
+    200: {
+        "headers": {
+            name: {"description": text, "schema": {"type": kind}}
+            for name, text, kind in (
+                ("X-RateLimit-Limit", "The plan's per_minute limit.", "integer"),
+                ("X-RateLimit-Remaining", "per_minute minus requests this minute.", "integer"),
+                ("X-RateLimit-Reset", "Epoch seconds of the next minute boundary.", "integer"),
+                ("X-Data-Delay", "Seconds the data lags behind now.", "number"),
+            )
+        }
+    }
+}
+"""On 200 these describe the account's plan limit (gateways enforce it), not the API's
+own limit, whose X-RateLimit-* headers come only with a 429."""
 # Events may be up to 5 minutes ahead of the clock (CONTRACT §1).
 AHEAD = timedelta(minutes=6)
 
@@ -79,7 +95,7 @@ async def account_usage(caller: AccountCallerDep, svc: ServicesDep) -> AccountUs
 @router.get(
     "/api/v1/account/usage",
     response_model=UsageV1Out,
-    responses=ERRORS,
+    responses={**_PLAN_LIMIT_HEADERS, **ERRORS},
     summary="Request counts, the per-minute limit, streams and the billing period",
 )
 async def account_usage_v1(

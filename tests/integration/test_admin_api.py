@@ -473,7 +473,9 @@ async def test_plaintext_keys_are_stored_nowhere(api: Api) -> None:
     ).json()["data"]
     await api.client.delete(f"/api/v1/admin/keys/{account_key['key_prefix']}", headers=ADMIN)
     plaintexts = [created["api_key"], account_key["api_key"], admin_key["api_key"]]
-    secrets = [key.rsplit("_", 1)[1] for key in plaintexts]
+    # tly_<12 hex prefix>_<32-char secret>; the secret may itself contain "_".
+    secrets = [key[len("tly_") + 12 + 1 :] for key in plaintexts]
+    assert all(len(secret) == 32 for secret in secrets)
 
     columns = api.store.query(
         "SELECT table, name FROM system.columns WHERE database = {db:String} "
