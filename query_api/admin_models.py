@@ -205,3 +205,74 @@ class KeyRevokedOut(BaseModel):
 class KeyRevokedResponse(BaseModel):
     model_config = _example({"data": {"key_prefix": "3f9c2a7b1d04", "revoked": True}})
     data: KeyRevokedOut
+
+
+# -- totals (reconciliation) -------------------------------------------------------
+
+
+class AccountTotalsOut(BaseModel):
+    account: str
+    requests: int = Field(description="Number of tally.request.v1 events.")
+    units: float = Field(description="Units of requests plus units of closed streams.")
+    units_micro: int = Field(
+        description="`units` in integer millionths, exactly as the store sums them (a float "
+        "cannot carry every total exactly)."
+    )
+    events: dict[str, int] = Field(
+        description="Events per type; a type with no events in the range is left out."
+    )
+
+
+class TotalsMeta(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    from_: str = Field(alias="from", description="The range start, as understood (UTC).")
+    to: str = Field(description="The range end, exclusive, as understood (UTC).")
+    minutes_from: str = Field(
+        description="The first minute summed: the first minute that starts at or after `from`."
+    )
+    minutes_to: str = Field(
+        description="The end (exclusive) of the minutes summed: the first minute that starts "
+        "at or after `to`."
+    )
+    account: str | None = Field(description="The account asked for; null: every account.")
+    accounts: int = Field(description="Number of entries in `data`.")
+    topic: str = Field(description="The events topic the worker counts (TALLY_EVENTS_TOPIC).")
+    counted_offsets: dict[str, int] | None = Field(
+        description="Per partition of `topic`, the next offset not yet counted, read in the "
+        "same scan as the totals: the totals reflect exactly the messages below these "
+        "offsets. A partition not listed has nothing counted. null: no offsets are stored "
+        "for this topic (nothing counted yet, or another worker design)."
+    )
+
+
+class TotalsOut(BaseModel):
+    model_config = _example(
+        {
+            "data": [
+                {
+                    "account": "acme-corp",
+                    "requests": 1520,
+                    "units": 2210.5,
+                    "units_micro": 2210500000,
+                    "events": {
+                        "tally.request.v1": 1520,
+                        "tally.stream.opened.v1": 12,
+                        "tally.stream.closed.v1": 12,
+                    },
+                }
+            ],
+            "meta": {
+                "from": "2026-03-29T00:00:00.000Z",
+                "to": "2026-03-30T00:00:00.000Z",
+                "minutes_from": "2026-03-29T00:00:00.000Z",
+                "minutes_to": "2026-03-30T00:00:00.000Z",
+                "account": None,
+                "accounts": 1,
+                "topic": "tally.events",
+                "counted_offsets": {"0": 48211, "1": 47980},
+            },
+        }
+    )
+    data: list[AccountTotalsOut]
+    meta: TotalsMeta

@@ -1,4 +1,4 @@
-"""Administration (CONTRACT §3): plans, accounts and API keys. Admin keys only.
+"""Administration (CONTRACT §3): plans, accounts, API keys and rollup totals. Admin keys only.
 
 Each route is a thin async wrapper around a blocking operation below; the
 operations are also what `tally accounts|keys` runs when it opens the store
@@ -9,11 +9,15 @@ cached: a plan change or a revocation holds from the very next request.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
+from processors.reconcile import stored_totals
+from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
 from processors.windows import format_time
 from query_api.accounts import (
     Account,
@@ -29,6 +33,7 @@ from query_api.admin_models import (
     AccountOut,
     AccountResponse,
     AccountsOut,
+    AccountTotalsOut,
     KeyCreatedOut,
     KeyCreatedResponse,
     KeyCreateIn,
@@ -42,16 +47,22 @@ from query_api.admin_models import (
     PlanChangeIn,
     PlanOut,
     PlansOut,
+    TotalsMeta,
+    TotalsOut,
 )
 from query_api.deps import AdminDep, ServicesDep
-from query_api.errors import ApiError, ErrorBody
+from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.plans import Plan
+from query_api.routes.analytics import FromQuery, ToQuery, check_range, minute_range
+from schemas.events import SUBJECT_PATTERN
+from schemas.store import Store
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
 _AUTH: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody, "description": "Invalid or missing API key"},
     403: {"model": ErrorBody, "description": "An account key: these routes need an admin key"},
+    **RATE_LIMITED_RESPONSE,
 }
 _422: dict[int | str, dict[str, object]] = {
     422: {"model": ErrorBody, "description": "A parameter or body field is invalid"}
@@ -65,6 +76,7 @@ _409: dict[int | str, dict[str, object]] = {
 
 PAGE_MAX = 1000
 ENV_ADMIN_PREFIX = "env:TALLY_ADMIN_KEY"
+_SUBJECT = re.compile(SUBJECT_PATTERN)
 
 
 # -- the operations (blocking; shared with the CLI) -------------------------------
@@ -177,6 +189,69 @@ def revoke_key(accounts: AccountStore, key_prefix: str) -> KeyRevokedOut:
     if not accounts.revoke_key(key_prefix):
         raise ApiError(404, "not_found", f"no active key with prefix {key_prefix!r}")
     return KeyRevokedOut(key_prefix=key_prefix, revoked=True)
+
+
+def account_totals(
+    store: Store, topic: str, start: datetime, end: datetime, account: str | None
+) -> TotalsOut:
+    """Per-account totals over the minutes starting in [start, end), and the offsets
+    of `topic` they reflect.
+
+    One SELECT reads both the totals and the offset markers: ClickHouse answers a
+    query from one snapshot of the table's parts, and deltas are written in one
+    INSERT with the markers of the events offsets they cover, so the offsets are
+    exactly those the totals cover even while rollups are being written (what
+    `tally reconcile` needs to compare like with like).
+    """
+    since, until = minute_range(start, end)
+    rows = store.query(
+        "SELECT account, type, if(account = {m:String}, status, 0) AS part, "
+        "sum(events), sum(units_micro), max(offset_end) FROM rollup_minute "
+        "WHERE (account != {m:String} AND minute >= {since:DateTime} "
+        "AND minute < {until:DateTime} AND ({a:String} = '' OR account = {a:String})) "
+        "OR (account = {m:String} AND type = {mt:String} AND route = {topic:String}) "
+        "GROUP BY account, type, part",
+        {
+            "m": MARKER_ACCOUNT,
+            "mt": MARKER_TYPE,
+            "topic": topic,
+            "since": since,
+            "until": until,
+            "a": account or "",
+        },
+    )
+    offsets: dict[str, int] | None = None
+    usage: list[tuple[str, str, int, int]] = []
+    for acct, kind, part, events, units_micro, offset_end in rows:
+        if acct == MARKER_ACCOUNT:
+            offsets = offsets or {}
+            offsets[str(int(part))] = int(offset_end)
+        else:
+            usage.append((str(acct), str(kind), int(events), int(units_micro)))
+    totals = stored_totals(usage)
+    data = [
+        AccountTotalsOut(
+            account=name,
+            requests=t.requests,
+            units=t.units_micro / 1_000_000,
+            units_micro=t.units_micro,
+            events=dict(sorted(t.events.items())),
+        )
+        for name, t in sorted(totals.items())
+    ]
+    meta = TotalsMeta(
+        from_=format_time(start),
+        to=format_time(end),
+        minutes_from=format_time(since),
+        minutes_to=format_time(max(since, until)),
+        account=account,
+        accounts=len(data),
+        topic=topic,
+        counted_offsets=dict(sorted(offsets.items(), key=lambda kv: int(kv[0])))
+        if offsets is not None
+        else None,
+    )
+    return TotalsOut(data=data, meta=meta)
 
 
 # -- the routes --------------------------------------------------------------------
@@ -294,3 +369,49 @@ async def delete_key(key_prefix: str, caller: AdminDep, svc: ServicesDep) -> Key
     active key has this prefix (unknown, or revoked already). TALLY_ADMIN_KEY is not a
     stored key and cannot be revoked here."""
     return KeyRevokedResponse(data=await asyncio.to_thread(revoke_key, svc.accounts, key_prefix))
+
+
+TOTALS_DESCRIPTION = """
+Per-account totals over a range, for reconciliation (`tally reconcile` compares them
+with a recount of the Kafka log). Admin key only.
+
+- **Range**: `[from, to)` at minute granularity, as in `/api/v1/analytics/usage`: a
+  minute counts when its *start* lies in the range (`from=10:00:30Z` begins with the
+  10:01 minute). `meta.minutes_from` / `meta.minutes_to` name the minutes summed.
+  `from` must be before `to` (else 422).
+- **`data`**: one entry per account with any rollup in those minutes, by account id.
+  `requests` counts `tally.request.v1` events, `units` (and the exact `units_micro`)
+  adds the units of requests and of closed streams, `events` counts every type. The
+  reserved offset-marker rows are never included.
+- **`account`**: only that account (an id with no usage gives an empty `data`).
+- **`meta.counted_offsets`**: per partition of the events topic, the next offset the
+  worker has not counted yet, read in the same query as the totals: the totals are
+  exactly the events of the messages below these offsets.
+"""
+
+
+@router.get(
+    "/totals",
+    response_model=TotalsOut,
+    responses={**_AUTH, **_422},
+    summary="Per-account totals over a range of minutes (for reconciliation)",
+    description=TOTALS_DESCRIPTION,
+)
+async def get_totals(
+    caller: AdminDep,
+    svc: ServicesDep,
+    from_: FromQuery,
+    to: ToQuery,
+    account: Annotated[
+        str | None,
+        Query(max_length=128, description="Only this account; omit for every account."),
+    ] = None,
+) -> TotalsOut:
+    start, end = from_.astimezone(UTC), to.astimezone(UTC)
+    check_range(start, end)
+    target = account or None
+    if target is not None and not _SUBJECT.match(target):
+        raise ApiError(422, "validation_error", "account: not a valid account id")
+    return await asyncio.to_thread(
+        account_totals, svc.store, svc.settings.events_topic, start, end, target
+    )
