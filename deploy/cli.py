@@ -46,6 +46,14 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sink(args: argparse.Namespace) -> int:
+    from deploy.stack import run_sink
+    from processors.settings import WorkerSettings
+
+    run_sink(load(WorkerSettings))
+    return 0
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from deploy.stack import open_store
     from processors.settings import WorkerSettings
@@ -94,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a processor (consumes tally.events)")
     worker.set_defaults(run=_worker)
 
+    sink = sub.add_parser(
+        "sink", help="apply the workers' rollup deltas to the store (one per store)"
+    )
+    sink.set_defaults(run=_sink)
+
     api = sub.add_parser("api", help="run the usage API alone (against a ClickHouse server)")
     api.set_defaults(run=_api)
 
@@ -109,9 +122,10 @@ def parser() -> argparse.ArgumentParser:
     loadgen.add_argument("--seed", type=int, default=1, help="random seed (1)")
     loadgen.add_argument("--quiet", action="store_true", help="no progress line")
     loadgen.set_defaults(run=_loadgen)
-    from deploy import admin_cli
+    from deploy import admin_cli, reconcile_cli
 
     admin_cli.register(sub)
+    reconcile_cli.register(sub)
     return root
 
 

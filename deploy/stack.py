@@ -1,10 +1,12 @@
-"""`tally up` and `tally worker`: run the pipeline in the foreground.
+"""`tally up`, `tally worker` and `tally sink`: run the pipeline in the foreground.
 
 `tally up` owns the machine's pieces: the local broker (unless
-TALLY_KAFKA_BOOTSTRAP names one), the worker and, with --demo, simulated
-gateways. Everything runs in one process because the embedded store admits one
-process per data path. SIGINT/SIGTERM stop the faust worker (which stops
-consuming; un-flushed messages are simply re-read next time), then the broker.
+TALLY_KAFKA_BOOTSTRAP names one), a worker, the sink, the API and, with --demo,
+simulated gateways. The sink and the API run in one process because the
+embedded store admits one process per data path; more `tally worker` processes
+may join to share the partitions, since workers never touch the store.
+SIGINT/SIGTERM stop everything (a batch not yet committed is simply re-read
+next time), then the broker.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import faust
+import mode
+from aiokafka import AIOKafkaConsumer
 from mode import Service
 
 from deploy.kafka_local import LocalKafka, ensure_topics
@@ -24,6 +28,7 @@ from deploy.serve import ApiService
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
 from processors.settings import WorkerSettings
+from processors.sink import Sink
 from query_api.app import create_app
 from schemas.settings import TallySettings
 from schemas.store import Store
@@ -90,9 +95,8 @@ def kafka_for(settings: StackSettings) -> Iterator[str]:
     if settings.kafka_bootstrap:
         yield settings.kafka_bootstrap
         return
-    broker = LocalKafka(
-        settings.data_dir / "kafka", settings.kafka_libs_dir, port=settings.kafka_port
-    )
+    # LocalKafka keeps its log in <data_dir>/kafka.
+    broker = LocalKafka(settings.data_dir, settings.kafka_libs_dir, port=settings.kafka_port)
     broker.start()
     try:
         yield broker.bootstrap
@@ -100,22 +104,112 @@ def kafka_for(settings: StackSettings) -> Iterator[str]:
         broker.stop()
 
 
-def run_worker(
-    settings: WorkerSettings,
-    extra: list[Service] | None = None,
-    build_extra: Callable[[RollupWorker], list[Service]] | None = None,
-    store: Store | None = None,
-) -> None:
-    """Run the faust worker (plus extra services) until SIGINT/SIGTERM."""
-    store = store or open_store(settings)
-    app, worker = build_app(settings, store)
-    services = list(extra or [])
-    if build_extra is not None:
-        services.extend(build_extra(worker))
-    logging.getLogger("tally").setLevel(logging.INFO)
+class SinkService(Service):
+    """The sink as a mode Service, started and stopped with the worker."""
+
+    def __init__(self, sink: Sink, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sink = sink
+
+    @Service.task
+    async def _apply(self) -> None:
+        await self.sink.run()
+
+    async def on_stop(self) -> None:
+        self.sink.stop()
+
+
+def new_sink(settings: WorkerSettings, store: Store) -> Sink:
+    return Sink(store, settings.bootstrap, settings.rollups_topic, settings.events_topic)
+
+
+async def ensure_rollups_topic(settings: WorkerSettings) -> None:
+    """The rollups topic needs a partition for every events partition (same number)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+    await consumer.start()
+    try:
+        partitions = None
+        for _ in range(60):
+            partitions = consumer.partitions_for_topic(settings.events_topic)
+            if partitions:
+                break
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.5)
+        if not partitions:
+            raise RuntimeError(
+                f"topic {settings.events_topic} does not exist on {settings.bootstrap}; "
+                "create it (`tally up` does) or set TALLY_EVENTS_TOPIC"
+            )
+    finally:
+        await consumer.stop()
+    await ensure_topics(
+        settings.bootstrap, {settings.rollups_topic: len(partitions), settings.dlq_topic: 1}
+    )
+
+
+@asynccontextmanager
+async def running_pipeline(
+    settings: WorkerSettings, store: Store
+) -> AsyncIterator[tuple[RollupWorker, Sink]]:
+    """A worker and the sink inside the current event loop (tests, embedding)."""
+    await ensure_rollups_topic(settings)
+    app, worker = build_app(settings)
+    sink = new_sink(settings, store)
+    applying = asyncio.ensure_future(sink.run())
+    await app.start()
+    try:
+        yield worker, sink
+    finally:
+        await app.stop()
+        sink.stop()
+        await applying
+
+
+def run_services(app: faust.App, services: list[Service], settings: TallySettings) -> None:
+    """Run the faust app and services until SIGINT/SIGTERM."""
+    log_tally_lines()
     try:
         faust.Worker(
-            app, *services, loglevel="warning", quiet=True, redirect_stdouts=False
+            app, *services, loglevel=settings.log_level, quiet=True, redirect_stdouts=False
+        ).execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+
+
+def log_tally_lines() -> None:
+    """Tally's own INFO lines (takeovers, resumes) show whatever the libraries' level.
+
+    faust configures the root logger at TALLY_LOG_LEVEL (WARNING by default, its
+    INFO is noisy); a handler of our own keeps Tally's lines visible regardless.
+    """
+    tally = logging.getLogger("tally")
+    if not tally.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tally.addHandler(handler)
+        tally.propagate = False
+    tally.setLevel(logging.INFO)
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """`tally worker`: consume events and publish deltas; no store needed."""
+    asyncio.run(ensure_rollups_topic(settings))
+    app, _ = build_app(settings)
+    run_services(app, [], settings)
+
+
+def run_sink(settings: WorkerSettings) -> None:
+    """`tally sink`: apply the workers' deltas to the store."""
+    store = open_store(settings)
+    try:
+        asyncio.run(ensure_rollups_topic(settings))
+        log_tally_lines()
+        mode.Worker(
+            SinkService(new_sink(settings, store)),
+            loglevel=settings.log_level,
+            quiet=True,
+            redirect_stdouts=False,
         ).execute_from_commandline()
     except SystemExit as exc:
         if exc.code not in (0, None):
@@ -154,7 +248,11 @@ def up(settings: StackSettings, demo: bool) -> None:
         asyncio.run(
             ensure_topics(
                 bootstrap,
-                {settings.events_topic: settings.events_partitions, settings.dlq_topic: 1},
+                {
+                    settings.events_topic: settings.events_partitions,
+                    settings.rollups_topic: settings.events_partitions,
+                    settings.dlq_topic: 1,
+                },
             )
         )
         # The worker and the demo gateways talk to the broker we just made sure of.
@@ -171,8 +269,16 @@ def up(settings: StackSettings, demo: bool) -> None:
         if demo:
             print("tally: demo API keys (shown once):", flush=True)
             print("\n".join(demo_keys(store, settings)), flush=True)
-        extra: list[Service] = [ApiService(api, settings.api_host, settings.api_port)]
+        app, worker = build_app(settings)
+        services: list[Service] = [
+            SinkService(new_sink(settings, store)),
+            ApiService(api, settings.api_host, settings.api_port),
+            StatusLine(worker),
+        ]
         if demo:
-            extra.append(DemoGateways(settings))
-        run_worker(settings, extra, build_extra=lambda worker: [StatusLine(worker)], store=store)
+            services.append(DemoGateways(settings))
+        try:
+            run_services(app, services, settings)
+        finally:
+            store.close()
     print("tally: stopped", file=sys.stderr, flush=True)

@@ -1,44 +1,56 @@
 """The faust-streaming app behind `tally worker`: a thin adapter around the pipeline.
 
-Per batch of messages (faust's `take_events`): decode, deduplicate and fold them
-(processors/pipeline.py), send rejections to the dead-letter topic and wait for
-Kafka to acknowledge them, then write deltas plus offset markers in one INSERT.
-Only after that does the batch leave `take_events`, which is when faust acks the
-messages and may commit their offsets. A crash at any point therefore replays
-from a committed offset at or below the stored markers, and the markers keep the
-replay from counting anything twice.
+Per batch of messages (faust's `noack_take`, so faust itself never commits):
+for each events partition in the batch, decode, deduplicate and fold its
+messages (processors/pipeline.py), then publish the partition's rollup deltas
+and dead letters, and commit its consumed offset, in ONE Kafka transaction
+(processors/output.py). The sink applies committed deltas to the store.
+
+Why this order is safe at every instant:
+- before the commit, nothing is visible (read_committed) and the offset is not
+  committed: a crash re-reads the batch;
+- the commit makes deltas, dead letters and the offset visible at once;
+- a worker that lost a partition is fenced by the new owner's producer, and the
+  new owner reads the committed offset only after fencing, skipping whatever
+  the old owner managed to commit.
+Anything unexpected in this process ends it at once (crash-only): a half-done
+batch is never acknowledged, so nothing is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import faust
 from faust.types import TP
 
 from processors.decode import Limits
-from processors.pipeline import DeadLetter, Message, Pipeline
-from processors.rollup import EPOCH, marker_rows
+from processors.deltas import Delta, encode
+from processors.output import FencedError, PartitionOutput, Record
+from processors.pipeline import BatchResult, DeadLetter, Message, Pipeline
+from processors.replay import Resumer
 from processors.settings import WorkerSettings
-from processors.sink import RollupSink
-from schemas.store import Store
+from producers.gateway import COMPRESSION
 
 log = logging.getLogger("tally.worker")
 
-# Backoff while the store refuses writes: the batch is held (offsets not acked),
-# so nothing is lost, and the worker resumes as soon as the store is back.
 RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 # A dead letter must fit in one Kafka record (brokers default to ~1 MB). Larger
 # originals (only `oversized` ones can be) keep their first bytes, and the
 # `tally-original-bytes` header says how long they were.
 DLQ_MAX_VALUE_BYTES = 900_000
+
+# Exit code when the worker stops itself rather than risk a wrong count.
+EXIT_UNSAFE = 70
 
 
 @dataclass
@@ -48,6 +60,10 @@ class WorkerStats:
     duplicates: int = 0
     dead_letters: int = 0
     replayed: int = 0
+    remembered: int = 0
+    """Messages re-read after a takeover to rebuild dedup memory."""
+    transactions: int = 0
+    fenced: int = 0
     flushes: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
@@ -57,15 +73,10 @@ class WorkerStats:
 class RollupWorker:
     """Everything the agent does with a batch, kept out of faust's callbacks."""
 
-    def __init__(self, settings: WorkerSettings, store: Store, app: faust.App) -> None:
+    def __init__(self, settings: WorkerSettings, app: faust.App) -> None:
         self.settings = settings
         self.app = app
-        self.sink = RollupSink(store)
         self.stats = WorkerStats()
-        # Serialises flushes and heartbeats: a heartbeat must only re-state
-        # offsets whose deltas are already in the store.
-        self._write_lock = asyncio.Lock()
-        self._written: dict[int, int] = {}
         self.pipeline = Pipeline(
             settings.events_topic,
             Limits(
@@ -77,164 +88,226 @@ class RollupWorker:
             settings.dedup_window_s,
             settings.dedup_max_keys,
         )
+        self._outputs: dict[int, PartitionOutput] = {}
+        self._last_commit: dict[int, float] = {}
+        self._next_offset: dict[int, int] = {}
+        self._closing: set[asyncio.Future[None]] = set()
+        self._resumer = Resumer(
+            settings.bootstrap,
+            settings.consumer_group,
+            settings.events_topic,
+            settings.rollups_topic,
+        )
 
     async def handle(self, events: Sequence[Any]) -> None:
-        messages = [
-            Message(
-                e.message.partition,
-                e.message.offset,
-                e.message.value,
-                int((e.message.timestamp or 0) * 1000),
+        try:
+            await self._handle(events)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            # Crash-only: acknowledging nothing, a restart redoes this batch.
+            log.exception("unexpected error while counting; stopping so nothing is skipped")
+            os._exit(EXIT_UNSAFE)
+
+    async def _handle(self, events: Sequence[Any]) -> None:
+        by_partition: dict[int, list[Message]] = defaultdict(list)
+        keys: dict[tuple[int, int], bytes | None] = {}
+        for e in events:
+            m = e.message
+            by_partition[m.partition].append(
+                Message(m.partition, m.offset, m.value, int((m.timestamp or 0) * 1000))
             )
-            for e in events
-        ]
-        keys = {(e.message.partition, e.message.offset): e.message.key for e in events}
-        async with self._write_lock:
-            await self._resume_new_partitions({m.partition for m in messages})
-            result = self.pipeline.process(messages)
-            await self._dead_letter(result.dead_letters, keys)
-            reflected = {
-                p: self._reflected_until(p, offset, result.published_until_ms.get(p, 0))
-                for p, offset in result.next_offsets.items()
-            }
-            markers = marker_rows(self.settings.events_topic, result.next_offsets, reflected)
-            await self._write(result.rows + markers)
-            self._written.update(result.next_offsets)
+            keys[(m.partition, m.offset)] = m.key
+        for partition in by_partition:
+            if partition not in self._outputs:
+                await self._take_over(partition)
+        results = {p: self.pipeline.process(msgs) for p, msgs in by_partition.items()}
+        await asyncio.gather(*(self._commit(p, r, keys) for p, r in results.items()))
         stats = self.stats
-        stats.messages += len(messages)
-        stats.counted += result.counted
-        stats.duplicates += result.duplicates
-        stats.replayed += result.replayed
-        stats.dead_letters += len(result.dead_letters)
+        stats.messages += len(events)
         stats.flushes += 1
         stats.last_flush_unix = time.time()
-        for kind, n in result.by_type.items():
-            stats.by_type[kind] = stats.by_type.get(kind, 0) + n
-        for letter in result.dead_letters:
-            reason = letter.rejection.reason
-            stats.dlq_by_reason[reason] = stats.dlq_by_reason.get(reason, 0) + 1
+        for result in results.values():
+            stats.counted += result.counted
+            stats.duplicates += result.duplicates
+            stats.replayed += result.replayed
+            stats.dead_letters += len(result.dead_letters)
+            for kind, n in result.by_type.items():
+                stats.by_type[kind] = stats.by_type.get(kind, 0) + n
+            for letter in result.dead_letters:
+                reason = letter.rejection.reason
+                stats.dlq_by_reason[reason] = stats.dlq_by_reason.get(reason, 0) + 1
 
-    def on_revoked(self, partitions: set[int]) -> None:
-        for partition in partitions:
-            self.pipeline.forget(partition)
-            self._written.pop(partition, None)
-
-    async def heartbeat(self) -> None:
-        """Re-state the markers of caught-up partitions with the time now.
-
-        An idle partition gets no flushes, yet its data is current; without this
-        `meta.updated_at` would age while nothing is behind. Only offsets already
-        written are re-stated, so a heartbeat can never cover uncounted events.
-        """
-        async with self._write_lock:
-            caught_up = {
-                p: offset
-                for p, offset in self._written.items()
-                if self._reflected_until(p, offset, 0) != EPOCH
-            }
-            if not caught_up:
-                return
-            now = datetime.now(UTC)
-            markers = marker_rows(
-                self.settings.events_topic, caught_up, dict.fromkeys(caught_up, now)
+    async def _take_over(self, partition: int) -> None:
+        """Fence the previous owner, then learn where counting resumes."""
+        async with self._resumer.lock:
+            output = PartitionOutput(
+                self.settings.bootstrap,
+                self.settings.consumer_group,
+                self.settings.events_topic,
+                partition,
+                COMPRESSION,
             )
-            await self._write(markers)
-
-    def _reflected_until(self, partition: int, next_offset: int, published_ms: int) -> datetime:
-        """Time up to which this partition's events are counted (for freshness)."""
-        try:
-            highwater = self.app.consumer.highwater(TP(self.settings.events_topic, partition))
-        except Exception:  # consumer not ready, partition not fetched yet
-            highwater = None
-        if highwater is not None and next_offset >= highwater:
-            return datetime.now(UTC)
-        if published_ms:
-            return datetime.fromtimestamp(published_ms / 1000, UTC)
-        return EPOCH
-
-    async def _resume_new_partitions(self, partitions: set[int]) -> None:
-        new = [p for p in partitions if not self.pipeline.knows(p)]
-        if not new:
-            return
-        stored = await self._retry(
-            "read offset markers", self.sink.resume_offsets, self.settings.events_topic
-        )
-        for partition in new:
-            self.pipeline.resume(partition, stored.get(partition, 0))
-            if partition in stored:
-                self._written[partition] = stored[partition]
+            await output.start()
+            committed = await self._resumer.committed(partition)
+            self.pipeline.resume(partition, committed)
+            remembered = await self._resumer.replay(
+                partition,
+                committed,
+                self.settings.dedup_window_s,
+                self.settings.dedup_replay_max_messages,
+                lambda value: self.pipeline.remember(partition, value),
+            )
+            self.stats.remembered += remembered
+            self._outputs[partition] = output
+            self._next_offset[partition] = committed
             log.info(
-                "partition %d resumes counting at offset %d", partition, stored.get(partition, 0)
+                "partition %d: counting resumes at offset %d (%d earlier messages re-read "
+                "for dedup)",
+                partition,
+                committed,
+                remembered,
             )
 
-    async def _dead_letter(
-        self, letters: list[DeadLetter], keys: dict[tuple[int, int], bytes | None]
+    async def _commit(
+        self, partition: int, result: BatchResult, keys: dict[tuple[int, int], bytes | None]
     ) -> None:
-        if not letters:
+        next_offset = result.next_offsets.get(partition)
+        if next_offset is None:  # the whole batch was below the resume offset
             return
-        producer = self.app.producer
-        pending = []
-        for letter in letters:
-            rejection = letter.rejection
-            headers = [
-                ("tally-reason", rejection.reason.encode()),
-                ("tally-detail", rejection.detail[:1000].encode()),
-                ("tally-source-topic", self.settings.events_topic.encode()),
-                ("tally-source-partition", str(letter.partition).encode()),
-                ("tally-source-offset", str(letter.offset).encode()),
-            ]
-            if rejection.index is not None:
-                headers.append(("tally-batch-index", str(rejection.index).encode()))
-            value = rejection.raw
-            if len(value) > DLQ_MAX_VALUE_BYTES:
-                headers.append(("tally-original-bytes", str(len(value)).encode()))
-                value = value[:DLQ_MAX_VALUE_BYTES]
-            pending.append(
-                await producer.send(
-                    self.settings.dlq_topic,
-                    keys.get((letter.partition, letter.offset)),
-                    value,
-                    None,
-                    None,
-                    headers,
-                )
-            )
-        # Acknowledged before the rollup write: a crash in between re-sends them
-        # (a duplicate dead letter), never loses one.
-        await asyncio.gather(*pending)
+        reflected = self._reflected_ms(partition, next_offset, result.published_until_ms)
+        delta = Delta(partition, next_offset, reflected, result.rows)
+        records: list[Record] = [
+            (self.settings.rollups_topic, None, value, partition, []) for value in encode(delta)
+        ]
+        records.extend(self._dead_letter(letter, keys) for letter in result.dead_letters)
+        if await self._transact(partition, records, next_offset):
+            self._next_offset[partition] = next_offset
 
-    async def _write(self, rows: list[list[object]]) -> None:
-        await self._retry("write rollups", self.sink.write, rows)
-
-    async def _retry(self, what: str, fn: Any, *args: Any) -> Any:
+    async def _transact(self, partition: int, records: list[Record], offset: int | None) -> bool:
         attempt = 0
         while True:
+            output = self._outputs.get(partition)
+            if output is None:  # revoked meanwhile: the new owner re-reads it
+                return False
             try:
-                return await asyncio.to_thread(fn, *args)
+                async with output.lock:
+                    await output.commit(records, offset)
+                self.stats.transactions += 1
+                self._last_commit[partition] = time.monotonic()
+                return True
+            except FencedError:
+                log.warning("partition %d was taken over by another worker", partition)
+                self.stats.fenced += 1
+                self._drop(partition)
+                return False
             except Exception as exc:
                 delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
-                log.error("could not %s (%s); retrying in %.1fs, offsets held", what, exc, delay)
+                log.error(
+                    "partition %d: could not commit (%r); retrying in %.1fs, offsets held",
+                    partition,
+                    exc,
+                    delay,
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
 
+    def _dead_letter(self, letter: DeadLetter, keys: dict[tuple[int, int], bytes | None]) -> Record:
+        rejection = letter.rejection
+        headers = [
+            ("tally-reason", rejection.reason.encode()),
+            ("tally-detail", rejection.detail[:1000].encode()),
+            ("tally-source-topic", self.settings.events_topic.encode()),
+            ("tally-source-partition", str(letter.partition).encode()),
+            ("tally-source-offset", str(letter.offset).encode()),
+        ]
+        if rejection.index is not None:
+            headers.append(("tally-batch-index", str(rejection.index).encode()))
+        value = rejection.raw
+        if len(value) > DLQ_MAX_VALUE_BYTES:
+            headers.append(("tally-original-bytes", str(len(value)).encode()))
+            value = value[:DLQ_MAX_VALUE_BYTES]
+        key = keys.get((letter.partition, letter.offset))
+        return (self.settings.dlq_topic, key, value, None, headers)
 
-def build_app(settings: WorkerSettings, store: Store) -> tuple[faust.App, RollupWorker]:
+    async def heartbeat(self) -> None:
+        """Tell the sink that idle, caught-up partitions are current.
+
+        An idle partition commits nothing, yet its data is fresh; without this
+        `meta.updated_at` would age while nothing is behind.
+        """
+        due = time.monotonic() - self.settings.worker_flush_interval_s
+        for partition, output in list(self._outputs.items()):
+            if self._last_commit.get(partition, 0.0) > due or output.lock.locked():
+                continue
+            offset = self._next_offset.get(partition, 0)
+            if not self._caught_up(partition, offset):
+                continue
+            delta = Delta(partition, offset, int(time.time() * 1000), [])
+            records: list[Record] = [
+                (self.settings.rollups_topic, None, value, partition, []) for value in encode(delta)
+            ]
+            await self._transact(partition, records, None)
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self._drop(partition)
+
+    def _drop(self, partition: int) -> None:
+        self.pipeline.forget(partition)
+        self._next_offset.pop(partition, None)
+        output = self._outputs.pop(partition, None)
+        if output is not None:
+            # Stopping may wait on the network; the callback must not.
+            task = asyncio.ensure_future(output.stop())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def _caught_up(self, partition: int, next_offset: int) -> bool:
+        try:
+            highwater = self.app.consumer.highwater(TP(self.settings.events_topic, partition))
+        except Exception:  # consumer not ready, partition not fetched yet
+            return False
+        return highwater is not None and next_offset >= highwater
+
+    def _reflected_ms(self, partition: int, next_offset: int, published: dict[int, int]) -> int:
+        """Time up to which this partition's events are counted (for freshness)."""
+        if self._caught_up(partition, next_offset):
+            return int(time.time() * 1000)
+        return published.get(partition, 0)
+
+    async def stop(self) -> None:
+        for partition in list(self._outputs):
+            output = self._outputs.pop(partition)
+            await output.stop()
+        await self._resumer.stop()
+
+
+def build_app(settings: WorkerSettings) -> tuple[faust.App, RollupWorker]:
+    datadir = settings.data_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{settings.bootstrap}",
         web_enabled=False,
         store="memory://",
+        # faust keeps a small state folder; keep it with Tally's data, not in the cwd.
+        datadir=str(datadir),
         consumer_auto_offset_reset="earliest",
         # The launcher (or the operator) owns topic layout; faust must not
         # re-declare the events topic with its own partition count.
         topic_allow_declare=False,
         topic_disable_leader=True,
-        producer_acks=-1,
         stream_wait_empty=False,
-        broker_commit_interval=1.0,
         consumer_max_fetch_size=8 * 1024 * 1024,
+        # A dead worker's partitions move to the others after this long.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
+        # Offsets are committed inside our transactions, never by faust, so
+        # faust's "nothing committed for a while" alarm would only cry wolf.
+        broker_commit_livelock_soft_timeout=10**9,
     )
-    worker = RollupWorker(settings, store, app)
+    worker = RollupWorker(settings, app)
     topic = app.topic(
         settings.events_topic,
         key_type=bytes,
@@ -244,9 +317,9 @@ def build_app(settings: WorkerSettings, store: Store) -> tuple[faust.App, Rollup
         allow_empty=True,
     )
 
-    @app.agent(topic, name="tally.rollups")
+    @app.agent(topic, name="tally.count")
     async def rollups(stream: Any) -> None:
-        async for events in stream.take_events(
+        async for events in stream.noack_take(
             settings.worker_batch_messages, within=settings.worker_flush_interval_s
         ):
             await worker.handle(events)
@@ -260,5 +333,9 @@ def build_app(settings: WorkerSettings, store: Store) -> tuple[faust.App, Rollup
         await worker.heartbeat()
 
     app.timer(settings.worker_flush_interval_s)(heartbeat)
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await worker.stop()
 
     return app, worker

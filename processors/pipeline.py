@@ -78,6 +78,13 @@ class Pipeline:
         self._resume[partition] = next_offset
         self._dedup[partition] = Deduplicator(self._dedup_window_s, self._dedup_max_keys)
 
+    def remember(self, partition: int, value: bytes | None) -> None:
+        """Feed an already-counted message to dedup only (rebuilding after a takeover)."""
+        events, _ = decode_message(value, self._clock(), self.limits)
+        dedup = self._dedup[partition]
+        for event in events:
+            dedup.first_time(event.source, event.id)
+
     def forget(self, partition: int) -> None:
         """The partition went to another worker; its state is theirs now."""
         self._resume.pop(partition, None)

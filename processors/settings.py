@@ -21,6 +21,12 @@ class WorkerSettings(TallySettings):
     dedup_max_keys: int = Field(
         2_000_000, ge=1_000, description="Keys per partition generation; memory <= 2x this."
     )
+    dedup_replay_max_messages: int = Field(
+        200_000,
+        ge=0,
+        description="On taking over a partition, re-read at most this many earlier messages "
+        "(within the dedup window) to rebuild dedup memory.",
+    )
     max_lateness_s: float = Field(
         35 * 86_400.0, gt=0, description="Events older than this are rejected (too_late)."
     )

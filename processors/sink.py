@@ -1,19 +1,49 @@
-"""Writing rollup deltas and their offset markers to ClickHouse, and reading them back."""
+"""The sink: the one writer of rollups into ClickHouse.
+
+Workers publish rollup deltas to the rollups topic in Kafka transactions; the
+sink reads only committed messages (read_committed) and appends them to
+`rollup_minute`. Each INSERT carries the deltas of a run of messages *and*, per
+rollups partition, the offset after the last of them (an offset marker). One
+INSERT into one unpartitioned MergeTree table is one atomic part, so after any
+crash the markers say exactly which messages are in the store, and the sink
+resumes right after them: every committed delta is applied once.
+
+One sink per database: the embedded store admits one process anyway; with a
+ClickHouse server, run exactly one `tally sink` (or one `tally up`).
+"""
 
 from __future__ import annotations
 
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from processors.deltas import decode
+from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, marker_rows
 from schemas.store import Store
+
+log = logging.getLogger("tally.sink")
 
 TABLE = "rollup_minute"
 
 # One INSERT must stay one part to be atomic: ClickHouse splits a block larger
-# than max_insert_block_size (default 1,048,576 rows). The worker flushes well
+# than max_insert_block_size (default 1,048,576 rows). The sink flushes well
 # below this; the check turns a silent split into a loud error.
 MAX_ROWS_PER_INSERT = 1_000_000
+SINK_ROWS_PER_INSERT = 200_000
+RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+EXIT_UNSAFE = 70
 
 
-class RollupSink:
+class RollupStore:
+    """The rollup table: appending deltas with markers, reading markers back."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
 
@@ -21,14 +51,14 @@ class RollupSink:
         """Append deltas and markers in one INSERT: all of them land, or none."""
         if len(rows) > MAX_ROWS_PER_INSERT:
             raise ValueError(
-                f"{len(rows)} rows in one flush would be split into several parts and lose "
-                f"atomicity; lower TALLY_WORKER_BATCH_MESSAGES (limit {MAX_ROWS_PER_INSERT})"
+                f"{len(rows)} rows in one INSERT would be split into several parts and "
+                f"lose atomicity (limit {MAX_ROWS_PER_INSERT})"
             )
         if rows:
             self.store.insert(TABLE, rows, COLUMNS)
 
     def resume_offsets(self, topic: str) -> dict[int, int]:
-        """Per partition, the next offset of `topic` whose events are not yet counted."""
+        """Per partition of `topic`, the offset after the last one in the store."""
         rows = self.store.query(
             f"SELECT status, max(offset_end) FROM {TABLE} "
             "WHERE account = {account:String} AND type = {kind:String} AND route = {topic:String} "
@@ -36,3 +66,122 @@ class RollupSink:
             {"account": MARKER_ACCOUNT, "kind": MARKER_TYPE, "topic": topic},
         )
         return {int(partition): int(offset) for partition, offset in rows}
+
+
+@dataclass
+class SinkStats:
+    messages: int = 0
+    rows: int = 0
+    inserts: int = 0
+
+
+class Sink:
+    def __init__(self, store: Store, bootstrap: str, rollups_topic: str, events_topic: str) -> None:
+        self.rollups = RollupStore(store)
+        self.rollups_topic = rollups_topic
+        self.events_topic = events_topic
+        self.stats = SinkStats()
+        self._bootstrap = bootstrap
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Apply committed deltas until stop(); anything unexpected ends the process."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("the sink failed; stopping so that nothing is applied twice or skipped")
+            os._exit(EXIT_UNSAFE)
+
+    async def _run(self) -> None:
+        # Created here, inside the running loop (aiokafka binds to it).
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await consumer.start()
+        try:
+            partitions = await self._partitions(consumer)
+            tps = [TopicPartition(self.rollups_topic, p) for p in partitions]
+            consumer.assign(tps)
+            stored = await self._retry(
+                "read offset markers", self.rollups.resume_offsets, self.rollups_topic
+            )
+            for tp in tps:
+                if tp.partition in stored:
+                    consumer.seek(tp, stored[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            log.info("sink applies %s from %s", self.rollups_topic, stored or "the beginning")
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
+                if batches:
+                    await self._apply(batches.items())
+        finally:
+            await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[int]:
+        for _ in range(60):
+            found = consumer.partitions_for_topic(self.rollups_topic)
+            if found:
+                return sorted(found)
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.5)
+        raise RuntimeError(
+            f"topic {self.rollups_topic} does not exist; start a worker (it creates it) "
+            "or create it with as many partitions as the events topic"
+        )
+
+    async def _apply(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
+        rows: list[list[object]] = []
+        applied: dict[int, int] = {}
+        fresh: dict[int, tuple[int, int]] = {}
+        for tp, records in batches:
+            for record in records:
+                delta = decode(record.value)  # type: ignore[attr-defined]
+                rows.extend(delta.rows)
+                applied[tp.partition] = record.offset + 1  # type: ignore[attr-defined]
+                if delta.final:  # earlier chunks of a split delta: not all rows are out yet
+                    seen = fresh.get(delta.partition, (0, 0))
+                    fresh[delta.partition] = (
+                        max(seen[0], delta.next_offset),
+                        max(seen[1], delta.reflected_ms),
+                    )
+                self.stats.messages += 1
+                if len(rows) >= SINK_ROWS_PER_INSERT:
+                    await self._write(rows, applied, fresh)
+                    rows, applied, fresh = [], {}, {}
+        if applied:
+            await self._write(rows, applied, fresh)
+
+    async def _write(
+        self, rows: list[list[object]], applied: dict[int, int], fresh: dict[int, tuple[int, int]]
+    ) -> None:
+        markers = marker_rows(self.rollups_topic, applied, {})
+        # Freshness per events partition, for meta.updated_at (see queries.py).
+        freshness = marker_rows(
+            self.events_topic,
+            {p: offset for p, (offset, _) in fresh.items()},
+            {p: datetime.fromtimestamp(ms / 1000, UTC) for p, (_, ms) in fresh.items()},
+        )
+        await self._retry("write rollups", self.rollups.write, rows + markers + freshness)
+        self.stats.rows += len(rows)
+        self.stats.inserts += 1
+
+    async def _retry(self, what: str, fn: object, *args: object) -> dict[int, int]:
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args)  # type: ignore[arg-type]
+            except Exception as exc:
+                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                log.error("sink could not %s (%s); retrying in %.1fs", what, exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def stop(self) -> None:
+        self._stopping.set()

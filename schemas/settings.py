@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
@@ -39,6 +39,12 @@ class TallySettings(BaseSettings):
         max_length=249,
         description="Dead-letter topic: rejected input with its reason in headers.",
     )
+    rollups_topic: str = Field(
+        "tally.rollups",
+        min_length=1,
+        max_length=249,
+        description="Workers' rollup deltas for the sink (as many partitions as the events topic).",
+    )
     clickhouse_url: str | None = Field(
         None,
         description="chdb:///path (embedded) or http(s)://user:pass@host:8123/db. "
@@ -49,6 +55,12 @@ class TallySettings(BaseSettings):
         "tally",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
         description="Database inside the store; a server URL's path (/db) takes precedence.",
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning",
+        description="Level of the libraries' logs (faust, aiokafka); Tally's own lines are "
+        "always at info.",
     )
 
     @field_validator("clickhouse_url")

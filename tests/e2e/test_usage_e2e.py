@@ -34,9 +34,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from deploy.kafka_local import ensure_topics
-from processors.app import build_app
+from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
-from processors.sink import RollupSink
+from processors.sink import RollupStore
 from producers import events as build
 from producers.gateway import Gateway
 from query_api.accounts import AccountStore
@@ -277,6 +277,7 @@ async def stack(
         kafka_bootstrap=kafka_bootstrap,
         events_topic=f"{unique_name}.events",
         dlq_topic=f"{unique_name}.dlq",
+        rollups_topic=f"{unique_name}.rollups",
         consumer_group=f"{unique_name}-worker",
         clickhouse_url=store_url,
         clickhouse_database=unique_name,
@@ -284,10 +285,8 @@ async def stack(
     await ensure_topics(kafka_bootstrap, {settings.events_topic: 8, settings.dlq_topic: 1})
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
-    app, worker = build_app(settings, store)
-    await app.start()
-    yield settings, store, worker
-    await app.stop()
+    async with running_pipeline(settings, store) as (worker, _):
+        yield settings, store, worker
 
 
 async def _wait_until_consumed(settings: WorkerSettings, store: Store) -> None:
@@ -298,7 +297,7 @@ async def _wait_until_consumed(settings: WorkerSettings, store: Store) -> None:
         ends = {tp.partition: off for tp, off in (await consumer.end_offsets(parts)).items()}
     finally:
         await consumer.stop()
-    sink = RollupSink(store)
+    sink = RollupStore(store)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         done = await asyncio.to_thread(sink.resume_offsets, settings.events_topic)

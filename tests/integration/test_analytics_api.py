@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from processors.rollup import RollupBuilder, marker_rows
-from processors.sink import RollupSink
+from processors.sink import RollupStore
 from producers import events as build
 from query_api.accounts import AccountStore
 from query_api.app import create_app
@@ -215,7 +215,7 @@ async def api(store_url: str) -> AsyncIterator[Api]:
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
     events = _traffic(random.Random(20260105))
-    sink = RollupSink(store)
+    sink = RollupStore(store)
     half = len(events) // 2
     for part in (events[:half], events[half:]):  # the same keys in two parts
         builder = RollupBuilder()

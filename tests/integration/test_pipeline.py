@@ -21,7 +21,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from processors.app import RollupWorker, build_app
+from deploy.kafka_local import ensure_topics
+from deploy.stack import running_pipeline
+from processors.app import RollupWorker
 from processors.settings import WorkerSettings
 from producers import events as build
 from producers.gateway import Gateway
@@ -121,24 +123,26 @@ async def worker(
         kafka_bootstrap=kafka_bootstrap,
         events_topic=f"{unique_name}.events",
         dlq_topic=f"{unique_name}.dlq",
+        rollups_topic=f"{unique_name}.rollups",
         consumer_group=f"{unique_name}-worker",
         clickhouse_url=store_url,
         clickhouse_database=unique_name,
     )
-    from deploy.kafka_local import ensure_topics
-
     await ensure_topics(kafka_bootstrap, {settings.events_topic: 8, settings.dlq_topic: 1})
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
-    app, rollup_worker = build_app(settings, store)
-    await app.start()
-    yield settings, store, rollup_worker
-    await app.stop()
+    async with running_pipeline(settings, store) as (rollup_worker, _):
+        yield settings, store, rollup_worker
 
 
 async def _drain_dlq(bootstrap: str, topic: str, expect: int) -> list[Any]:
+    # Dead letters are written in the workers' transactions: read committed ones only.
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
     )
     await consumer.start()
     got: list[Any] = []

@@ -1,0 +1,100 @@
+"""Rollup deltas on the wire: what workers send to the rollups topic (pure).
+
+A worker folds a batch of one events partition into delta rows and publishes them
+as one or more messages (each under the Kafka record limit) in one transaction,
+together with the consumed offset. The sink applies every committed message once.
+
+Message value (JSON): {"v": 1, "partition": p, "next_offset": n,
+"reflected_ms": t, "rows": [[account, minute_s, type, route, method, model,
+status, stream_id, events, units_micro, latency_ms_sum, bytes_in, bytes_out,
+last_time_ms], ...]}. `reflected_ms` is the time up to which partition p's
+events are counted once this message is applied; a message without rows is a
+heartbeat that only says that. A delta split into several messages marks its
+last one `"final": true`: only then are all of the batch's rows out, so only
+then may the sink say partition p is counted up to `next_offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+VERSION = 1
+# Kafka's default record limit is ~1 MiB; stay well below it with headroom
+# for the envelope and the batch framing.
+MAX_MESSAGE_BYTES = 700_000
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    partition: int
+    next_offset: int
+    reflected_ms: int
+    rows: list[list[Any]]
+    final: bool = True
+
+
+def _wire_row(row: list[Any]) -> list[Any]:
+    # Datetimes become integers: compact, and exact to the millisecond.
+    out = list(row[:13])
+    out[1] = int(row[1].timestamp())
+    out.append(int(row[13].timestamp() * 1000))
+    return out
+
+
+def _store_row(wire: list[Any]) -> list[object]:
+    row: list[object] = list(wire[:13])
+    row[1] = datetime.fromtimestamp(wire[1], UTC)
+    row.append(datetime.fromtimestamp(wire[13] / 1000, UTC))
+    row.append(0)  # offset_end: deltas carry none, markers do
+    return row
+
+
+def encode(delta: Delta, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+    """One delta as messages of at most `max_bytes` each (at least one message)."""
+    head = {
+        "v": VERSION,
+        "partition": delta.partition,
+        "next_offset": delta.next_offset,
+        "reflected_ms": delta.reflected_ms,
+    }
+    encoded_rows = [orjson.dumps(_wire_row(row)) for row in delta.rows]
+    messages: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    budget = max_bytes - 200
+    for row in encoded_rows:
+        if chunk and size + len(row) + 1 > budget:
+            messages.append(_frame(head, chunk, final=False))
+            chunk, size = [], 0
+        chunk.append(row)
+        size += len(row) + 1
+    messages.append(_frame(head, chunk, final=True))
+    return messages
+
+
+def _frame(head: dict[str, int], rows: list[bytes], final: bool) -> bytes:
+    prefix = orjson.dumps({**head, "final": final})[:-1]  # reopen the object for "rows"
+    return prefix + b',"rows":[' + b",".join(rows) + b"]}"
+
+
+def decode(value: bytes) -> Delta:
+    """Parse a delta message; raises ValueError on anything else."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"delta message is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("v") != VERSION:
+        raise ValueError(
+            f"unsupported delta message version {doc.get('v') if isinstance(doc, dict) else doc!r}"
+        )
+    return Delta(
+        int(doc["partition"]),
+        int(doc["next_offset"]),
+        int(doc["reflected_ms"]),
+        [_store_row(row) for row in doc["rows"]],
+        bool(doc.get("final", True)),
+    )
