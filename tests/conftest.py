@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from deploy.kafka_local import LocalKafka, ensure_topics, free_port
+from processors.settings import WorkerSettings
+from schemas.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
@@ -102,3 +104,28 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if explicit:
         return explicit
     return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture
+async def pipeline_settings(
+    kafka_bootstrap: str, store_url: str, unique_name: str
+) -> WorkerSettings:
+    """Worker settings with topics (8 partitions), a group and a database of the test's own."""
+    settings = WorkerSettings(
+        kafka_bootstrap=kafka_bootstrap,
+        events_topic=f"{unique_name}.events",
+        dlq_topic=f"{unique_name}.dlq",
+        rollups_topic=f"{unique_name}.rollups",
+        consumer_group=f"{unique_name}-worker",
+        clickhouse_url=store_url,
+        clickhouse_database=unique_name,
+    )
+    await ensure_topics(kafka_bootstrap, {settings.events_topic: 8, settings.dlq_topic: 1})
+    return settings
+
+
+@pytest.fixture
+def pipeline_store(pipeline_settings: WorkerSettings) -> Store:
+    store = Store(pipeline_settings.store_url, pipeline_settings.store_database)
+    store.migrate()
+    return store

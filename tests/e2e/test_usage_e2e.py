@@ -33,7 +33,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from deploy.kafka_local import ensure_topics
 from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
 from processors.sink import RollupStore
@@ -271,22 +270,10 @@ def _expected(account: Account, events: list[Any], now: datetime) -> dict[str, A
 
 @pytest.fixture
 async def stack(
-    kafka_bootstrap: str, store_url: str, unique_name: str
+    pipeline_settings: WorkerSettings, pipeline_store: Store
 ) -> AsyncIterator[tuple[WorkerSettings, Store, Any]]:
-    settings = WorkerSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        events_topic=f"{unique_name}.events",
-        dlq_topic=f"{unique_name}.dlq",
-        rollups_topic=f"{unique_name}.rollups",
-        consumer_group=f"{unique_name}-worker",
-        clickhouse_url=store_url,
-        clickhouse_database=unique_name,
-    )
-    await ensure_topics(kafka_bootstrap, {settings.events_topic: 8, settings.dlq_topic: 1})
-    store = Store(settings.store_url, settings.store_database)
-    store.migrate()
-    async with running_pipeline(settings, store) as (worker, _):
-        yield settings, store, worker
+    async with running_pipeline(pipeline_settings, pipeline_store) as (worker, _):
+        yield pipeline_settings, pipeline_store, worker
 
 
 async def _wait_until_consumed(settings: WorkerSettings, store: Store) -> None:

@@ -21,7 +21,6 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from deploy.kafka_local import ensure_topics
 from deploy.stack import running_pipeline
 from processors.app import RollupWorker
 from processors.settings import WorkerSettings
@@ -117,22 +116,10 @@ def _junk(now: datetime) -> list[tuple[bytes, str]]:
 
 @pytest.fixture
 async def worker(
-    kafka_bootstrap: str, store_url: str, unique_name: str
+    pipeline_settings: WorkerSettings, pipeline_store: Store
 ) -> AsyncIterator[tuple[WorkerSettings, Store, RollupWorker]]:
-    settings = WorkerSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        events_topic=f"{unique_name}.events",
-        dlq_topic=f"{unique_name}.dlq",
-        rollups_topic=f"{unique_name}.rollups",
-        consumer_group=f"{unique_name}-worker",
-        clickhouse_url=store_url,
-        clickhouse_database=unique_name,
-    )
-    await ensure_topics(kafka_bootstrap, {settings.events_topic: 8, settings.dlq_topic: 1})
-    store = Store(settings.store_url, settings.store_database)
-    store.migrate()
-    async with running_pipeline(settings, store) as (rollup_worker, _):
-        yield settings, store, rollup_worker
+    async with running_pipeline(pipeline_settings, pipeline_store) as (rollup_worker, _):
+        yield pipeline_settings, pipeline_store, rollup_worker
 
 
 async def _drain_dlq(bootstrap: str, topic: str, expect: int) -> list[Any]:
