@@ -22,11 +22,13 @@ import faust
 import mode
 from aiokafka import AIOKafkaConsumer
 from mode import Service
+from prometheus_client import REGISTRY
 
 from deploy.kafka_local import LocalKafka, ensure_topics
 from deploy.serve import ApiService
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
+from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
 from processors.sink import Sink
 from query_api.app import create_app
@@ -270,8 +272,10 @@ def up(settings: StackSettings, demo: bool) -> None:
             print("tally: demo API keys (shown once):", flush=True)
             print("\n".join(demo_keys(store, settings)), flush=True)
         app, worker = build_app(settings)
+        sink = new_sink(settings, store)
+        REGISTRY.register(PipelineCollector(worker, sink))
         services: list[Service] = [
-            SinkService(new_sink(settings, store)),
+            SinkService(sink),
             ApiService(api, settings.api_host, settings.api_port),
             StatusLine(worker),
         ]

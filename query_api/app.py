@@ -10,7 +10,7 @@ from datetime import datetime
 
 from fastapi import FastAPI, Request, Response
 
-from query_api import errors
+from query_api import errors, metrics
 from query_api.accounts import AccountStore
 from query_api.deps import Services, utcnow
 from query_api.plans import load_plans
@@ -87,4 +87,6 @@ def create_app(
     app.include_router(analytics.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    metrics.install(app)
     return app

@@ -143,6 +143,13 @@ def test_contract_clients_work_unchanged_against_the_demo(
         today = usage["data"]["requests"]["today"]
         time.sleep(1)
     assert today > 0, "demo traffic is not being counted"
+    metrics = httpx.get(f"{base}/metrics").text
+    counted = re.search(
+        r'^tally_events_counted_total\{type="tally.request.v1"\} (\S+)$', metrics, re.M
+    )
+    assert counted, "worker metrics missing from /metrics"
+    assert float(counted.group(1)) > 0
+    assert 'tally_api_request_seconds_count{method="GET",route="/api/v1/account/usage"' in metrics
 
     prelude = f"base = {base!r}\nkey = {key!r}\n"
     out = _run([sys.executable], prelude, PYTHON_CLIENT, ".py", tmp_path)

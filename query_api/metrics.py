@@ -1,0 +1,43 @@
+"""GET /metrics (CONTRACT §3): Prometheus text, with the API's request latencies.
+
+The worker's and sink's counters join the same registry when they run in this
+process (`tally up`; see deploy/stack.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
+
+REQUEST_SECONDS = Histogram(
+    "tally_api_request_seconds",
+    "API request latency",
+    ["route", "method", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def install(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def timed(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        # The route template, not the raw path: ids in paths would explode label sets.
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        REQUEST_SECONDS.labels(template, request.method, str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+        return response
