@@ -1,10 +1,10 @@
 """One batch step of the worker: messages in, rollup rows and dead letters out (pure).
 
-Exactly-once rests on one rule: the rollup rows of a batch and the offsets it
-consumed are written in one INSERT (see processors/sink.py). After a restart the
-worker learns, per partition, the next offset not yet counted (`resume`), and a
-message below it is only remembered for deduplication, never counted again.
-Kafka may therefore redeliver anything; the count does not move.
+Exactly-once rests on one rule: a batch's rollup rows and the offsets it consumed
+are committed together (one Kafka transaction, see processors/app.py). When a
+worker takes a partition, it learns the next offset not yet counted (`resume`),
+and a message below it is only remembered for deduplication, never counted
+again. Kafka may therefore redeliver anything; the count does not move.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
--- Per-account, per-minute usage deltas, written by the worker (processors/sink.py).
+-- Per-account, per-minute usage deltas, written by the sink (processors/sink.py).
 --
 -- Engine: AggregatingMergeTree with SimpleAggregateFunction columns. Each flush
 -- appends deltas; background merges fold rows with the same key by summing the
@@ -12,11 +12,12 @@
 -- and names the stream for stream events, so active streams are countable.
 --
 -- No PARTITION BY, on purpose: an INSERT spanning several partitions becomes
--- several parts, and the worker relies on one INSERT being one atomic part. The
+-- several parts, and the sink relies on one INSERT being one atomic part. The
 -- offset markers (reserved account '', type 'kafka.offset', route = topic,
--- status = partition, offset_end = next offset to read, last_time = the time up
--- to which that partition's events are reflected) ride in the same INSERT as
--- the deltas they cover, so deltas and consumed offsets can never disagree.
+-- status = partition, offset_end = next offset) ride in the same INSERT as the
+-- deltas they cover, so deltas and applied offsets can never disagree: for the
+-- rollups topic they say where the sink resumes; for the events topic they say
+-- how far each partition is counted, and last_time up to when (freshness).
 CREATE TABLE IF NOT EXISTS rollup_minute
 (
     account        String,

@@ -222,7 +222,7 @@ async def api(store_url: str) -> AsyncIterator[Api]:
         for event in part:
             builder.add(event)
         sink.write(builder.rows())
-    # Offset markers (reserved account '') ride along, as the worker writes them.
+    # Offset markers (reserved account '') ride along, as the sink writes them.
     sink.write(marker_rows(settings.events_topic, {0: 500, 1: 400}, {0: BASE + SPAN, 1: BASE}))
 
     accounts = AccountStore(store)
