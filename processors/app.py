@@ -34,6 +34,7 @@ from faust.types import TP
 
 from processors.decode import Limits
 from processors.deltas import Delta, encode
+from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.output import FencedError, PartitionOutput, Record
 from processors.pipeline import BatchResult, DeadLetter, Message, Pipeline
 from processors.replay import Resumer
@@ -42,15 +43,11 @@ from producers.gateway import COMPRESSION
 
 log = logging.getLogger("tally.worker")
 
-RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 # A dead letter must fit in one Kafka record (brokers default to ~1 MB). Larger
 # originals (only `oversized` ones can be) keep their first bytes, and the
 # `tally-original-bytes` header says how long they were.
 DLQ_MAX_VALUE_BYTES = 900_000
-
-# Exit code when the worker stops itself rather than risk a wrong count.
-EXIT_UNSAFE = 70
 
 
 @dataclass
@@ -202,7 +199,7 @@ class RollupWorker:
                 self._drop(partition)
                 return False
             except Exception as exc:
-                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                delay = retry_delay(attempt)
                 log.error(
                     "partition %d: could not commit (%r); retrying in %.1fs, offsets held",
                     partition,

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from processors.deltas import decode
+from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, marker_rows
 from schemas.store import Store
 
@@ -37,8 +38,6 @@ TABLE = "rollup_minute"
 # below this; the check turns a silent split into a loud error.
 MAX_ROWS_PER_INSERT = 1_000_000
 SINK_ROWS_PER_INSERT = 200_000
-RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
-EXIT_UNSAFE = 70
 
 
 class RollupStore:
@@ -178,7 +177,7 @@ class Sink:
             try:
                 return await asyncio.to_thread(fn, *args)  # type: ignore[arg-type]
             except Exception as exc:
-                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                delay = retry_delay(attempt)
                 log.error("sink could not %s (%s); retrying in %.1fs", what, exc, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
