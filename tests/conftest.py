@@ -13,8 +13,10 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from deploy.kafka_local import LocalKafka, ensure_topics, free_port
 from processors.settings import WorkerSettings
@@ -129,3 +131,21 @@ def pipeline_store(pipeline_settings: WorkerSettings) -> Store:
     store = Store(pipeline_settings.store_url, pipeline_settings.store_database)
     store.migrate()
     return store
+
+
+async def consume_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
+    """Every record of the topic, read from the beginning up to the current end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=1_000)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()

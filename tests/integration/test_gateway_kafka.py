@@ -7,7 +7,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from producers import events
@@ -16,6 +15,7 @@ from producers.loadgen import run_loadgen, traffic
 from producers.partitioning import partition_for
 from producers.settings import ProducerSettings
 from schemas.events import CONTENT_TYPE_BATCH, CONTENT_TYPE_SINGLE, MESSAGE_ADAPTER
+from tests.conftest import consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -29,24 +29,6 @@ async def create_topic(bootstrap: str, name: str, partitions: int = PARTITIONS) 
         await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
     finally:
         await admin.close()
-
-
-async def consume_all(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> list[Any]:
-    """Every record of the topic, read from the beginning up to the current end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        records: list[Any] = []
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=1_000)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def events_of(record: Any) -> list[dict[str, Any]]:
@@ -83,7 +65,7 @@ async def test_20k_events_arrive_exactly_once_co_partitioned(
     stats = gateway.stats
     assert (stats.events_recorded, stats.events_acked, stats.events_failed) == (20_000, 20_000, 0)
 
-    records = await consume_all(kafka_bootstrap, unique_name)
+    records = await consume_all(kafka_bootstrap, unique_name, PARTITIONS)
     assert len(records) == stats.messages_sent
     assert len(records) < 20_000 / 10, "events should travel in batches"
     seen = check_messages(records)
@@ -105,7 +87,7 @@ async def test_send_single_lands_where_record_does(kafka_bootstrap: str, unique_
         for subject in subjects:
             await gateway.send_single(events.request(subject, "gw-single"))
             await gateway.record(events.request(subject, "gw-batch"))
-    records = await consume_all(kafka_bootstrap, unique_name)
+    records = await consume_all(kafka_bootstrap, unique_name, PARTITIONS)
     where: dict[str, set[int]] = {}
     for record in records:
         for event in events_of(record):
@@ -131,6 +113,6 @@ async def test_loadgen_sends_what_it_reports(kafka_bootstrap: str, unique_name: 
     assert result.requests > result.streams_opened > 0
     # Paced: 3,000 events at 20,000/s cannot take less than ~0.15 s.
     assert result.elapsed_s >= 0.9 * 3_000 / 20_000
-    seen = check_messages(await consume_all(kafka_bootstrap, unique_name))
+    seen = check_messages(await consume_all(kafka_bootstrap, unique_name, PARTITIONS))
     assert sum(seen.values()) == len(seen) == 3_000
     assert {source for source, _ in seen} == {"gw-0", "gw-1", "gw-2"}

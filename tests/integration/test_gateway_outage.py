@@ -19,13 +19,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from deploy.kafka_local import LocalKafka, ensure_topics, free_port
 from producers import events
 from producers.gateway import Gateway
 from producers.partitioning import partition_for
 from producers.settings import ProducerSettings
+from tests.conftest import consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -48,24 +48,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     finally:
         kafka.stop()
         kafka.kill()
-
-
-async def consume_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of the topic, read from the beginning up to the current end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        records: list[Any] = []
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=1_000)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def received(records: list[Any]) -> tuple[Counter[tuple[str, str]], list[dict[str, Any]]]:
@@ -172,7 +154,7 @@ async def test_kafka_down_for_60_s_while_recording_loses_nothing(
     close_s = loop.time() - closing
     stats = gateway.stats
 
-    seen, ordered = received(await consume_all(broker.bootstrap, topic))
+    seen, ordered = received(await consume_all(broker.bootstrap, topic, PARTITIONS))
     expected = {("gw-outage", event_id) for event_id in recorded}
     missing = expected - set(seen)
     duplicates = sum(seen.values()) - len(seen)
@@ -283,7 +265,7 @@ async def test_a_killed_gateway_process_leaves_a_spool_the_next_one_replays(
     assert successor.stats.events_replayed >= report["in_spool"]
     assert not spool_dir.exists(), "an empty spool cleans up after itself"
 
-    seen, _ = received(await consume_all(broker.bootstrap, topic))
+    seen, _ = received(await consume_all(broker.bootstrap, topic, PARTITIONS))
     expected = {("gw-killed", f"k{n}") for n in range(2_500)} | {("gw-successor", "s0")}
     print(
         f"\n--- SIGKILL with a spool: {report['in_spool']} events spooled by the killed "
