@@ -379,7 +379,7 @@ def open_store_backend(api_url: str, api_up: bool) -> StoreBackend:
     detail = ""
     with _native_stderr() as native:
         try:
-            store = Store(store_url, settings.store_database)
+            store = Store(store_url, settings.store_database, settings.clickhouse_cluster or "")
             store.migrate()
         except StoreError as exc:
             store = None

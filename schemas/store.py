@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from schemas.cluster import ClusterDDLError, check_shards, render, valid_cluster
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -56,18 +58,31 @@ class Store:
     loop use `asyncio.to_thread` around these methods.
     """
 
-    def __init__(self, url: str, database: str) -> None:
+    def __init__(self, url: str, database: str, cluster: str = "") -> None:
         if not _IDENT.match(database):
             raise StoreError(
                 f"database name {database!r} is not a plain identifier; "
                 "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)"
             )
+        if not valid_cluster(cluster):
+            raise StoreError(
+                f"cluster name {cluster!r} is not a plain name; use letters, digits, _ and - "
+                "(TALLY_CLICKHOUSE_CLUSTER)"
+            )
+        if cluster and url.startswith("chdb:"):
+            raise StoreError(
+                "TALLY_CLICKHOUSE_CLUSTER needs a ClickHouse server; the embedded store is one "
+                "process. Set TALLY_CLICKHOUSE_URL to http(s)://... or unset the cluster."
+            )
         self.url = url
         self.database = database
+        # '' = one server; otherwise DDL runs ON CLUSTER with replicated engines
+        # (schemas/cluster.py says why there are no Distributed tables).
+        self.cluster = cluster
         self._lock = threading.Lock()
         try:
             admin = _client(url, None)
-            admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            admin.command(render(f"CREATE DATABASE IF NOT EXISTS {database}", cluster))
             self._client = _client(url, database)
         except Exception as exc:
             raise StoreError(
@@ -95,10 +110,15 @@ class Store:
 
     def migrate(self) -> list[int]:
         """Apply pending migrations in order; return the versions applied now."""
+        if self.cluster:
+            self._check_cluster()
         self.command(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
-            "ENGINE = MergeTree ORDER BY version"
+            render(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+                "ENGINE = MergeTree ORDER BY version",
+                self.cluster,
+            )
         )
         done = {row[0] for row in self.query("SELECT version FROM schema_migrations")}
         applied = []
@@ -106,12 +126,35 @@ class Store:
             if migration.version in done:
                 continue
             for statement in migration.statements:
-                self.command(statement)
+                self.command(render(statement, self.cluster))
             self.insert(
                 "schema_migrations", [[migration.version, migration.name]], ["version", "name"]
             )
             applied.append(migration.version)
+        if self.cluster:
+            self._sync_replicas()
         return applied
+
+    def _check_cluster(self) -> None:
+        shards = self.query(
+            "SELECT uniqExact(shard_num) FROM system.clusters WHERE cluster = {c:String}",
+            {"c": self.cluster},
+        )
+        try:
+            check_shards(self.cluster, int(shards[0][0]) if shards else 0)
+        except ClusterDDLError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def _sync_replicas(self) -> None:
+        # A sink resuming on another replica than its predecessor wrote to must
+        # see every part written there first, or it would re-apply deltas whose
+        # offset markers it has not fetched yet; waiting here makes sure it has.
+        tables = self.query(
+            "SELECT table FROM system.replicas WHERE database = {db:String}",
+            {"db": self.database},
+        )
+        for (table,) in tables:
+            self.command(f"SYSTEM SYNC REPLICA {self.database}.`{table}`")
 
     def close(self) -> None:
         with self._lock:
