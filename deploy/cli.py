@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
+from typing import TYPE_CHECKING
 
-from schemas.settings import load
+from deploy.cli_support import emit, guarded, load_service, redact
+from schemas import logs
+
+if TYPE_CHECKING:
+    from processors.settings import WorkerSettings
 
 
 def _up(args: argparse.Namespace) -> int:
     from deploy.settings import StackSettings
     from deploy.stack import up
 
-    up(load(StackSettings), demo=args.demo)
+    up(load_service(StackSettings), demo=args.demo)
     return 0
 
 
@@ -22,8 +26,31 @@ def _worker(args: argparse.Namespace) -> int:
     from deploy.stack import run_worker
     from processors.settings import WorkerSettings
 
-    run_worker(load(WorkerSettings))
+    settings = load_service(WorkerSettings)
+    _status(args, "worker", settings)
+    run_worker(settings)
     return 0
+
+
+def _status(args: argparse.Namespace, command: str, settings: WorkerSettings) -> None:
+    """--json: one status line on stdout as the process starts (logs go to stderr)."""
+    if not args.json:
+        return
+    port = settings.metrics_port
+    emit(
+        {
+            "command": command,
+            "status": "starting",
+            "kafka_bootstrap": settings.bootstrap,
+            "events_topic": settings.events_topic,
+            "rollups_topic": settings.rollups_topic,
+            "consumer_group": settings.consumer_group,
+            "store": redact(settings.store_url) if command == "sink" else None,
+            "metrics_url": f"http://{settings.metrics_host}:{port}/metrics" if port else None,
+        },
+        "",
+        as_json=True,
+    )
 
 
 def _api(args: argparse.Namespace) -> int:
@@ -33,9 +60,14 @@ def _api(args: argparse.Namespace) -> int:
     from query_api.app import create_app
     from query_api.settings import ApiSettings
 
-    settings = load(ApiSettings)
+    settings = load_service(ApiSettings)
     store = open_store(settings)
-    print(f"tally: API http://{settings.api_host}:{settings.api_port} on {settings.store_url}")
+    url = f"http://{settings.api_host}:{settings.api_port}"
+    emit(
+        {"command": "api", "status": "starting", "url": url, "store": redact(settings.store_url)},
+        f"tally: API {url} on {redact(settings.store_url)}",
+        as_json=args.json,
+    )
     uvicorn.run(
         create_app(settings, store),
         host=settings.api_host,
@@ -50,18 +82,34 @@ def _sink(args: argparse.Namespace) -> int:
     from deploy.stack import run_sink
     from processors.settings import WorkerSettings
 
-    run_sink(load(WorkerSettings))
+    settings = load_service(WorkerSettings)
+    _status(args, "sink", settings)
+    run_sink(settings)
     return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from deploy.stack import open_store
     from processors.settings import WorkerSettings
+    from schemas.store import Store, migrations
 
-    settings = load(WorkerSettings)
-    store = open_store(settings)
-    print(f"store {settings.store_url} database {settings.store_database} is up to date")
-    store.close()
+    settings = load_service(WorkerSettings)
+    store = Store(settings.store_url, settings.store_database)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    url = redact(settings.store_url)
+    emit(
+        {
+            "store": url,
+            "database": settings.store_database,
+            "applied": applied,
+            "version": max((m.version for m in migrations()), default=0),
+        },
+        f"store {url} database {settings.store_database} is up to date"
+        + (f" (applied migrations {', '.join(map(str, applied))})" if applied else ""),
+        as_json=args.json,
+    )
     return 0
 
 
@@ -69,7 +117,7 @@ def _loadgen(args: argparse.Namespace) -> int:
     from producers.loadgen import run_loadgen
     from producers.settings import ProducerSettings
 
-    settings = load(ProducerSettings)
+    settings = load_service(ProducerSettings)
     result = asyncio.run(
         run_loadgen(
             settings.bootstrap,
@@ -83,7 +131,21 @@ def _loadgen(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     )
-    print(result)
+    emit(
+        {
+            "events": result.events,
+            "requests": result.requests,
+            "streams_opened": result.streams_opened,
+            "streams_closed": result.streams_closed,
+            "streams_left_open": result.streams_left_open,
+            "elapsed_s": round(result.elapsed_s, 3),
+            "events_per_s": round(result.rate, 1),
+        },
+        f"loadgen: sent {result.events:,} events ({result.requests:,} requests, "
+        f"{result.streams_opened:,} streams opened, {result.streams_closed:,} closed) in "
+        f"{result.elapsed_s:,.1f}s, {result.rate:,.0f} events/s",
+        as_json=args.json,
+    )
     return 0
 
 
@@ -100,17 +162,21 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     worker = sub.add_parser("worker", help="run a processor (consumes tally.events)")
+    worker.add_argument("--json", action="store_true", help="print a JSON status line")
     worker.set_defaults(run=_worker)
 
     sink = sub.add_parser(
         "sink", help="apply the workers' rollup deltas to the store (one per store)"
     )
+    sink.add_argument("--json", action="store_true", help="print a JSON status line")
     sink.set_defaults(run=_sink)
 
     api = sub.add_parser("api", help="run the usage API alone (against a ClickHouse server)")
+    api.add_argument("--json", action="store_true", help="print a JSON status line")
     api.set_defaults(run=_api)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema")
+    migrate.add_argument("--json", action="store_true", help="machine output (JSON)")
     migrate.set_defaults(run=_migrate)
 
     loadgen = sub.add_parser("loadgen", help="simulate gateways publishing traffic")
@@ -121,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
     loadgen.add_argument("--events", type=int, default=None, help="events to send in total")
     loadgen.add_argument("--seed", type=int, default=1, help="random seed (1)")
     loadgen.add_argument("--quiet", action="store_true", help="no progress line")
+    loadgen.add_argument(
+        "--json", action="store_true", help="machine output: the summary as JSON on stdout"
+    )
     loadgen.set_defaults(run=_loadgen)
     from deploy import admin_cli, reconcile_cli
 
@@ -131,11 +200,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("tally").setLevel(logging.INFO)
-    code: int = args.run(args)
+    # Text until a service has read TALLY_LOG_FORMAT (cli_support.load_service).
+    logs.configure("text")
+    code: int = guarded(lambda: args.run(args))
     return code
 
 

@@ -32,6 +32,7 @@ from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
 from processors.sink import Sink
 from query_api.app import create_app
+from schemas import logs
 from schemas.settings import TallySettings
 from schemas.store import Store
 
@@ -39,7 +40,7 @@ log = logging.getLogger("tally.up")
 
 
 def open_store(settings: TallySettings) -> Store:
-    store = Store(settings.store_url, settings.store_database)
+    store = Store(settings.store_url, settings.store_database, settings.clickhouse_cluster or "")
     applied = store.migrate()
     if applied:
         log.info("store migrated to version %d", applied[-1])
@@ -128,7 +129,11 @@ def new_sink(settings: WorkerSettings, store: Store) -> Sink:
 async def ensure_rollups_topic(settings: WorkerSettings) -> None:
     """The rollups topic needs a partition for every events partition (same number)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # or asyncio warns of an unclosed consumer on exit
+        raise
     try:
         partitions = None
         for _ in range(60):
@@ -172,7 +177,14 @@ def run_services(app: faust.App, services: list[Service], settings: TallySetting
     log_tally_lines()
     try:
         faust.Worker(
-            app, *services, loglevel=settings.log_level, quiet=True, redirect_stdouts=False
+            app,
+            *services,
+            loglevel=settings.log_level,
+            quiet=True,
+            redirect_stdouts=False,
+            logging_config=logs.dict_config(settings.log_format, settings.log_level),
+            # faust's start-up spinner writes terminal codes; stdout stays for results.
+            stdout=sys.stderr,
         ).execute_from_commandline()
     except SystemExit as exc:
         if exc.code not in (0, None):
@@ -187,9 +199,7 @@ def log_tally_lines() -> None:
     """
     tally = logging.getLogger("tally")
     if not tally.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        tally.addHandler(handler)
+        tally.addHandler(logs.handler("text"))
         tally.propagate = False
     tally.setLevel(logging.INFO)
 
@@ -197,8 +207,21 @@ def log_tally_lines() -> None:
 def run_worker(settings: WorkerSettings) -> None:
     """`tally worker`: consume events and publish deltas; no store needed."""
     asyncio.run(ensure_rollups_topic(settings))
-    app, _ = build_app(settings)
+    app, worker = build_app(settings)
+    metrics_endpoint(settings, worker, None)
     run_services(app, [], settings)
+
+
+def metrics_endpoint(
+    settings: WorkerSettings, worker: RollupWorker | None, sink: Sink | None
+) -> None:
+    """TALLY_METRICS_PORT: Prometheus metrics of this process on a port of its own."""
+    if settings.metrics_port is None:
+        return
+    from processors.metrics import serve_metrics
+
+    serve_metrics(settings.metrics_port, settings.metrics_host, worker, sink)
+    log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
 
 
 def run_sink(settings: WorkerSettings) -> None:
@@ -207,11 +230,14 @@ def run_sink(settings: WorkerSettings) -> None:
     try:
         asyncio.run(ensure_rollups_topic(settings))
         log_tally_lines()
+        sink = new_sink(settings, store)
+        metrics_endpoint(settings, None, sink)
         mode.Worker(
-            SinkService(new_sink(settings, store)),
+            SinkService(sink),
             loglevel=settings.log_level,
             quiet=True,
             redirect_stdouts=False,
+            logging_config=logs.dict_config(settings.log_format, settings.log_level),
         ).execute_from_commandline()
     except SystemExit as exc:
         if exc.code not in (0, None):

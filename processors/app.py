@@ -39,6 +39,7 @@ from processors.output import FencedError, PartitionOutput, Record
 from processors.pipeline import BatchResult, DeadLetter, Message, Pipeline
 from processors.replay import Resumer
 from processors.settings import WorkerSettings
+from processors.timing import Timings
 from producers.gateway import COMPRESSION
 
 log = logging.getLogger("tally.worker")
@@ -65,6 +66,8 @@ class WorkerStats:
     by_type: dict[str, int] = field(default_factory=dict)
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     last_flush_unix: float = 0.0
+    commit_seconds: Timings = field(default_factory=Timings)
+    """Kafka transaction commit latency, retries included (for metrics)."""
 
 
 class RollupWorker:
@@ -188,8 +191,10 @@ class RollupWorker:
             if output is None:  # revoked meanwhile: the new owner re-reads it
                 return False
             try:
+                started = time.perf_counter()
                 async with output.lock:
                     await output.commit(records, offset)
+                self.stats.commit_seconds.observe(time.perf_counter() - started)
                 self.stats.transactions += 1
                 self._last_commit[partition] = time.monotonic()
                 return True
@@ -272,6 +277,21 @@ class RollupWorker:
         if self._caught_up(partition, next_offset):
             return int(time.time() * 1000)
         return published.get(partition, 0)
+
+    def lag(self) -> dict[int, int]:
+        """Per partition this worker counts: messages in the log not yet committed.
+
+        Read at scrape time from the consumer's last fetched highwater (no request).
+        """
+        lag: dict[int, int] = {}
+        for partition, position in list(self._next_offset.items()):
+            try:
+                highwater = self.app.consumer.highwater(TP(self.settings.events_topic, partition))
+            except Exception:  # consumer not ready, partition not fetched yet
+                continue
+            if highwater is not None:
+                lag[partition] = max(0, highwater - position)
+        return lag
 
     async def stop(self) -> None:
         for partition in list(self._outputs):

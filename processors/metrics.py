@@ -6,13 +6,25 @@ turns them into metrics when Prometheus asks, so metering costs nothing extra.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from http.server import HTTPServer
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from processors.app import RollupWorker
 from processors.sink import Sink
+from processors.timing import Timings
+
+Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+
+
+def _histogram(name: str, documentation: str, timings: Timings) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name, documentation, buckets=timings.cumulative(), sum_value=timings.total_s
+    )
 
 
 class PipelineCollector(Collector):
@@ -20,7 +32,7 @@ class PipelineCollector(Collector):
         self.worker = worker
         self.sink = sink
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[Family]:
         if self.worker is not None:
             stats = self.worker.stats
             by_type = CounterMetricFamily(
@@ -59,6 +71,23 @@ class PipelineCollector(Collector):
                 "Unix time of the last batch",
                 value=stats.last_flush_unix,
             )
+            yield _histogram(
+                "tally_worker_commit_seconds",
+                "Time to commit one partition's Kafka transaction (deltas, DLQ, offset)",
+                stats.commit_seconds,
+            )
+            lag = GaugeMetricFamily(
+                "tally_worker_lag_messages",
+                "Messages in the events log not yet counted, per partition this worker owns",
+                labels=["partition"],
+            )
+            owned = self.worker.lag()
+            for partition, behind in sorted(owned.items()):
+                lag.add_metric([str(partition)], behind)
+            yield lag
+            yield GaugeMetricFamily(
+                "tally_worker_partitions", "Events partitions this worker counts", value=len(owned)
+            )
         if self.sink is not None:
             sink = self.sink.stats
             yield CounterMetricFamily(
@@ -68,3 +97,47 @@ class PipelineCollector(Collector):
             yield CounterMetricFamily(
                 "tally_sink_inserts", "INSERTs into the store", value=sink.inserts
             )
+            yield _histogram(
+                "tally_sink_write_seconds",
+                "Time to apply one batch of deltas to the store (one INSERT)",
+                sink.write_seconds,
+            )
+            yield GaugeMetricFamily(
+                "tally_sink_last_write_timestamp_seconds",
+                "Unix time of the last INSERT",
+                value=sink.last_write_unix,
+            )
+            reflected = GaugeMetricFamily(
+                "tally_sink_reflected_timestamp_seconds",
+                "Time up to which the store reflects each events partition",
+                labels=["partition"],
+            )
+            for partition, ms in sorted(sink.reflected_ms.items()):
+                reflected.add_metric([str(partition)], ms / 1000)
+            yield reflected
+            if sink.reflected_ms:
+                # What meta.updated_at lags by: the stalest partition decides.
+                oldest = min(sink.reflected_ms.values()) / 1000
+                yield GaugeMetricFamily(
+                    "tally_sink_freshness_seconds",
+                    "Seconds the store's data lags behind now (stalest events partition)",
+                    value=max(0.0, time.time() - oldest),
+                )
+
+
+def serve_metrics(
+    port: int, host: str, worker: RollupWorker | None, sink: Sink | None
+) -> tuple[HTTPServer, CollectorRegistry]:
+    """`tally worker` / `tally sink` alone: /metrics on a port of their own.
+
+    A registry of its own, holding the pipeline's counters and the process's
+    default collectors (the API, when in this process, keeps the global one).
+    """
+    from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    registry.register(PipelineCollector(worker, sink))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server, registry

@@ -35,3 +35,13 @@ class WorkerSettings(TallySettings):
     )
     max_message_bytes: int = Field(1_000_000, ge=1_024, description="Larger messages: oversized.")
     max_event_bytes: int = Field(64_000, ge=512, description="Larger events: oversized.")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve Prometheus metrics of `tally worker` / `tally sink` on this port "
+        "(at /metrics). Unset: off (`tally up` and `tally api` serve them at the API's /metrics).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Interface the TALLY_METRICS_PORT endpoint listens on."
+    )

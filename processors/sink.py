@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer
@@ -27,6 +28,7 @@ from aiokafka.structs import TopicPartition
 from processors.deltas import decode
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, marker_rows
+from processors.timing import Timings
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
@@ -72,6 +74,11 @@ class SinkStats:
     messages: int = 0
     rows: int = 0
     inserts: int = 0
+    write_seconds: Timings = field(default_factory=Timings)
+    """Time to apply one batch to the store, retries included (for metrics)."""
+    reflected_ms: dict[int, int] = field(default_factory=dict)
+    """Per events partition, the time up to which the store reflects it."""
+    last_write_unix: float = 0.0
 
 
 class Sink:
@@ -167,7 +174,13 @@ class Sink:
             {p: offset for p, (offset, _) in fresh.items()},
             {p: datetime.fromtimestamp(ms / 1000, UTC) for p, (_, ms) in fresh.items()},
         )
+        started = time.perf_counter()
         await self._retry("write rollups", self.rollups.write, rows + markers + freshness)
+        self.stats.write_seconds.observe(time.perf_counter() - started)
+        self.stats.last_write_unix = time.time()
+        for partition, (_, reflected) in fresh.items():
+            seen = self.stats.reflected_ms.get(partition, 0)
+            self.stats.reflected_ms[partition] = max(seen, reflected)
         self.stats.rows += len(rows)
         self.stats.inserts += 1
 

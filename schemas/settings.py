@@ -56,11 +56,23 @@ class TallySettings(BaseSettings):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
         description="Database inside the store; a server URL's path (/db) takes precedence.",
     )
+    clickhouse_cluster: str | None = Field(
+        None,
+        pattern=r"^([A-Za-z_][A-Za-z0-9_-]{0,63})?$",
+        description="Unset or empty: one ClickHouse server. A cluster name (remote_servers): "
+        "migrations run ON CLUSTER with Replicated*MergeTree tables; one shard, any number of "
+        "replicas (schemas/cluster.py).",
+    )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "warning",
         description="Level of the libraries' logs (faust, aiokafka); Tally's own lines are "
         "always at info.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text`: one readable line per record; `json`: one JSON object per line "
+        "(time, level, logger, message, and the API's request fields) for log shippers.",
     )
 
     @field_validator("clickhouse_url")
