@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -15,7 +16,7 @@ from query_api.accounts import AccountStore
 from query_api.deps import Services, utcnow
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
-from query_api.routes import admin, analytics, health, usage
+from query_api.routes import admin, analytics, dashboard, health, usage
 from query_api.settings import ApiSettings
 from schemas.store import Store
 
@@ -44,6 +45,30 @@ Every error has the body `{"error": {"code", "message", "docs"}}`:
 """ + "\n".join(f"- `{code}`: {text}" for code, text in errors.ERROR_CODES.items())
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+access_log = logging.getLogger("tally.access")
+
+
+def log_access(request: Request, status: int, request_id: str, started: float) -> None:
+    """One line per request; the account, never the key (nor its prefix)."""
+    principal = getattr(request.state, "principal", None)
+    account = None
+    if principal is not None:
+        account = "admin" if principal.admin and principal.account is None else principal.account
+    access_log.info(
+        "%s %s %d",
+        request.method,
+        request.url.path,
+        status,
+        extra={
+            "request_id": request_id,
+            "method": request.method,
+            "path": request.url.path,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "account": account,
+        },
+    )
 
 
 def create_app(
@@ -79,14 +104,21 @@ def create_app(
         incoming = request.headers.get("x-request-id", "")
         rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         request.state.request_id = rid
-        response = await call_next(request)
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            log_access(request, 500, rid, started)
+            raise
         response.headers["X-Request-Id"] = rid
+        log_access(request, response.status_code, rid, started)
         return response
 
     app.include_router(usage.router)
     app.include_router(analytics.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     app.include_router(metrics.router)
     metrics.install(app)
     return app
