@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIBS := .tally/kafka/libs
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 
@@ -13,7 +14,14 @@ help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed browser ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+
+browser: ## Install Debian's headless Chromium when missing (for tests/e2e/test_dashboard.py)
+	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  echo "setup: installing chromium (apt-get) for tests/e2e/test_dashboard.py"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
+	else echo "setup: chromium is missing; run: sudo apt-get install chromium"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,7 +62,13 @@ schema: ## Regenerate schemas/event.schema.json from the pydantic models
 docs: ## Regenerate the README's configuration table from the settings classes
 	$(BIN)/python -m deploy.readme_sync
 
+bench: setup ## Run the benchmark suite (not tests): a table, and benchmarks/results/latest.json
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	  apt-get install -y -qq wrk; else echo "bench: wrk is missing (apt-get install wrk): the API bench needs it"; fi; }
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 clean: ## Remove local data (.tally/data) but keep installed jars and .venv
 	rm -rf .tally/data
 
-.PHONY: help setup run test unit lint fmt schema docs clean
+.PHONY: help setup browser run test unit lint fmt schema docs clean bench
