@@ -213,6 +213,40 @@ class RollupWorker:
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
+                if offset is not None and await self._went_through(output, partition, offset):
+                    self.stats.transactions += 1
+                    self._last_commit[partition] = time.monotonic()
+                    return True
+
+    async def _went_through(self, output: PartitionOutput, partition: int, offset: int) -> bool:
+        """Whether a transaction whose commit raised was committed after all.
+
+        A commit can fail after the coordinator recorded it (the EndTxn reply
+        lost, a broker restart mid-commit): the coordinator then completes it.
+        Sending the same records again would count the batch twice, as the kill
+        tests caught. A fresh producer's InitProducerId waits until the earlier
+        transaction is committed or aborted; only then do the witnesses say which.
+        False (retry the batch) when it was aborted or the answer is unknown yet.
+        """
+        try:
+            async with output.lock:
+                await output.stop()
+                await output.start()
+                async with self._resumer.lock:
+                    committed = await self._resumer.committed(partition)
+        except Exception as exc:
+            log.error("partition %d: could not learn the commit's outcome (%r)", partition, exc)
+            await output.stop()  # the next attempt starts (and fences) afresh
+            return False
+        if committed >= offset:
+            log.warning(
+                "partition %d: the failed commit up to offset %d had gone through; "
+                "not sending it again",
+                partition,
+                offset,
+            )
+            return True
+        return False
 
     def _dead_letter(self, letter: DeadLetter, keys: dict[tuple[int, int], bytes | None]) -> Record:
         rejection = letter.rejection

@@ -175,7 +175,7 @@ class Sink:
             {p: datetime.fromtimestamp(ms / 1000, UTC) for p, (_, ms) in fresh.items()},
         )
         started = time.perf_counter()
-        await self._retry("write rollups", self.rollups.write, rows + markers + freshness)
+        await self._write_once(rows + markers + freshness, applied)
         self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.last_write_unix = time.time()
         for partition, (_, reflected) in fresh.items():
@@ -183,6 +183,32 @@ class Sink:
             self.stats.reflected_ms[partition] = max(seen, reflected)
         self.stats.rows += len(rows)
         self.stats.inserts += 1
+
+    async def _write_once(self, rows: list[list[object]], applied: dict[int, int]) -> None:
+        """Write, retrying failures, without ever writing the same rows twice.
+
+        A failed INSERT may have landed anyway (a server that committed the part
+        but whose reply was lost): the markers written in the same INSERT say
+        whether it did, so a retry first reads them back.
+        """
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self.rollups.write, rows)
+                return
+            except Exception as exc:
+                delay = retry_delay(attempt)
+                log.error("sink could not write rollups (%s); retrying in %.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+            try:
+                stored = await asyncio.to_thread(self.rollups.resume_offsets, self.rollups_topic)
+            except Exception as exc:
+                log.error("sink could not read its offsets back (%s)", exc)
+                continue
+            if all(stored.get(p, 0) >= offset for p, offset in applied.items()):
+                log.warning("sink: the failed write had landed; not writing it again")
+                return
 
     async def _retry(self, what: str, fn: object, *args: object) -> dict[int, int]:
         attempt = 0

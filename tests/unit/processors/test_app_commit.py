@@ -1,0 +1,101 @@
+"""The worker's commit loop when a commit raises: retry, or recognise it went through.
+
+The Kafka side is faked (unit tier): what matters is the decision after a
+failure whose outcome is unknown, which the kill tests caught counting a batch
+twice when it was always "retry".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+
+from processors import app as app_module
+from processors.app import RollupWorker
+from processors.output import FencedError, Record
+from processors.settings import WorkerSettings
+
+
+class FakeOutput:
+    """Commits land in `log`; `lost-reply` raises although the commit landed."""
+
+    def __init__(self, outcomes: list[str]) -> None:
+        self.outcomes = outcomes  # per commit: "ok", "lost-reply" (landed, raised), "abort"
+        self.log: list[int | None] = []
+        self.lock = asyncio.Lock()
+        self.starts = 0
+        self.stops = 0
+
+    async def commit(self, records: Sequence[Record], next_offset: int | None) -> None:
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if outcome == "fenced":
+            raise FencedError("taken")
+        if outcome in ("ok", "lost-reply"):
+            self.log.append(next_offset)
+        if outcome != "ok":
+            raise TimeoutError("no reply to EndTxn")
+
+    async def start(self) -> None:
+        self.starts += 1
+
+    async def stop(self) -> None:
+        self.stops += 1
+
+
+class FakeResumer:
+    def __init__(self, output: FakeOutput, start: int) -> None:
+        self.output = output
+        self.start = start
+        self.lock = asyncio.Lock()
+
+    async def committed(self, partition: int) -> int:
+        landed = [o for o in self.output.log if o is not None]
+        return max([self.start, *landed])
+
+
+def worker_with(output: FakeOutput, start: int) -> RollupWorker:
+    settings = WorkerSettings(events_topic="e", rollups_topic="r", dlq_topic="d")
+    worker = RollupWorker(settings, cast(Any, None))
+    worker._outputs[0] = cast(Any, output)
+    worker._resumer = cast(Any, FakeResumer(output, start))
+    return worker
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_module, "retry_delay", lambda attempt: 0.0)
+
+
+async def test_a_commit_that_landed_despite_the_error_is_not_sent_again() -> None:
+    output = FakeOutput(["lost-reply"])
+    worker = worker_with(output, start=100)
+    assert await worker._transact(0, [], 150)
+    assert output.log == [150]  # once: a blind retry would have made it [150, 150]
+    assert output.starts == 1  # a fresh producer settled the earlier transaction first
+    assert worker.stats.transactions == 1
+
+
+async def test_an_aborted_commit_is_retried_until_it_lands() -> None:
+    output = FakeOutput(["abort", "abort", "ok"])
+    worker = worker_with(output, start=100)
+    assert await worker._transact(0, [], 150)
+    assert output.log == [150]
+    assert worker.stats.transactions == 1
+
+
+async def test_a_heartbeat_without_offset_is_simply_retried() -> None:
+    output = FakeOutput(["abort", "ok"])
+    worker = worker_with(output, start=100)
+    assert await worker._transact(0, [], None)
+    assert output.log == [None]
+
+
+async def test_fencing_drops_the_partition() -> None:
+    output = FakeOutput(["fenced"])
+    worker = worker_with(output, start=100)
+    assert not await worker._transact(0, [], 150)
+    assert 0 not in worker._outputs
+    assert worker.stats.fenced == 1
