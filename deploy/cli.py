@@ -18,7 +18,7 @@ def _up(args: argparse.Namespace) -> int:
     from deploy.settings import StackSettings
     from deploy.stack import up
 
-    up(load_service(StackSettings), demo=args.demo)
+    up(load_service(StackSettings), demo=args.demo, as_json=args.json)
     return 0
 
 
@@ -159,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack on this machine in the foreground")
     up.add_argument("--demo", action="store_true", help="add simulated gateways")
+    up.add_argument(
+        "--json", action="store_true", help="print the addresses (and demo keys) as one JSON line"
+    )
     up.set_defaults(run=_up)
 
     worker = sub.add_parser("worker", help="run a processor (consumes tally.events)")

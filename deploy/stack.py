@@ -12,6 +12,7 @@ next time), then the broker.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from mode import Service
 from prometheus_client import REGISTRY
 
+from deploy.cli_support import redact
 from deploy.kafka_local import LocalKafka, ensure_topics
 from deploy.serve import ApiService
 from deploy.settings import StackSettings
@@ -271,7 +273,12 @@ def demo_account_id(index: int) -> str:
     return f"demo-{index:04d}"
 
 
-def up(settings: StackSettings, demo: bool) -> None:
+def up(settings: StackSettings, demo: bool, as_json: bool = False) -> None:
+    """`tally up`: broker (unless one is named), worker, sink and API in this process.
+
+    With `as_json` the banner is one JSON line on stdout (keys included), for
+    scripts that start a stack and need its addresses.
+    """
     with kafka_for(settings) as bootstrap:
         asyncio.run(
             ensure_topics(
@@ -285,18 +292,35 @@ def up(settings: StackSettings, demo: bool) -> None:
         )
         # The worker and the demo gateways talk to the broker we just made sure of.
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        print(f"tally: Kafka bootstrap {bootstrap}  (topic {settings.events_topic})", flush=True)
-        print(f"tally: store {settings.store_url} database {settings.store_database}", flush=True)
-        print("tally: press Ctrl-C to stop", flush=True)
         store = open_store(settings)
         api = create_app(settings, store)
-        print(
-            f"tally: API http://{settings.api_host}:{settings.api_port}  (OpenAPI at /docs)",
-            flush=True,
-        )
-        if demo:
-            print("tally: demo API keys (shown once):", flush=True)
-            print("\n".join(demo_keys(store, settings)), flush=True)
+        keys = demo_keys(store, settings) if demo else []
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        if as_json:
+            banner = {
+                "command": "up",
+                "status": "starting",
+                "api_url": api_url,
+                "docs_url": f"{api_url}/docs",
+                "kafka_bootstrap": bootstrap,
+                "events_topic": settings.events_topic,
+                "store": redact(settings.store_url),
+                "database": settings.store_database,
+                "demo_keys": keys,
+            }
+            print(json.dumps(banner), flush=True)
+        else:
+            topic = settings.events_topic
+            print(f"tally: Kafka bootstrap {bootstrap}  (topic {topic})", flush=True)
+            print(
+                f"tally: store {redact(settings.store_url)} database {settings.store_database}",
+                flush=True,
+            )
+            print("tally: press Ctrl-C to stop", flush=True)
+            print(f"tally: API {api_url}  (OpenAPI at /docs)", flush=True)
+            if demo:
+                print("tally: demo API keys (shown once):", flush=True)
+                print("\n".join(keys), flush=True)
         app, worker = build_app(settings)
         sink = new_sink(settings, store)
         REGISTRY.register(PipelineCollector(worker, sink))

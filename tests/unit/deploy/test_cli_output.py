@@ -209,3 +209,36 @@ def test_bugs_keep_their_traceback() -> None:
     with pytest.raises(KeyError):
         cli_support.guarded(broken)
     assert cli_support.explain(ValueError("x")) is None
+
+
+def test_up_json_is_one_line_with_addresses_and_demo_keys(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import contextlib
+
+    from deploy import stack
+
+    @contextlib.contextmanager
+    def kafka_for(settings: Any) -> Iterator[str]:
+        yield "kafka-1:9092"
+
+    async def ensure_topics(bootstrap: str, topics: Any) -> None:
+        return None
+
+    ran: list[Any] = []
+    monkeypatch.setattr(stack, "kafka_for", kafka_for)
+    monkeypatch.setattr(stack, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(stack, "open_store", lambda settings: FakeStore("u", "d"))
+    monkeypatch.setattr(stack, "create_app", lambda settings, store: None)
+    monkeypatch.setattr(stack, "demo_keys", lambda store, settings: ["tk_a", "tk_b"])
+    monkeypatch.setattr(stack, "build_app", lambda settings: (None, None))
+    monkeypatch.setattr(stack, "new_sink", lambda settings, store: None)
+    monkeypatch.setattr(stack.REGISTRY, "register", lambda collector: None)
+    monkeypatch.setattr(stack, "run_services", lambda app, services, settings: ran.append(1))
+    assert cli.main(["up", "--demo", "--json"]) == 0
+    doc = _json(capsys.readouterr().out)
+    assert doc["command"] == "up"
+    assert doc["api_url"] == "http://127.0.0.1:8000"
+    assert doc["kafka_bootstrap"] == "kafka-1:9092"
+    assert doc["demo_keys"] == ["tk_a", "tk_b"]
+    assert ran == [1]
