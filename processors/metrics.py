@@ -97,6 +97,11 @@ class PipelineCollector(Collector):
             yield CounterMetricFamily(
                 "tally_sink_inserts", "INSERTs into the store", value=sink.inserts
             )
+            yield CounterMetricFamily(
+                "tally_sink_duplicate_deltas",
+                "Deltas skipped: their events were already counted (alert if above 0)",
+                value=sink.duplicate_deltas,
+            )
             yield _histogram(
                 "tally_sink_write_seconds",
                 "Time to apply one batch of deltas to the store (one INSERT)",

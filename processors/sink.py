@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from processors.deltas import decode
+from processors.deltas import Delta, decode
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, marker_rows
 from processors.timing import Timings
@@ -74,6 +74,8 @@ class SinkStats:
     messages: int = 0
     rows: int = 0
     inserts: int = 0
+    duplicate_deltas: int = 0
+    """Deltas skipped because the store already counted their events (must stay 0)."""
     write_seconds: Timings = field(default_factory=Timings)
     """Time to apply one batch to the store, retries included (for metrics)."""
     reflected_ms: dict[int, int] = field(default_factory=dict)
@@ -89,6 +91,8 @@ class Sink:
         self.stats = SinkStats()
         self._bootstrap = bootstrap
         self._stopping = asyncio.Event()
+        # Per events partition, the offset up to which its events are in the store.
+        self._counted: dict[int, int] = {}
 
     async def run(self) -> None:
         """Apply committed deltas until stop(); anything unexpected ends the process."""
@@ -123,6 +127,9 @@ class Sink:
                 else:
                     await consumer.seek_to_beginning(tp)
             log.info("sink applies %s from %s", self.rollups_topic, stored or "the beginning")
+            self._counted = await self._retry(
+                "read offset markers", self.rollups.resume_offsets, self.events_topic
+            )
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
                 if batches:
@@ -149,7 +156,10 @@ class Sink:
         for tp, records in batches:
             for record in records:
                 delta = decode(record.value)  # type: ignore[attr-defined]
-                rows.extend(delta.rows)
+                if delta.rows and delta.next_offset <= self._counted.get(delta.partition, -1):
+                    self._skip(delta)
+                else:
+                    rows.extend(delta.rows)
                 applied[tp.partition] = record.offset + 1  # type: ignore[attr-defined]
                 if delta.final:  # earlier chunks of a split delta: not all rows are out yet
                     seen = fresh.get(delta.partition, (0, 0))
@@ -157,12 +167,30 @@ class Sink:
                         max(seen[0], delta.next_offset),
                         max(seen[1], delta.reflected_ms),
                     )
+                    counted = self._counted.get(delta.partition, -1)
+                    self._counted[delta.partition] = max(counted, delta.next_offset)
                 self.stats.messages += 1
                 if len(rows) >= SINK_ROWS_PER_INSERT:
                     await self._write(rows, applied, fresh)
                     rows, applied, fresh = [], {}, {}
         if applied:
             await self._write(rows, applied, fresh)
+
+    def _skip(self, delta: Delta) -> None:
+        """A delta for events the store already counted: a second commit of a batch.
+
+        Workers never commit a batch twice by design (see docs/exactly-once.md);
+        this guard keeps a lapse of that design from becoming an overcharge.
+        Offsets only grow per events partition, so a delta ending at or below
+        the counted offset holds nothing new.
+        """
+        self.stats.duplicate_deltas += 1
+        log.error(
+            "sink: skipped a delta for events partition %d ending at offset %d, which the "
+            "store already counts (a batch committed twice upstream)",
+            delta.partition,
+            delta.next_offset,
+        )
 
     async def _write(
         self, rows: list[list[object]], applied: dict[int, int], fresh: dict[int, tuple[int, int]]

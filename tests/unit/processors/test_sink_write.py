@@ -50,3 +50,59 @@ async def test_each_batch_lands_exactly_once(outcomes: list[str], inserts: int) 
     await sink._write_once([["row"]], {0: 10, 3: 7})
     assert len(rollups.inserts) == inserts
     assert rollups.offsets == {0: 10, 3: 7}
+
+
+class Record:
+    def __init__(self, offset: int, value: bytes) -> None:
+        self.offset, self.value = offset, value
+
+
+def _row(account: str, events: int) -> list[object]:
+    from datetime import UTC, datetime
+
+    minute = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    return [
+        account,
+        minute,
+        "tally.request.v1",
+        "/r",
+        "GET",
+        "",
+        200,
+        "",
+        events,
+        0,
+        0.0,
+        0,
+        0,
+        minute,
+    ]
+
+
+async def test_a_batch_committed_twice_upstream_is_applied_once() -> None:
+    from aiokafka.structs import TopicPartition
+
+    from processors.deltas import Delta, encode
+
+    written: list[list[object]] = []
+
+    class Rollups:
+        def write(self, rows: list[list[object]]) -> None:
+            written.extend(r for r in rows if r[0] != "")  # data rows, not markers
+
+        def resume_offsets(self, topic: str) -> dict[int, int]:
+            return {}
+
+    sink = sink_with(cast(Any, Rollups()))
+    sink._counted = {3: 100}  # events partition 3 counted up to offset 100 (from the store)
+    first = encode(Delta(3, 150, 0, [_row("a", 2)]))  # offsets 100..149
+    again = encode(Delta(3, 150, 0, [_row("a", 2)]))  # the same batch, committed twice
+    old = encode(Delta(3, 90, 0, [_row("b", 5)]))  # below what the store already had
+    heartbeat = encode(Delta(3, 150, 0, []))  # no rows: freshness only, never skipped
+    later = encode(Delta(3, 170, 0, [_row("a", 1)]))
+    values = [*first, *again, *old, *heartbeat, *later]
+    records = [Record(i, v) for i, v in enumerate(values)]
+    await sink._apply([(TopicPartition("r", 3), records)])
+    assert [r[8] for r in written] == [2, 1]
+    assert sink.stats.duplicate_deltas == 2
+    assert sink._counted == {3: 170}
