@@ -50,6 +50,16 @@ def history_start(now: datetime, history: timedelta, anchor_day: int) -> datetim
     return min(now - history, billing_period(now, anchor_day).start)
 
 
+def history_start_any_anchor(now: datetime, history: timedelta) -> datetime:
+    """`history_start` for whichever billing anchor the account has: the earliest.
+
+    Lets the account and its rollups be read in one statement, before the anchor
+    is known. Reading further back changes no answer: windows are placed from the
+    newest certain boundary, and totals only sum minutes inside their window.
+    """
+    return min(history_start(now, history, day) for day in range(1, 32))
+
+
 def compute(rows: Sequence[MinuteRow], plan: Plan, anchor_day: int, now: datetime) -> AccountUsage:
     activity = [minute for minute, requests, _ in rows if requests > 0]
     session = _window(plan.session_anchor, timedelta(minutes=plan.session_minutes), activity, now)

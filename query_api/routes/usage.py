@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 
 from processors.windows import format_time, period_end_inclusive, used_percentage
 from query_api import queries
+from query_api.accounts import Account
 from query_api.deps import AccountCallerDep, ServicesDep
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.models import (
@@ -23,7 +24,13 @@ from query_api.models import (
     WindowUsageOut,
 )
 from query_api.plans import Plan
-from query_api.usage import AccountUsage, WindowUse, compute, history_start
+from query_api.usage import (
+    AccountUsage,
+    WindowUse,
+    compute,
+    history_start,
+    history_start_any_anchor,
+)
 
 router = APIRouter(tags=["usage"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -50,8 +57,7 @@ own limit, whose X-RateLimit-* headers come only with a 429."""
 AHEAD = timedelta(minutes=6)
 
 
-async def _usage(svc: ServicesDep, account_id: str, now: datetime) -> tuple[AccountUsage, Plan]:
-    account = await asyncio.to_thread(svc.accounts.get, account_id)
+def _plan_of(svc: ServicesDep, account_id: str, account: Account | None) -> Plan:
     if account is None:
         # The key outlived its account: treat as an unknown key, not a server fault.
         raise ApiError(401, "unauthorized", "Invalid or missing API key")
@@ -60,11 +66,21 @@ async def _usage(svc: ServicesDep, account_id: str, now: datetime) -> tuple[Acco
         raise ApiError(
             500, "internal_error", f"account {account_id} has unknown plan {account.plan!r}"
         )
-    since = history_start(
+    return plan
+
+
+def _since(svc: ServicesDep, account: Account, now: datetime) -> datetime:
+    return history_start(
         now, timedelta(days=svc.settings.window_history_days), account.billing_anchor_day
     )
+
+
+async def _usage(svc: ServicesDep, account_id: str, now: datetime) -> tuple[AccountUsage, Plan]:
+    account = await asyncio.to_thread(svc.accounts.get, account_id)
+    plan = _plan_of(svc, account_id, account)
+    assert account is not None
     rows = await asyncio.to_thread(
-        queries.account_minutes, svc.store, account_id, since, now + AHEAD
+        queries.account_minutes, svc.store, account_id, _since(svc, account, now), now + AHEAD
     )
     return compute(rows, plan, account.billing_anchor_day, now), plan
 
@@ -103,16 +119,22 @@ async def account_usage_v1(
 ) -> UsageV1Out:
     assert caller.account is not None
     now = svc.now()
-    (usage, plan), active, reflected = await asyncio.gather(
-        _usage(svc, caller.account, now),
-        asyncio.to_thread(
-            queries.active_streams,
-            svc.store,
-            caller.account,
-            now - timedelta(seconds=svc.settings.stream_idle_timeout_s),
-        ),
-        asyncio.to_thread(queries.reflected_until, svc.store, svc.settings.events_topic),
+    # Every read in one statement and one thread hop: each has a fixed cost that
+    # dwarfs these point reads (queries.usage_reads, benchmarks/api.py).
+    reads = await asyncio.to_thread(
+        queries.usage_reads,
+        svc.store,
+        caller.account,
+        history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days)),
+        now + AHEAD,
+        now - timedelta(seconds=svc.settings.stream_idle_timeout_s),
+        svc.settings.events_topic,
     )
+    account = Account(caller.account, *reads.account) if reads.account else None
+    plan = _plan_of(svc, caller.account, account)
+    assert account is not None
+    usage = compute(reads.minutes, plan, account.billing_anchor_day, now)
+    active, reflected = reads.active_streams, reads.reflected_until
     remaining = max(0, plan.per_minute - usage.this_minute)
     updated = min(reflected, now) if reflected else datetime.fromtimestamp(0, UTC)
     response.headers["X-RateLimit-Limit"] = str(plan.per_minute)
