@@ -28,22 +28,34 @@ class Deduplicator:
         self.window_s = window_s
         self.max_keys = max_keys
         self._clock = clock
-        self._current: set[tuple[str, str]] = set()
-        self._previous: set[tuple[str, str]] = set()
+        # Ids grouped by source, not (source, id) tuples: a partition sees few
+        # sources, so each key costs its id string and a set slot (~120 bytes for
+        # a UUID) instead of also a tuple and its own copy of the source (~230).
+        # Exact, unlike a hash of the pair: a collision would drop a real event.
+        self._current: dict[str, set[str]] = {}
+        self._previous: dict[str, set[str]] = {}
+        self._current_keys = 0
+        self._previous_keys = 0
         self._opened = clock()
 
     def first_time(self, source: str, event_id: str) -> bool:
         """Remember the key; True when it was not seen within the window."""
-        # A tuple, not a joined string: any separator could occur inside source or id.
-        key = (source, event_id)
-        if key in self._current or key in self._previous:
+        current = self._current.get(source)
+        if current is not None and event_id in current:
             return False
-        if len(self._current) >= self.max_keys or self._clock() - self._opened >= self.window_s:
-            self._previous = self._current
-            self._current = set()
+        previous = self._previous.get(source)
+        if previous is not None and event_id in previous:
+            return False
+        if self._current_keys >= self.max_keys or self._clock() - self._opened >= self.window_s:
+            self._previous, self._previous_keys = self._current, self._current_keys
+            self._current, self._current_keys = {}, 0
             self._opened = self._clock()
-        self._current.add(key)
+            current = None
+        if current is None:
+            current = self._current[source] = set()
+        current.add(event_id)
+        self._current_keys += 1
         return True
 
     def __len__(self) -> int:
-        return len(self._current) + len(self._previous)
+        return self._current_keys + self._previous_keys

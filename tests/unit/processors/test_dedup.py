@@ -52,3 +52,19 @@ def test_separator_inside_ids_cannot_collide() -> None:
 def test_rejects_nonsense_bounds() -> None:
     with pytest.raises(ValueError, match="positive"):
         Deduplicator(window_s=0, max_keys=1)
+
+
+def test_keys_of_several_sources_rotate_together() -> None:
+    dedup = Deduplicator(window_s=3600, max_keys=3, clock=Clock())
+    assert dedup.first_time("gw-a", "1")
+    assert dedup.first_time("gw-b", "1")
+    assert dedup.first_time("gw-a", "2")
+    assert len(dedup) == 3
+    assert dedup.first_time("gw-c", "9")  # full: rotates, the three above are now previous
+    assert not dedup.first_time("gw-b", "1")
+    assert not dedup.first_time("gw-a", "2")
+    assert dedup.first_time("gw-c", "1")
+    assert dedup.first_time("gw-c", "2")
+    assert dedup.first_time("gw-d", "1")  # rotates again: gw-a and gw-b are forgotten
+    assert dedup.first_time("gw-b", "1")
+    assert len(dedup) <= 6
