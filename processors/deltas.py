@@ -45,14 +45,6 @@ def _wire_row(row: list[Any]) -> list[Any]:
     return out
 
 
-def _store_row(wire: list[Any]) -> list[object]:
-    row: list[object] = list(wire[:13])
-    row[1] = datetime.fromtimestamp(wire[1], UTC)
-    row.append(datetime.fromtimestamp(wire[13] / 1000, UTC))
-    row.append(0)  # offset_end: deltas carry none, markers do
-    return row
-
-
 def encode(delta: Delta, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
     """One delta as messages of at most `max_bytes` each (at least one message)."""
     head = {
@@ -91,10 +83,26 @@ def decode(value: bytes) -> Delta:
         raise ValueError(
             f"unsupported delta message version {doc.get('v') if isinstance(doc, dict) else doc!r}"
         )
+    # The sink decodes every row of every delta: one datetime per distinct minute
+    # (a delta holds few), and no per-row helper call.
+    minutes: dict[Any, datetime] = {}
+    rows: list[list[object]] = []
+    append = rows.append
+    fromtimestamp = datetime.fromtimestamp
+    for wire in doc["rows"]:
+        row: list[object] = wire[:13]
+        minute = wire[1]
+        at = minutes.get(minute)
+        if at is None:
+            at = minutes[minute] = fromtimestamp(minute, UTC)
+        row[1] = at
+        row.append(fromtimestamp(wire[13] / 1000, UTC))
+        row.append(0)  # offset_end: deltas carry none, markers do
+        append(row)
     return Delta(
         int(doc["partition"]),
         int(doc["next_offset"]),
         int(doc["reflected_ms"]),
-        [_store_row(row) for row in doc["rows"]],
+        rows,
         bool(doc.get("final", True)),
     )

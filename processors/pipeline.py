@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from processors.decode import Limits, Rejection, decode_message
+from processors.decode import Limits, Rejection, decode_flat, decode_message
 from processors.dedup import Deduplicator
 from processors.rollup import RollupBuilder
 
@@ -96,31 +96,39 @@ class Pipeline:
     def process(self, messages: Iterable[Message]) -> BatchResult:
         now = self._clock()
         builder = RollupBuilder()
+        add = builder.add_flat
+        limits = self.limits
         result = BatchResult(rows=[], dead_letters=[], next_offsets={})
+        resume, dedups = self._resume, self._dedup
+        next_offsets, published = result.next_offsets, result.published_until_ms
+        by_type: dict[str, int] = {}
+        counted = duplicates = 0
         for message in messages:
             partition = message.partition
-            if partition not in self._resume:
+            if partition not in resume:
                 raise RuntimeError(f"partition {partition} was not resumed before processing")
-            dedup = self._dedup[partition]
-            events, rejections = decode_message(message.value, now, self.limits)
-            if message.offset < self._resume[partition]:
+            first_time = dedups[partition].first_time
+            events, rejections = decode_flat(message.value, now, limits)
+            if message.offset < resume[partition]:
                 result.replayed += 1
                 for event in events:
-                    dedup.first_time(event.source, event.id)
+                    first_time(event[0], event[1])
                 continue
             for rejection in rejections:
                 result.dead_letters.append(DeadLetter(rejection, partition, message.offset))
             for event in events:
-                if dedup.first_time(event.source, event.id):
-                    builder.add(event)
-                    result.counted += 1
-                    result.by_type[event.type] = result.by_type.get(event.type, 0) + 1
+                if first_time(event[0], event[1]):
+                    add(event)
+                    counted += 1
+                    kind = event[2]
+                    by_type[kind] = by_type.get(kind, 0) + 1
                 else:
-                    result.duplicates += 1
-            result.next_offsets[partition] = message.offset + 1
-            result.published_until_ms[partition] = max(
-                message.timestamp_ms, result.published_until_ms.get(partition, 0)
-            )
-            self._resume[partition] = message.offset + 1
+                    duplicates += 1
+            next_offsets[partition] = resume[partition] = message.offset + 1
+            if message.timestamp_ms > published.get(partition, 0):
+                published[partition] = message.timestamp_ms
+            else:
+                published.setdefault(partition, 0)
+        result.counted, result.duplicates, result.by_type = counted, duplicates, by_type
         result.rows = builder.rows()
         return result

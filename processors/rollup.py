@@ -8,11 +8,11 @@ ClickHouse. `last_time` is the latest event time folded into the row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from processors.decode import AnyEvent
-from schemas.events import RequestEvent, StreamClosedEvent
+from processors.decode import AnyEvent, Flat, flatten
+from schemas.events import RequestEvent
 
 COLUMNS = (
     "account",
@@ -44,16 +44,6 @@ def to_micro(units: float) -> int:
     return round(units * 1_000_000)
 
 
-@dataclass(slots=True)
-class Totals:
-    last_time: datetime
-    events: int = 0
-    units_micro: int = 0
-    latency_ms_sum: float = 0.0
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
 def key_of(event: AnyEvent) -> RollupKey:
     minute = int(event.time.timestamp()) // 60 * 60
     if isinstance(event, RequestEvent):
@@ -77,58 +67,84 @@ class RollupBuilder:
     """Accumulates deltas between two flushes."""
 
     def __init__(self) -> None:
-        self._totals: dict[RollupKey, Totals] = {}
+        # key -> [last_time, events, units_micro, latency_ms_sum, bytes_in, bytes_out];
+        # a list, not a dataclass: this is touched once per event on the hot path.
+        self._totals: dict[RollupKey, list[Any]] = {}
 
     def add(self, event: AnyEvent) -> None:
-        key = key_of(event)
+        self.add_flat(flatten(event))
+
+    def add_flat(self, event: Flat) -> None:
+        """Fold one valid event given as `processors.decode.Flat` values."""
+        time = event[4]
+        key = (
+            event[3],
+            int(time.timestamp()) // 60 * 60,
+            event[2],
+            event[5],
+            event[6],
+            event[7],
+            event[8],
+            event[9],
+        )
         totals = self._totals.get(key)
         if totals is None:
-            totals = self._totals[key] = Totals(last_time=event.time)
-        elif event.time > totals.last_time:
-            totals.last_time = event.time
-        totals.events += 1
-        if isinstance(event, RequestEvent):
-            data = event.data
-            totals.units_micro += to_micro(data.units)
-            totals.latency_ms_sum += data.latency_ms or 0.0
-            totals.bytes_in += data.bytes_in or 0
-            totals.bytes_out += data.bytes_out or 0
-        elif isinstance(event, StreamClosedEvent):
-            totals.units_micro += to_micro(event.data.units)
+            self._totals[key] = [
+                time,
+                1,
+                round(event[10] * 1_000_000),
+                0.0 + event[11],
+                event[12],
+                event[13],
+            ]
+            return
+        if time > totals[0]:
+            totals[0] = time
+        totals[1] += 1
+        totals[2] += round(event[10] * 1_000_000)
+        totals[3] += event[11]
+        totals[4] += event[12]
+        totals[5] += event[13]
 
     def __len__(self) -> int:
         return len(self._totals)
 
     def rows(self) -> list[list[object]]:
-        return [
-            [
-                account,
-                datetime.fromtimestamp(minute, UTC),
-                kind,
-                route,
-                method,
-                model,
-                status,
-                stream_id,
-                t.events,
-                t.units_micro,
-                t.latency_ms_sum,
-                t.bytes_in,
-                t.bytes_out,
-                t.last_time,
-                0,
-            ]
-            for (
-                account,
-                minute,
-                kind,
-                route,
-                method,
-                model,
-                status,
-                stream_id,
-            ), t in self._totals.items()
-        ]
+        minutes: dict[int, datetime] = {}
+        rows: list[list[object]] = []
+        for (
+            account,
+            minute,
+            kind,
+            route,
+            method,
+            model,
+            status,
+            stream_id,
+        ), t in self._totals.items():
+            at = minutes.get(minute)
+            if at is None:
+                at = minutes[minute] = datetime.fromtimestamp(minute, UTC)
+            rows.append(
+                [
+                    account,
+                    at,
+                    kind,
+                    route,
+                    method,
+                    model,
+                    status,
+                    stream_id,
+                    t[1],
+                    t[2],
+                    t[3],
+                    t[4],
+                    t[5],
+                    t[0],
+                    0,
+                ]
+            )
+        return rows
 
 
 def marker_rows(
