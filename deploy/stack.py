@@ -30,6 +30,7 @@ from deploy.kafka_local import LocalKafka, ensure_topics
 from deploy.serve import ApiService
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
+from processors.gc_tuning import tune_gc
 from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
 from processors.sink import Sink
@@ -211,6 +212,7 @@ def run_worker(settings: WorkerSettings) -> None:
     asyncio.run(ensure_rollups_topic(settings))
     app, worker = build_app(settings)
     metrics_endpoint(settings, worker, None)
+    tune_gc()
     run_services(app, [], settings)
 
 
@@ -234,6 +236,7 @@ def run_sink(settings: WorkerSettings) -> None:
         log_tally_lines()
         sink = new_sink(settings, store)
         metrics_endpoint(settings, None, sink)
+        tune_gc()
         mode.Worker(
             SinkService(sink),
             loglevel=settings.log_level,
@@ -332,6 +335,7 @@ def up(settings: StackSettings, demo: bool, as_json: bool = False) -> None:
         if demo:
             services.append(DemoGateways(settings))
         try:
+            tune_gc()
             run_services(app, services, settings)
         finally:
             store.close()
