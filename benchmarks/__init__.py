@@ -1,0 +1,1 @@
+"""Tally's benchmark suite (`make bench`): measurements, not tests; see benchmarks/run.py."""

@@ -1,0 +1,151 @@
+"""Child processes for the service benchmarks (api, freshness, memory).
+
+Every service under test runs as its own process, as in production: the
+benchmark process only drives load and measures. Children get a fresh
+environment (no TALLY_* inherited from the caller, so a developer's settings
+cannot leak into a figure), die with the benchmark (PDEATHSIG), run in a
+session of their own, and are stopped by their own process-group id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra)
+    return env
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """`python -m module args` with this interpreter (the venv's)."""
+    return [sys.executable, "-m", module, *args]
+
+
+def _arm_pdeathsig() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+class Child:
+    """One child process, its output in `log`; `stop()` is idempotent."""
+
+    def __init__(
+        self, name: str, args: Sequence[str], env: Mapping[str, str], log: pathlib.Path
+    ) -> None:
+        self.name = name
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = log.open("ab")
+        self.proc = subprocess.Popen(
+            list(args),
+            env=dict(env),
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_arm_pdeathsig(),
+        )
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check(self) -> None:
+        """Raise with the log's tail if the child has died."""
+        if not self.alive():
+            raise RuntimeError(
+                f"{self.name} (pid {self.pid}) exited with {self.proc.returncode}; "
+                f"its log {self.log} ends with:\n{tail(self.log)}"
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        # Whatever the child started in its own session goes too (by its group id).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._out.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(
+    name: str, args: Sequence[str], env: Mapping[str, str], log: pathlib.Path
+) -> Iterator[Child]:
+    child = Child(name, args, env, log)
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def tail(path: pathlib.Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_http(url: str, child: Child, timeout: float = 120.0, status: int = 200) -> None:
+    """Wait until `url` answers `status` (the child must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        child.check()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == status:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise TimeoutError(
+        f"{child.name} did not answer {url} with {status} within {timeout:.0f}s ({last}); "
+        f"its log {child.log} ends with:\n{tail(child.log)}"
+    )
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a live process in MiB, from /proc/<pid>/status."""
+    found: dict[str, float] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024  # kB
+    return found["VmRSS"], found["VmHWM"]

@@ -1,0 +1,328 @@
+"""API benchmark: `GET /api/v1/account/usage` under wrk, against a bare FastAPI endpoint.
+
+Setup (not timed): a store with N accounts (100k at scale 1.0), one key each and a
+week of per-minute rollups per account, written in bulk straight through the store
+classes in a child process (the embedded store admits one process per data path,
+and the caller may hold another). Then:
+
+- `tally api` (the real app factory, real uvicorn settings) as its own process,
+  loaded by `wrk` (a separate process) whose Lua script rotates over every
+  account's key, so each request authenticates and reads a different account;
+- the same uvicorn settings serving a bare FastAPI JSON endpoint: the ceiling
+  of the web stack alone on this machine (api_baseline_rps).
+
+Figures: api_rps, api_p99_ms, api_p50_ms, api_baseline_rps, api_baseline_p99_ms,
+api_errors (non-2xx answers and socket errors under load; must be 0).
+
+`python -m benchmarks.api --scale 0.05 --profile` runs it standalone against a
+local broker-free setup and, with --profile, records the API under load with
+py-spy (top functions printed, flame graph in the workdir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from benchmarks._procs import child_env, python_module, running, wait_http
+
+FULL_ACCOUNTS = 100_000
+MIN_ACCOUNTS = 2_000
+ROWS_PER_ACCOUNT = 12
+"""Rollup minutes per account this week: a light but realistic history."""
+CONNECTIONS = 16
+"""Concurrent connections wrk keeps open (closed loop). With one API process,
+latency is about CONNECTIONS / rate; 16 keeps a 2,000 rps API under 10 ms mean."""
+WRK_THREADS = 1
+FULL_DURATION_S = 30.0
+MIN_DURATION_S = 8.0
+WARMUP_S = 3.0
+EVENTS_TOPIC = "tally.events"
+PARTITIONS = 8
+
+USAGE_PATH = "/api/v1/account/usage"
+BASELINE_PATH = "/bare"
+
+_WRK_SCRIPT = """
+local keys = {}
+local i = 0
+function init(args)
+  for line in io.lines(args[1]) do keys[#keys + 1] = line end
+  math.randomseed(os.time() + (tonumber(args[2]) or 0))
+  i = math.random(#keys)
+end
+function request()
+  i = i % #keys + 1
+  return wrk.format("GET", wrk.path, {["X-API-Key"] = keys[i]})
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "status_errors": %d, ' ..
+    '"socket_errors": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n',
+    summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+# -- seeding (runs in a child process: it opens the store) ----------------------------
+
+
+def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> None:
+    from processors.rollup import COLUMNS, marker_rows
+    from query_api.keys import hash_key, new_key
+    from schemas.events import REQUEST, STREAM_OPENED
+    from schemas.store import Store
+
+    store = Store(url, database)
+    store.migrate()
+    rng = random.Random(5)
+    now = datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week_start = today - timedelta(days=today.weekday())
+    span_min = max(1, int((now - week_start).total_seconds() // 60))
+    plans = ("free", "pro", "max")
+    ids = [f"bench-{i:07d}" for i in range(accounts)]
+    store.insert(
+        "accounts",
+        [[a, plans[i % 3], 1, now, now, 1] for i, a in enumerate(ids)],
+        ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
+    )
+    keys: list[str] = []
+    key_rows: list[list[object]] = []
+    for a in ids:
+        key, prefix = new_key()
+        keys.append(key)
+        key_rows.append([prefix, hash_key(key), a, False, now, None, 1])
+    store.insert(
+        "api_keys",
+        key_rows,
+        ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
+    )
+    batch: list[list[object]] = []
+    for i, a in enumerate(ids):
+        for _ in range(ROWS_PER_ACCOUNT):
+            minute = week_start + timedelta(minutes=rng.randrange(span_min))
+            events = rng.randint(1, 40)
+            batch.append(
+                [a, minute, REQUEST, "/v1/messages", "POST", "small-1", 200, "", events,
+                 events * 1_000_000, 120.0 * events, 300 * events, 900 * events, minute, 0]
+            )  # fmt: skip
+        if i % 10 == 0:  # some accounts have a stream open right now
+            batch.append(
+                [a, now.replace(second=0, microsecond=0), STREAM_OPENED, "/v1/messages", "", "",
+                 0, f"s-{i}", 1, 0, 0.0, 0, 0, now, 0]
+            )  # fmt: skip
+        if len(batch) >= 200_000:
+            store.insert("rollup_minute", batch, COLUMNS)
+            batch = []
+    # Freshness markers, as the sink writes them: every partition counted up to now.
+    partitions = range(PARTITIONS)
+    batch.extend(
+        marker_rows(EVENTS_TOPIC, dict.fromkeys(partitions, 1), dict.fromkeys(partitions, now))
+    )
+    store.insert("rollup_minute", batch, COLUMNS)
+    # A long-running deployment has its parts merged; a freshly bulk-loaded one
+    # would make every FINAL read pay for dozens of parts the benchmark created.
+    for table in ("accounts", "api_keys", "rollup_minute"):
+        store.command(f"OPTIMIZE TABLE {table} FINAL")
+    store.close()
+    keys_file.write_text("\n".join(keys) + "\n", encoding="ascii")
+
+
+# -- the bare endpoint (the web stack's ceiling) -------------------------------------
+
+
+def serve_baseline(host: str, port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    body = {
+        "data": {
+            "requests": {"today": 342, "this_week": 2105, "this_month": 14523},
+            "streams": {"active": 2, "max": 10},
+        },
+        "meta": {"updated_at": "2026-02-08T14:50:00.123Z"},
+    }
+
+    @app.get(BASELINE_PATH)
+    async def bare() -> dict[str, Any]:
+        return body
+
+    # Exactly the uvicorn call of `tally api` (deploy/cli.py).
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+# -- driving the load -----------------------------------------------------------------
+
+
+def wrk(
+    url: str, keys_file: pathlib.Path, duration_s: float, workdir: pathlib.Path
+) -> dict[str, float]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError(
+            "wrk is not installed: `apt-get install -y wrk` (Debian), or run `make bench` as root"
+        )
+    script = workdir / "rotate_keys.lua"
+    script.write_text(_WRK_SCRIPT, encoding="ascii")
+    args = [
+        "wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s",
+        "--timeout", "5s", "-s", str(script), url, "--", str(keys_file), "0",
+    ]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration_s + 60, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            found: dict[str, float] = json.loads(line[len("WRKJSON ") :])
+            return found
+    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+def _figures(prefix: str, result: dict[str, float]) -> dict[str, float]:
+    seconds = result["duration_us"] / 1e6
+    return {
+        f"{prefix}_rps": round(result["requests"] / seconds, 1),
+        f"{prefix}_p50_ms": round(result["p50_us"] / 1000, 2),
+        f"{prefix}_p99_ms": round(result["p99_us"] / 1000, 2),
+        f"{prefix}_errors": float(result["status_errors"] + result["socket_errors"]),
+    }
+
+
+def _durations(scale: float) -> float:
+    return max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))
+
+
+def run(
+    bootstrap: str, workdir: pathlib.Path, scale: float, profile_s: float = 0.0
+) -> dict[str, float]:
+    """The API needs no Kafka: `bootstrap` is unused (the shared bench signature)."""
+    del bootstrap
+    from deploy.kafka_local import free_port
+
+    workdir = pathlib.Path(workdir) / "api"
+    workdir.mkdir(parents=True, exist_ok=True)
+    accounts = max(MIN_ACCOUNTS, int(FULL_ACCOUNTS * scale))
+    url = f"chdb://{(workdir / 'clickhouse').resolve()}"
+    keys_file = workdir / "keys.txt"
+    started = time.monotonic()
+    subprocess.run(
+        python_module(
+            "benchmarks.api", "seed", "--url", url, "--database", "tally",
+            "--accounts", str(accounts), "--keys", str(keys_file),
+        ),
+        env=child_env({}), check=True, timeout=1800,
+    )  # fmt: skip
+    seeded_s = time.monotonic() - started
+    duration = _durations(scale)
+    figures: dict[str, float] = {"api_accounts": float(accounts), "api_seed_s": round(seeded_s, 1)}
+
+    port = free_port()
+    env = child_env(
+        {
+            "TALLY_CLICKHOUSE_URL": url,
+            "TALLY_CLICKHOUSE_DATABASE": "tally",
+            "TALLY_API_PORT": str(port),
+            "TALLY_DATA_DIR": str(workdir / "data"),
+        }
+    )
+    with running("tally api", python_module("deploy.cli", "api"), env, workdir / "api.log") as api:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/healthz", api)
+        wrk(f"{base}{USAGE_PATH}", keys_file, WARMUP_S, workdir)
+        api.check()
+        if profile_s > 0:
+            _profile(api.pid, f"{base}{USAGE_PATH}", keys_file, profile_s, workdir)
+        figures.update(_figures("api", wrk(f"{base}{USAGE_PATH}", keys_file, duration, workdir)))
+        api.check()
+
+    port = free_port()
+    args = python_module("benchmarks.api", "serve-baseline", "--port", str(port))
+    with running("bare FastAPI", args, child_env({}), workdir / "baseline.log") as bare:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}{BASELINE_PATH}", bare)
+        wrk(f"{base}{BASELINE_PATH}", keys_file, WARMUP_S, workdir)
+        found = _figures(
+            "api_baseline", wrk(f"{base}{BASELINE_PATH}", keys_file, duration, workdir)
+        )
+        bare.check()
+    figures.update(found)
+    figures["api_vs_baseline"] = round(figures["api_rps"] / figures["api_baseline_rps"], 3)
+    return figures
+
+
+def _profile(
+    pid: int, url: str, keys_file: pathlib.Path, seconds: float, workdir: pathlib.Path
+) -> None:
+    """py-spy on the API while wrk loads it: a flame graph and the top frames."""
+    spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).parent / "py-spy")
+    raw = workdir / "api-profile.txt"
+    recorder = subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
+         "--format", "raw", "-o", str(raw), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wrk(url, keys_file, seconds + 2, workdir)
+    finally:
+        recorder.wait(timeout=60)
+    print(summarize_profile(raw))
+
+
+def summarize_profile(raw: pathlib.Path, top: int = 25) -> str:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = [
+            f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].rstrip(")") for f in stack.split(";")
+        ]
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    lines = [f"{total} samples; by own time:"]
+    lines += [f"  {n / total:6.1%}  {f}" for f, n in own.most_common(top)]
+    lines.append("by inclusive time:")
+    lines += [f"  {n / total:6.1%}  {f}" for f, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.api")
+    sub = parser.add_subparsers(dest="command")
+    s = sub.add_parser("seed")
+    s.add_argument("--url", required=True)
+    s.add_argument("--database", required=True)
+    s.add_argument("--accounts", type=int, required=True)
+    s.add_argument("--keys", type=pathlib.Path, required=True)
+    b = sub.add_parser("serve-baseline")
+    b.add_argument("--port", type=int, required=True)
+    parser.add_argument("--scale", type=float, default=0.05)
+    parser.add_argument("--profile", type=float, default=0.0, help="py-spy seconds under load")
+    args = parser.parse_args()
+    if args.command == "seed":
+        seed(args.url, args.database, args.accounts, args.keys)
+    elif args.command == "serve-baseline":
+        serve_baseline("127.0.0.1", args.port)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tally-bench-api-") as tmp:
+            print(json.dumps(run("", pathlib.Path(tmp), args.scale, args.profile), indent=2))
+
+
+if __name__ == "__main__":
+    main()

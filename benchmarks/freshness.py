@@ -1,0 +1,338 @@
+"""Freshness benchmark: event time at the gateway -> visible in /api/v1/account/usage.
+
+The real pipeline runs as `tally up` (worker, sink and API in one process, as
+shipped; the embedded store admits one process) against the bench broker, with
+topics, group and data dir of its own. Background gateway processes publish
+steady traffic, 50,000 events/s in all, through `producers.gateway.Gateway` over
+50k accounts (scale shortens the 60 s, never the rate). Meanwhile, every
+PROBE_INTERVAL_S, a probe event for a fresh probe account (created through the
+admin API) is recorded through a Gateway of its own, its CloudEvents `time` taken
+at that instant; the probe's account is then polled until `requests.today`
+counts it. The delay is the answer's arrival minus the event time (polls every
+POLL_S, so it overstates by at most one poll).
+
+Figures: freshness_p50_s, freshness_p99_s, freshness_max_s, freshness_probes,
+freshness_lost (probes never seen within PROBE_TIMEOUT_S; counted as that delay),
+freshness_load_events_per_s (achieved background rate), freshness_counted_events_per_s
+(the pipeline's counting rate meanwhile: below the load rate it falls behind, and the
+delay then grows with the run's length, whatever the settings).
+What governs the delay (defaults in brackets):
+TALLY_PRODUCER_LINGER_MS [20] at the gateway, TALLY_WORKER_FLUSH_INTERVAL_S [1.0]
+and TALLY_WORKER_BATCH_MESSAGES [2000] in the worker, then one Kafka transaction,
+the sink's read_committed fetch and INSERT, and the API's read.
+`python -m benchmarks.freshness --set TALLY_WORKER_FLUSH_INTERVAL_S=0.2` tries a value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import pathlib
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from benchmarks._procs import Child, child_env, python_module, running, tail, wait_http
+
+RATE = 50_000.0
+FULL_DURATION_S = 60.0
+MIN_DURATION_S = 15.0
+WARMUP_S = 5.0
+"""Load runs this long before the first probe, so probes see the steady state."""
+LOAD_ACCOUNTS = 50_000
+"""Within the gateway's subject-hash cache (65,536), as a gateway's hot set would be."""
+LOAD_PROCESSES = 3
+"""Background gateway processes sharing RATE: one Python process tops out below 50k/s
+on a small machine (event encoding, murmur2), and a lagging load would flatter the
+figure. The achieved total rate is reported."""
+PROBE_INTERVAL_S = 0.5
+POLL_S = 0.02
+PROBE_TIMEOUT_S = 30.0
+PARTITIONS = 8
+
+
+# -- the background gateway (its own process: its CPU must not delay the probes) ------
+
+
+async def background_load(
+    bootstrap: str, topic: str, rate: float, duration_s: float, accounts: int
+) -> dict[str, float]:
+    """Publish request events through one Gateway at `rate` for `duration_s`."""
+    from producers.gateway import Gateway
+    from schemas.events import RequestData, RequestEvent
+
+    # Validated once: every event shares these data, and building a validated
+    # model per event would cap one Python process well below 50k/s; the
+    # gateway's batching, partitioning and delivery are what is exercised.
+    data = RequestData(units=1.0, route="/v1/messages", method="POST", status=200, model="small-1")
+    subjects = [f"load-{i:06d}" for i in range(accounts)]
+    run = uuid.uuid4().hex[:10]
+    sent = 0
+    loop = asyncio.get_running_loop()
+    chunk = 250
+    async with Gateway(bootstrap, topic, client_id="bench-load", spool=False) as gateway:
+        start = loop.time()
+        while True:
+            now = datetime.now(UTC)
+            for _ in range(chunk):
+                await gateway.record(
+                    RequestEvent.model_construct(
+                        specversion="1.0",
+                        type="tally.request.v1",
+                        id=f"{run}-{sent}",
+                        source="bench-load",
+                        subject=subjects[sent % accounts],
+                        time=now,
+                        datacontenttype=None,
+                        data=data,
+                    )
+                )
+                sent += 1
+            elapsed = loop.time() - start
+            if elapsed >= duration_s:
+                break
+            ahead = sent / rate - elapsed
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await gateway.flush()
+        elapsed = loop.time() - start
+    return {"events": float(sent), "seconds": elapsed, "rate": sent / elapsed}
+
+
+# -- probes ----------------------------------------------------------------------------
+
+
+async def _probe(
+    gateway: Any,
+    client: Any,
+    polling: asyncio.Semaphore,
+    account: str,
+    key: str,
+    delays: list[float],
+    lost: list[str],
+) -> None:
+    import httpx
+
+    from producers import events
+
+    sent_at = datetime.now(UTC)
+    await gateway.record(events.request(account, "bench-probe", time=sent_at))
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            # One poll in flight across all probes: polls must not load the API
+            # (which shares its process with the worker and the sink) themselves.
+            async with polling:
+                response = await client.get("/api/v1/account/usage", headers={"X-API-Key": key})
+        except httpx.HTTPError:  # an overloaded API answering late: poll again
+            continue
+        if response.status_code == 200 and response.json()["data"]["requests"]["today"] >= 1:
+            delays.append((datetime.now(UTC) - sent_at).total_seconds())
+            return
+        await asyncio.sleep(POLL_S)
+    lost.append(account)
+
+
+async def _probe_accounts(base: str, admin_key: str, probes: int) -> dict[str, str]:
+    """Probe accounts and their keys, made before the load starts (through the admin API)."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    keys: dict[str, str] = {}
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        for i in range(probes):
+            account = f"probe-{uuid.uuid4().hex[:8]}-{i}"
+            made = await client.post(
+                "/api/v1/admin/accounts", json={"id": account, "plan": "max"}, headers=admin
+            )
+            made.raise_for_status()
+            keys[account] = made.json()["data"]["api_key"]
+    return keys
+
+
+async def _measure(
+    bootstrap: str, topic: str, base: str, keys: dict[str, str], up: Child
+) -> tuple[list[float], list[str]]:
+    import httpx
+
+    from producers.gateway import Gateway
+
+    delays: list[float] = []
+    lost: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+    polling = asyncio.Semaphore(1)
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+        Gateway(bootstrap, topic, client_id="bench-probe", spool=False) as gateway,
+    ):
+        start = time.monotonic()
+        for n, (account, key) in enumerate(keys.items()):
+            wait = start + n * PROBE_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            up.check()
+            tasks.append(
+                asyncio.create_task(_probe(gateway, client, polling, account, key, delays, lost))
+            )
+        await asyncio.gather(*tasks)
+    return delays, lost
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    # Nearest rank: with few probes p99 is the worst but one, never interpolated down.
+    rank = max(1, round(q * len(ordered) + 0.5)) if len(ordered) > 1 else 1
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def run(
+    bootstrap: str,
+    workdir: pathlib.Path,
+    scale: float,
+    overrides: Mapping[str, str] | None = None,
+    rate: float = RATE,
+) -> dict[str, float]:
+    """`overrides`: TALLY_* settings for `tally up`; `rate` below RATE separates the
+    pipeline's own latency from a shortage of CPU (development only)."""
+    from deploy.kafka_local import free_port
+
+    workdir = pathlib.Path(workdir) / "freshness"
+    workdir.mkdir(parents=True, exist_ok=True)
+    duration = max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))
+    probes = int(duration / PROBE_INTERVAL_S)
+    name = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+    topic = f"{name}.events"
+    port = free_port()
+    admin_key = secrets.token_urlsafe(32)
+    settings = {
+        "TALLY_KAFKA_BOOTSTRAP": bootstrap,
+        "TALLY_DATA_DIR": str(workdir / "data"),
+        "TALLY_EVENTS_TOPIC": topic,
+        "TALLY_ROLLUPS_TOPIC": f"{name}.rollups",
+        "TALLY_DLQ_TOPIC": f"{name}.dlq",
+        "TALLY_CONSUMER_GROUP": name,
+        "TALLY_EVENTS_PARTITIONS": str(PARTITIONS),
+        "TALLY_API_PORT": str(port),
+        "TALLY_ADMIN_KEY": admin_key,
+        # Probes poll their own keys 50 times a second; the API's own per-key
+        # limit (50/s by default) would answer some of them 429.
+        "TALLY_API_RATE_PER_S": "100000",
+        "TALLY_API_RATE_BURST": "100000",
+        **(overrides or {}),
+    }
+    base = f"http://127.0.0.1:{port}"
+    with running(
+        "tally up", python_module("deploy.cli", "up"), child_env(settings), workdir / "up.log"
+    ) as up:
+        wait_http(f"{base}/healthz", up)
+        keys = asyncio.run(_probe_accounts(base, admin_key, probes))
+        load_args = python_module(
+            "benchmarks.freshness", "load", "--bootstrap", bootstrap, "--topic", topic,
+            "--rate", str(rate / LOAD_PROCESSES),
+            "--duration", str(duration + WARMUP_S + PROBE_TIMEOUT_S / 3),
+            "--accounts", str(LOAD_ACCOUNTS),
+        )  # fmt: skip
+        logs = [workdir / f"load-{i}.log" for i in range(LOAD_PROCESSES)]
+        with contextlib.ExitStack() as stack:
+            loads = [
+                stack.enter_context(running(f"gateway {i}", load_args, child_env({}), log))
+                for i, log in enumerate(logs)
+            ]
+            time.sleep(WARMUP_S)
+            for load in loads:
+                load.check()
+            counted_from = (time.monotonic(), _counted(workdir / "up.log"))
+            delays, lost = asyncio.run(_measure(bootstrap, topic, base, keys, up))
+            counted_to = (time.monotonic(), _counted(workdir / "up.log"))
+            codes = [load.proc.wait(timeout=duration + PROBE_TIMEOUT_S + 60) for load in loads]
+        rates = [_load_rate(log) for log in logs]
+        for code, found, log in zip(codes, rates, logs, strict=True):
+            if code != 0 or found is None:
+                raise RuntimeError(f"a background gateway failed:\n{tail(log)}")
+        rate = sum(r for r in rates if r is not None)
+        up.check()
+    # A probe never seen counts as PROBE_TIMEOUT_S: a lower bound, never flattering.
+    every = delays + [PROBE_TIMEOUT_S] * len(lost)
+    return {
+        "freshness_p50_s": round(statistics.median(every), 3),
+        "freshness_p99_s": round(_quantile(every, 0.99), 3),
+        "freshness_max_s": round(max(every), 3),
+        "freshness_probes": float(len(every)),
+        "freshness_lost": float(len(lost)),
+        "freshness_load_events_per_s": round(rate, 0),
+        # From `tally up`'s status line (every 5 s): below the load rate, the
+        # pipeline falls behind and the delay grows with the run's length.
+        "freshness_counted_events_per_s": round(
+            (counted_to[1] - counted_from[1]) / (counted_to[0] - counted_from[0]), 0
+        ),
+    }
+
+
+def _counted(log: pathlib.Path) -> int:
+    """The events `tally up` last reported counted (0 before its first status line)."""
+    found = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("tally: counted "):
+            found = int(line.split()[2].replace(",", ""))
+    return found
+
+
+def _load_rate(log: pathlib.Path) -> float | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("LOADJSON "):
+            found: float = json.loads(line[len("LOADJSON ") :])["rate"]
+            return found
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.freshness")
+    sub = parser.add_subparsers(dest="command")
+    load = sub.add_parser("load", help="(internal) the background gateway")
+    load.add_argument("--bootstrap", required=True)
+    load.add_argument("--topic", required=True)
+    load.add_argument("--rate", type=float, required=True)
+    load.add_argument("--duration", type=float, required=True)
+    load.add_argument("--accounts", type=int, required=True)
+    parser.add_argument("--bootstrap", help="a running broker (default: start a local one)")
+    parser.add_argument("--scale", type=float, default=0.25)
+    parser.add_argument("--set", action="append", default=[], help="TALLY_X=value for tally up")
+    parser.add_argument("--rate", type=float, default=RATE, help="background events/s")
+    parser.add_argument("--workdir", type=pathlib.Path, help="keep logs here (default: temp)")
+    args = parser.parse_args()
+    if args.command == "load":
+        result = asyncio.run(
+            background_load(args.bootstrap, args.topic, args.rate, args.duration, args.accounts)
+        )
+        print("LOADJSON " + json.dumps(result), flush=True)
+        return
+    overrides = dict(item.split("=", 1) for item in args.set)
+    with tempfile.TemporaryDirectory(prefix="tally-bench-fresh-") as tmp:
+        workdir = args.workdir or pathlib.Path(tmp)
+        if args.bootstrap:
+            figures = run(args.bootstrap, workdir, args.scale, overrides, args.rate)
+            print(json.dumps(figures, indent=2))
+            return
+        from benchmarks._procs import REPO_ROOT
+        from deploy.kafka_local import LocalKafka, free_port
+
+        broker = LocalKafka(pathlib.Path(tmp), REPO_ROOT / ".tally/kafka/libs", port=free_port())
+        broker.start()
+        try:
+            figures = run(broker.bootstrap, workdir, args.scale, overrides, args.rate)
+        finally:
+            broker.stop()
+        print(json.dumps(figures, indent=2))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

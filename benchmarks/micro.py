@@ -1,0 +1,89 @@
+"""CPU cost of the worker's pure hot path, per event and per rollup row (no Kafka, no store).
+
+    .venv/bin/python -m benchmarks.micro [--events 200000]
+
+Process CPU time (not wall time), best of three, so figures stay comparable on a
+loaded machine; the before/after numbers in benchmarks/NOTES.md come from here.
+Uses the bench dataset's generator and batch shape (200 events per message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from benchmarks.dataset import BATCH_EVENTS, PARTITIONS, _Generator
+from processors.decode import Limits, decode_flat, decode_message
+from processors.deltas import Delta, decode, encode
+from processors.pipeline import Message, Pipeline
+
+
+def best(fn: Callable[[], object], repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.process_time()
+        fn()
+        times.append(time.process_time() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    args = parser.parse_args()
+    n = args.events
+    gen = _Generator(5, args.accounts, datetime.now(UTC) - timedelta(seconds=60), 60.0, n)
+    by_partition: list[list[bytes]] = [[] for _ in range(PARTITIONS)]
+    for _ in range(n):
+        _, p, doc = gen.next()
+        by_partition[p].append(orjson.dumps(doc))
+    messages: list[Message] = []
+    for p, docs in enumerate(by_partition):
+        for i in range(0, len(docs), BATCH_EVENTS):
+            value = b"[" + b",".join(docs[i : i + BATCH_EVENTS]) + b"]"
+            messages.append(Message(p, i // BATCH_EVENTS, value, 0))
+    now = datetime.now(UTC)
+    limits = Limits()
+
+    def loads() -> None:
+        for m in messages:
+            orjson.loads(m.value or b"")
+
+    def decoding() -> None:
+        for m in messages:
+            decode_message(m.value, now, limits)
+
+    def decoding_flat() -> None:
+        for m in messages:
+            decode_flat(m.value, now, limits)
+
+    def processing() -> object:
+        pipeline = Pipeline("t", limits, 3_600.0, 2_000_000)
+        for p in range(PARTITIONS):
+            pipeline.resume(p, 0)
+        return pipeline.process(messages)
+
+    result = processing()
+    rows = result.rows  # type: ignore[attr-defined]
+    delta = Delta(0, 1, 0, rows)
+    encoded = encode(delta)
+    figures = {
+        "orjson_loads_us_per_event": best(loads) / n * 1e6,
+        "decode_message_us_per_event": best(decoding) / n * 1e6,
+        "decode_flat_us_per_event": best(decoding_flat) / n * 1e6,
+        "pipeline_process_us_per_event": best(processing) / n * 1e6,
+        "deltas_encode_us_per_row": best(lambda: encode(delta)) / len(rows) * 1e6,
+        "deltas_decode_us_per_row": best(lambda: [decode(v) for v in encoded]) / len(rows) * 1e6,
+        "rows_per_event": len(rows) / n,
+    }
+    for name, value in figures.items():
+        print(f"{name:<34} {value:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
