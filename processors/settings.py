@@ -10,7 +10,7 @@ from schemas.settings import TallySettings
 class WorkerSettings(TallySettings):
     consumer_group: str = Field("tally-worker", min_length=1, description="Kafka consumer group.")
     worker_batch_messages: int = Field(
-        2_000, ge=1, le=100_000, description="Messages per flush at most (each may hold a batch)."
+        1_000, ge=1, le=100_000, description="Messages per flush at most (each may hold a batch)."
     )
     worker_flush_interval_s: float = Field(
         1.0, gt=0, le=60, description="Flush at least this often while events arrive."
