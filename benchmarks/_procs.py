@@ -10,7 +10,6 @@ session of their own, and are stopped by their own process-group id.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pathlib
 import signal
@@ -19,10 +18,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+
+from deploy.kafka_local import die_with_parent_hook
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_PR_SET_PDEATHSIG = 1
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -36,20 +36,6 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
 def python_module(module: str, *args: str) -> list[str]:
     """`python -m module args` with this interpreter (the venv's)."""
     return [sys.executable, "-m", module, *args]
-
-
-def _arm_pdeathsig() -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return arm
 
 
 class Child:
@@ -70,7 +56,7 @@ class Child:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_arm_pdeathsig(),
+            preexec_fn=die_with_parent_hook(),
         )
         self.pid = self.proc.pid
 

@@ -256,7 +256,7 @@ class _Spawner:
 _SPAWNER: Final = _Spawner()
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """A preexec_fn arming PDEATHSIG, or None where prctl does not exist (non-Linux)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -621,7 +621,7 @@ class LocalKafka:
 
     def _launch(self, java: str) -> None:
         cmd = [*self._java_args(java), "kafka.Kafka", str(self.properties_file)]
-        preexec = _die_with_parent_hook()
+        preexec = die_with_parent_hook()
 
         def spawn() -> subprocess.Popen[bytes]:
             with self.stdout_file.open("ab") as out:
