@@ -152,7 +152,8 @@ class Sink:
     async def _apply(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
         rows: list[list[object]] = []
         applied: dict[int, int] = {}
-        fresh: dict[int, tuple[int, int]] = {}
+        # Per events partition with a complete delta here: the time it reflects.
+        fresh: dict[int, int] = {}
         for tp, records in batches:
             for record in records:
                 delta = decode(record.value)  # type: ignore[attr-defined]
@@ -162,11 +163,7 @@ class Sink:
                     rows.extend(delta.rows)
                 applied[tp.partition] = record.offset + 1  # type: ignore[attr-defined]
                 if delta.final:  # earlier chunks of a split delta: not all rows are out yet
-                    seen = fresh.get(delta.partition, (0, 0))
-                    fresh[delta.partition] = (
-                        max(seen[0], delta.next_offset),
-                        max(seen[1], delta.reflected_ms),
-                    )
+                    fresh[delta.partition] = max(fresh.get(delta.partition, 0), delta.reflected_ms)
                     counted = self._counted.get(delta.partition, -1)
                     self._counted[delta.partition] = max(counted, delta.next_offset)
                 self.stats.messages += 1
@@ -193,20 +190,20 @@ class Sink:
         )
 
     async def _write(
-        self, rows: list[list[object]], applied: dict[int, int], fresh: dict[int, tuple[int, int]]
+        self, rows: list[list[object]], applied: dict[int, int], fresh: dict[int, int]
     ) -> None:
         markers = marker_rows(self.rollups_topic, applied, {})
         # Freshness per events partition, for meta.updated_at (see queries.py).
         freshness = marker_rows(
             self.events_topic,
-            {p: offset for p, (offset, _) in fresh.items()},
-            {p: datetime.fromtimestamp(ms / 1000, UTC) for p, (_, ms) in fresh.items()},
+            {p: self._counted[p] for p in fresh},
+            {p: datetime.fromtimestamp(ms / 1000, UTC) for p, ms in fresh.items()},
         )
         started = time.perf_counter()
         await self._write_once(rows + markers + freshness, applied)
         self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.last_write_unix = time.time()
-        for partition, (_, reflected) in fresh.items():
+        for partition, reflected in fresh.items():
             seen = self.stats.reflected_ms.get(partition, 0)
             self.stats.reflected_ms[partition] = max(seen, reflected)
         self.stats.rows += len(rows)
