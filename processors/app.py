@@ -228,6 +228,8 @@ class RollupWorker:
         transaction is committed or aborted; only then do the witnesses say which.
         False (retry the batch) when it was aborted or the answer is unknown yet.
         """
+        if self._outputs.get(partition) is not output:
+            return False  # revoked meanwhile: starting its producer would fence the new owner
         try:
             async with output.lock:
                 await output.stop()

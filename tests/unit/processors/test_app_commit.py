@@ -99,3 +99,19 @@ async def test_fencing_drops_the_partition() -> None:
     assert not await worker._transact(0, [], 150)
     assert 0 not in worker._outputs
     assert worker.stats.fenced == 1
+
+
+async def test_a_partition_revoked_during_the_retry_is_not_restarted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    output = FakeOutput(["lost-reply"])
+    worker = worker_with(output, start=100)
+    real_sleep = asyncio.sleep
+
+    async def revoke_while_waiting(delay: float) -> None:
+        worker._outputs.pop(0, None)  # the rebalance lands during the back-off
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", revoke_while_waiting)
+    assert not await worker._transact(0, [], 150)
+    assert output.starts == 0  # its producer would have fenced the new owner
