@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from deploy.kafka_local import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -62,20 +63,13 @@ for _ in range(3):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def demo_stack(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], subprocess.Popen[str]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(
         TALLY_DATA_DIR=str(tmp_path / "data"),
-        TALLY_KAFKA_PORT=str(_free_port()),
-        TALLY_API_PORT=str(_free_port()),
+        TALLY_KAFKA_PORT=str(free_port()),
+        TALLY_API_PORT=str(free_port()),
         TALLY_DEMO_RATE="400",
     )
     proc = subprocess.Popen(

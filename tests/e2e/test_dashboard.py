@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from deploy.kafka_local import free_port
 from producers import events as build
 
 pytestmark = pytest.mark.e2e
@@ -52,13 +52,6 @@ ACCOUNTS = {"acme-prod": "pro", "globex": "max", "initech": "free", "umbrella-la
 SHOWN = "acme-prod"
 TRAFFIC = {"acme-prod": 240, "globex": 420, "initech": 60, "umbrella-labs": 150}
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait(what: str, seconds: float, check: Any) -> Any:
@@ -220,7 +213,7 @@ def stack(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> Iterator[St
         TALLY_ROLLUPS_TOPIC=f"{unique_name}.rollups",
         TALLY_CONSUMER_GROUP=f"{unique_name}-worker",
         TALLY_EVENTS_PARTITIONS="2",
-        TALLY_API_PORT=str(_free_port()),
+        TALLY_API_PORT=str(free_port()),
         TALLY_ADMIN_KEY=ADMIN_KEY,
     )
     proc = subprocess.Popen(

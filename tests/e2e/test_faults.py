@@ -13,7 +13,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.kafka_local import LocalKafka, ensure_topics, free_port
 from deploy.settings import REPO_ROOT
 from producers.gateway import Gateway
 from producers.loadgen import Traffic
@@ -40,13 +39,6 @@ LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
 ADMIN_KEY = "fault-test-admin-key-0123456789abcdef"
 Totals = dict[str, tuple[int, int]]
 """account -> (requests, units in millionths)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _micro(units: float) -> int:
@@ -111,11 +103,11 @@ class Stack:
 
 
 def _stack(tmp: Path, **extra: str) -> Stack:
-    api_port = _free_port()
+    api_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(
         TALLY_DATA_DIR=str(tmp / "data"),
-        TALLY_KAFKA_PORT=str(_free_port()),
+        TALLY_KAFKA_PORT=str(free_port()),
         TALLY_API_PORT=str(api_port),
         TALLY_ADMIN_KEY=ADMIN_KEY,
         # Small batches: many transactions, so a kill lands mid-stream.
@@ -252,7 +244,7 @@ def test_kill_9_of_tally_up_three_times_loses_and_repeats_nothing(
 
 def test_broker_killed_and_restarted_during_load(tmp_path: Path) -> None:
     events, expected = _traffic(120_000, accounts=500, seed=43)
-    broker = LocalKafka(tmp_path / "broker", LIBS, port=_free_port())
+    broker = LocalKafka(tmp_path / "broker", LIBS, port=free_port())
     broker.start()
     stack = _stack(tmp_path, TALLY_KAFKA_BOOTSTRAP=broker.bootstrap)
     try:
@@ -283,7 +275,7 @@ def test_broker_killed_and_restarted_during_load(tmp_path: Path) -> None:
 
 def test_two_workers_one_killed_mid_stream(tmp_path: Path) -> None:
     events, expected = _traffic(150_000, accounts=500, seed=47)
-    broker = LocalKafka(tmp_path / "broker", LIBS, port=_free_port())
+    broker = LocalKafka(tmp_path / "broker", LIBS, port=free_port())
     broker.start()
     stack = _stack(tmp_path, TALLY_KAFKA_BOOTSTRAP=broker.bootstrap)
     second: subprocess.Popen[bytes] | None = None
