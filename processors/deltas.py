@@ -35,6 +35,9 @@ class Delta:
     reflected_ms: int
     rows: list[list[Any]]
     final: bool = True
+    wire: list[list[Any]] | None = None
+    """The rows as they came on the wire (minute in epoch seconds, last_time in epoch
+    ms, no offset_end), kept by `decode` for the sink's listeners."""
 
 
 def _wire_row(row: list[Any]) -> list[Any]:
@@ -105,4 +108,5 @@ def decode(value: bytes) -> Delta:
         int(doc["reflected_ms"]),
         rows,
         bool(doc.get("final", True)),
+        doc["rows"],
     )

@@ -18,9 +18,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -32,6 +33,13 @@ from processors.timing import Timings
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
+
+Listener = Callable[[Sequence[Sequence[Any]], Mapping[int, int]], None]
+"""Called after each INSERT that succeeded with the delta rows it stored, in the
+deltas' wire layout ([account, minute_s, type, route, method, model, status,
+stream_id, events, units_micro, latency_ms_sum, bytes_in, bytes_out, last_time_ms]),
+and per events partition the time (epoch ms) the store now reflects it up to.
+Lets a process that holds the embedded store keep an in-memory view exact."""
 
 TABLE = "rollup_minute"
 
@@ -93,6 +101,12 @@ class Sink:
         self._stopping = asyncio.Event()
         # Per events partition, the offset up to which its events are in the store.
         self._counted: dict[int, int] = {}
+        self._listeners: list[Listener] = []
+        # Wire rows of the deltas in the INSERT being built (kept only for listeners).
+        self._wire: list[Sequence[Any]] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     async def run(self) -> None:
         """Apply committed deltas until stop(); anything unexpected ends the process."""
@@ -161,6 +175,8 @@ class Sink:
                     self._skip(delta)
                 else:
                     rows.extend(delta.rows)
+                    if self._listeners and delta.wire:
+                        self._wire.extend(delta.wire)
                 applied[tp.partition] = record.offset + 1  # type: ignore[attr-defined]
                 if delta.final:  # earlier chunks of a split delta: not all rows are out yet
                     fresh[delta.partition] = max(fresh.get(delta.partition, 0), delta.reflected_ms)
@@ -208,6 +224,9 @@ class Sink:
             self.stats.reflected_ms[partition] = max(seen, reflected)
         self.stats.rows += len(rows)
         self.stats.inserts += 1
+        wire, self._wire = self._wire, []
+        for listener in self._listeners:
+            listener(wire, fresh)
 
     async def _write_once(self, rows: list[list[object]], applied: dict[int, int]) -> None:
         """Write, retrying failures, without ever writing the same rows twice.
