@@ -1,29 +1,44 @@
 """processor_events_per_s: one worker end to end, with the real sink into chdb.
 
-The dataset topic is full before the pipeline starts (a catch-up run). The clock
-starts when `running_pipeline` (worker + sink in one event loop, as `tally up`
-runs them) is entered and stops when the sink's freshness markers in the store say
-every events partition is counted up to the topic's end: consumed, validated,
-deduplicated, folded into minute rollups, published in transactions with the
-offsets, and INSERTed into ClickHouse. The store's totals are then checked against
-the dataset, so a fast wrong answer cannot pass.
+The dataset topic is full before the pipeline starts (a catch-up run). Two runs:
+
+- the headline (`processor_*`): `tally worker` as its own process, and the sink
+  (`tally sink`'s code) in the bench's child process, which holds the store: the
+  production layout (deploy/compose.yaml, deploy/k8s), where worker and sink are
+  separate services and each gets a core. The clock starts when the worker process
+  is launched and stops when the sink's freshness markers in the store say every
+  events partition is counted up to the topic's end: consumed, validated,
+  deduplicated, folded into minute rollups, published in transactions with the
+  offsets, and INSERTed into ClickHouse. `processor_worker_events_per_s` stops
+  the clock instead when the worker's committed offsets reach the end (its own
+  part, rollups published and offsets committed in the same transactions);
+- `processor_one_loop_*`: worker and sink in one event loop, as `tally up` runs
+  them (`running_pipeline`): one core for both.
+
+After each, the store's totals are checked against the dataset, so a fast wrong
+answer cannot pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
-from benchmarks import _child
+from benchmarks import _child, _procs
 from benchmarks.dataset import Dataset, load
-from deploy.kafka_local import ensure_topics
-from deploy.stack import running_pipeline
+from deploy.kafka_local import ensure_topics, free_port
+from deploy.stack import ensure_rollups_topic, new_sink, running_pipeline
 from processors.gc_tuning import tune_gc
 from processors.settings import WorkerSettings
 from processors.sink import RollupStore
@@ -55,9 +70,9 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         await consumer.stop()
 
 
-async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
+def _settings(bootstrap: str, workdir: Path, ds: Dataset) -> WorkerSettings:
     name = f"bp{uuid.uuid4().hex[:8]}"
-    settings = WorkerSettings(
+    return WorkerSettings(
         kafka_bootstrap=bootstrap,
         events_topic=ds.topic,
         rollups_topic=f"{name}.rollups",
@@ -65,8 +80,30 @@ async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]
         consumer_group=f"{name}-worker",
         clickhouse_url=f"chdb://{workdir / 'processor-chdb'}",
         clickhouse_database=name,
-        data_dir=workdir / "processor-data",
+        data_dir=workdir / f"processor-data-{name}",
     )
+
+
+def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
+    """Whether the store's totals are the dataset's; and its rollup row count."""
+    total = store.query(
+        "SELECT sum(events), sum(units_micro), count() FROM rollup_minute WHERE account != ''"
+    )[0]
+    counted, units, rows = int(total[0] or 0), int(total[1] or 0), int(total[2] or 0)
+    correct = counted == ds.unique_events and units == ds.units_micro
+    if not correct:
+        logging.error(
+            "store holds %d events / %d units, expected %d / %d",
+            counted,
+            units,
+            ds.unique_events,
+            ds.units_micro,
+        )
+    return correct, rows
+
+
+async def _measure_one_loop(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
+    settings = _settings(bootstrap, workdir, ds)
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
     await ensure_topics(bootstrap, {settings.dlq_topic: 1})
@@ -76,7 +113,6 @@ async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]
     cpu_started = time.process_time()
     started = time.perf_counter()
     async with running_pipeline(settings, store) as (worker, sink):
-        entered = time.perf_counter()
         traced = 0.0
         while True:
             now = time.perf_counter()
@@ -100,43 +136,136 @@ async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]
             await asyncio.sleep(0.1)
         finished = time.perf_counter()
         cpu = time.process_time() - cpu_started
-        stats = worker.stats
-        sink_inserts, sink_rows = sink.stats.inserts, sink.stats.rows
-    total = store.query(
-        "SELECT sum(events), sum(units_micro), count() FROM rollup_minute WHERE account != ''"
-    )[0]
+    correct, _ = _check(store, ds)
     store.close()
     elapsed = finished - started
-    counted, units, rows = int(total[0] or 0), int(total[1] or 0), int(total[2] or 0)
-    correct = counted == ds.unique_events and units == ds.units_micro
-    if not correct:
-        logging.error(
-            "store holds %d events / %d units, expected %d / %d",
-            counted,
-            units,
-            ds.unique_events,
-            ds.units_micro,
-        )
     steady = None
     if first_at is not None and first_events is not None and finished > first_at:
         steady = (ds.events - first_events) / (finished - first_at)
     return {
+        "processor_one_loop_events_per_s": ds.events / elapsed,
+        "processor_one_loop_correct": 1.0 if correct else 0.0,
+        "processor_one_loop_cpu_us_per_event": cpu / ds.events * 1e6,
+        "processor_one_loop_steady_events_per_s": steady or 0.0,
+        "processor_one_loop_elapsed_s": elapsed,
+    }
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (fields 14 and 15 of /proc/pid/stat)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The worker's Prometheus counters (unlabelled samples, and sums over labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if match:
+            found[match[1]] = found.get(match[1], 0.0) + float(match[2])
+    return found
+
+
+async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(group)
+    except KafkaError:  # no coordinator before the worker's first commit
+        return {}
+    finally:
+        await admin.close()
+    return {tp.partition: om.offset for tp, om in found.items() if tp.topic == topic}
+
+
+async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
+    settings = _settings(bootstrap, workdir, ds)
+    store = Store(settings.store_url, settings.store_database)
+    store.migrate()
+    await ensure_topics(bootstrap, {settings.dlq_topic: 1})
+    await ensure_rollups_topic(settings)
+    ends = await end_offsets(bootstrap, ds.topic, ds.partitions)
+    rollups = RollupStore(store)
+    port = free_port()
+    env = _procs.child_env(
+        {
+            "TALLY_KAFKA_BOOTSTRAP": bootstrap,
+            "TALLY_EVENTS_TOPIC": settings.events_topic,
+            "TALLY_ROLLUPS_TOPIC": settings.rollups_topic,
+            "TALLY_DLQ_TOPIC": settings.dlq_topic,
+            "TALLY_CONSUMER_GROUP": settings.consumer_group,
+            "TALLY_DATA_DIR": str(settings.data_dir),
+            "TALLY_METRICS_PORT": str(port),
+        }
+    )
+    sink = new_sink(settings, store)
+    cpu_started = time.process_time()
+    started = time.perf_counter()
+    worker_done: float | None = None
+    applying = asyncio.ensure_future(sink.run())
+    log = _child.RESULTS / "processor-worker.log"
+    log.unlink(missing_ok=True)
+    with _procs.running("worker", _procs.python_module("deploy.cli", "worker"), env, log) as w:
+        try:
+            traced = 0.0
+            while True:
+                w.check()
+                now = time.perf_counter()
+                if worker_done is None:
+                    committed = await _committed(bootstrap, settings.consumer_group, ds.topic)
+                    if all(committed.get(p, 0) >= end for p, end in ends.items()):
+                        worker_done = now
+                if now - traced >= 1.0:
+                    traced = now
+                    print(
+                        f"t={now - started:6.2f}s worker done={worker_done is not None} "
+                        f"sink messages={sink.stats.messages} rows={sink.stats.rows} "
+                        f"inserts={sink.stats.inserts}",
+                        flush=True,
+                    )
+                done = await asyncio.to_thread(rollups.resume_offsets, ds.topic)
+                if all(done.get(p, 0) >= end for p, end in ends.items()):
+                    break
+                if now - started > TIMEOUT_S - 60:
+                    raise RuntimeError(f"not done after {now - started:.0f}s: {done} of {ends}")
+                await asyncio.sleep(0.1)
+            finished = time.perf_counter()
+            sink_cpu = time.process_time() - cpu_started
+            worker_cpu = _cpu_s(w.pid)
+            metrics = _scrape(port)
+        finally:
+            sink.stop()
+            await applying
+    correct, rows = _check(store, ds)
+    store.close()
+    elapsed = finished - started
+    worker_elapsed = (worker_done or finished) - started
+    return {
         "processor_events_per_s": ds.events / elapsed,
         "processor_elapsed_s": elapsed,
-        # CPU time of the whole process (every thread, chdb's included) per event:
-        # steadier than wall time when other work shares the machine.
-        "processor_cpu_us_per_event": cpu / ds.events * 1e6,
-        "processor_startup_s": (first_at - started) if first_at else elapsed,
-        "processor_pipeline_start_s": entered - started,
-        "processor_steady_events_per_s": steady or 0.0,
+        "processor_worker_events_per_s": ds.events / worker_elapsed,
+        "processor_worker_elapsed_s": worker_elapsed,
+        # CPU of both processes (every thread, chdb's included) per event: steadier
+        # than wall time when other work shares the machine.
+        "processor_cpu_us_per_event": (worker_cpu + sink_cpu) / ds.events * 1e6,
+        "processor_worker_cpu_us_per_event": worker_cpu / ds.events * 1e6,
+        "processor_sink_cpu_us_per_event": sink_cpu / ds.events * 1e6,
         "processor_correct": 1.0 if correct else 0.0,
-        "processor_duplicates_dropped": stats.duplicates,
-        "processor_transactions": stats.transactions,
-        "processor_batches": stats.flushes,
+        "processor_duplicates_dropped": metrics.get("tally_duplicates_dropped_total", 0.0),
+        "processor_transactions": metrics.get("tally_worker_transactions_total", 0.0),
         "processor_rollup_rows": rows,
-        "processor_sink_inserts": sink_inserts,
-        "processor_sink_rows": sink_rows,
+        "processor_sink_inserts": sink.stats.inserts,
+        "processor_sink_rows": sink.stats.rows,
     }
+
+
+async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
+    split = await _measure_split(bootstrap, workdir, ds)
+    return {**split, **await _measure_one_loop(bootstrap, workdir, ds)}
 
 
 def child(args: dict[str, Any]) -> dict[str, Any]:
