@@ -8,10 +8,12 @@ in the dead-letter topic.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
-from typing import Any, overload
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Final, overload
 
 import orjson
+from pydantic import BaseModel
 
 from schemas.events import (
     REQUEST,
@@ -168,3 +170,82 @@ def encode_event(event: AnyEvent) -> bytes:
     # several times faster than model_dump on the gateway's hot path.
     doc["data"] = {k: v for k, v in event.data.__dict__.items() if v is not None}
     return orjson.dumps(doc, option=orjson.OPT_UTC_Z)
+
+
+def _fields(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.__dict__
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def encode_events(events: Sequence[AnyEvent]) -> bytes:
+    """A batch message: the JSON array of `events` in one native call (the gateway's hot path).
+
+    Five times cheaper per event than `encode_event` in a loop, and decodes to the same
+    events, but not the same bytes: absent (None) attributes are written as `null`
+    (the event schema allows it; dropping them would need a Python pass per event),
+    and `time` as orjson writes it: in the datetime's own zone (`Z` for UTC) and
+    without a fraction when the microseconds are zero. Raises orjson.JSONEncodeError
+    for what orjson cannot write (an int beyond 64 bits).
+    """
+    return orjson.dumps(events, default=_fields, option=orjson.OPT_UTC_Z)
+
+
+def _worst_case_bytes() -> int:
+    # Every string at its longest, made of the character JSON escapes longest ("\u0000",
+    # six bytes); the longest float, int and time: no valid plain event encodes longer.
+    nul = "\x00"
+    long_float = 1.2345678901234567e-300
+    when = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=timezone(timedelta(hours=-23.99)))
+    envelope: dict[str, Any] = {
+        "specversion": SPECVERSION,
+        "id": nul * 128,
+        "source": nul * 256,
+        "subject": "a" * 128,
+        "time": when,
+    }
+    label = nul * 256
+    worst: list[AnyEvent] = [
+        RequestEvent.model_validate(
+            envelope
+            | {
+                "type": REQUEST,
+                "data": RequestData(
+                    units=long_float,
+                    route=label,
+                    method=nul * 16,
+                    status=599,
+                    model=label,
+                    latency_ms=long_float,
+                    bytes_in=2**64 - 1,
+                    bytes_out=2**64 - 1,
+                ),
+            }
+        ),
+        StreamOpenedEvent.model_validate(
+            envelope
+            | {
+                "type": STREAM_OPENED,
+                "data": StreamOpenedData(stream_id=label, route=label, model=label),
+            }
+        ),
+        StreamClosedEvent.model_validate(
+            envelope
+            | {
+                "type": STREAM_CLOSED,
+                "data": StreamClosedData(
+                    stream_id=label, units=long_float, duration_ms=long_float, reason=label
+                ),
+            }
+        ),
+    ]
+    # Slack for what the model admits beyond these (a time zone with seconds, say).
+    return max(len(encode_events([event])) - 2 for event in worst) + 64
+
+
+MAX_PLAIN_EVENT_BYTES: Final = _worst_case_bytes()
+"""An upper bound on the bytes `encode_events` (or `encode_event`) writes for one event
+of the three event classes (not subclasses) built through the models' validation and
+without `datacontenttype`: the models bound every other string's length."""
+
+PLAIN_EVENT_TYPES: Final = frozenset({RequestEvent, StreamOpenedEvent, StreamClosedEvent})

@@ -61,7 +61,13 @@ import orjson
 from aiokafka import errors as kafka_errors
 from aiokafka.codec import has_lz4
 
-from producers.events import AnyEvent, encode_event
+from producers.events import (
+    MAX_PLAIN_EVENT_BYTES,
+    PLAIN_EVENT_TYPES,
+    AnyEvent,
+    encode_event,
+    encode_events,
+)
 from producers.partitioning import partition_for
 from producers.settings import ProducerSettings
 from producers.spool import FsyncPolicy, Spool, SpoolPosition
@@ -168,14 +174,45 @@ class _Buffer:
     size: int = 0
     """Bytes of the events joined by commas (the brackets excluded)."""
     key: bytes = b""
+    models: list[AnyEvent] = field(default_factory=list)
+    """Events not encoded yet (deferred mode: encoded as one array when sealed)."""
 
 
-@dataclass(frozen=True, slots=True)
 class _Batch:
-    partition: int | None
-    """None: Kafka's partitioner places it by key (`send_single`)."""
-    key: bytes
-    events: list[bytes]
+    """One message's events: encoded one by one, or as the whole message `value`."""
+
+    __slots__ = ("_events", "count_hint", "key", "partition", "value")
+
+    def __init__(
+        self,
+        partition: int | None,
+        key: bytes,
+        events: list[bytes] | None = None,
+        *,
+        value: bytes | None = None,
+        count: int = 0,
+    ) -> None:
+        self.partition = partition
+        """None: Kafka's partitioner places it by key (`send_single`)."""
+        self.key = key
+        self._events = events
+        self.value = value
+        """The batch message, encoded in one go; None: join `events`."""
+        self.count_hint = count
+
+    @property
+    def events(self) -> list[bytes]:
+        """Each event's JSON, as the spool and GatewaySendError hold them."""
+        if self._events is None:
+            # Only off the hot path (spooling, failures): an orjson round trip gives back
+            # each element's bytes exactly as they are in `value`.
+            assert self.value is not None
+            self._events = [orjson.dumps(doc) for doc in orjson.loads(self.value)]
+        return self._events
+
+    @property
+    def count(self) -> int:
+        return len(self._events) if self._events is not None else self.count_hint
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +279,7 @@ _NEW, _OPEN, _CLOSING, _CLOSED = "new", "open", "closing", "closed"
 # spooled, partition (-1: by key), key length, event count; then the key, then each event
 # as u32 length + bytes.
 _SPOOL_FORMAT: Final = 1
+_PLACEMENT_CACHE: Final = 1 << 18
 _RECORD_HEAD: Final = struct.Struct("<BQiiHI")
 _EVENT_LENGTH: Final = struct.Struct("<I")
 _REPLAY_RECORDS: Final = 256
@@ -301,6 +339,8 @@ def _spooled_events(data: bytes) -> int:
 
 
 def _message(batch: _Batch) -> tuple[bytes, Headers]:
+    if batch.value is not None:
+        return batch.value, _BATCH_HEADERS
     if len(batch.events) == 1:
         return batch.events[0], _SINGLE_HEADERS
     return b"[" + b",".join(batch.events) + b"]", _BATCH_HEADERS
@@ -430,6 +470,12 @@ class Gateway:
         self._producer: KafkaProducer | None = None
         self._partitions = 0
         self._buffers: list[_Buffer] = []
+        # Deferred mode: when no plain event can be too large for a message, record()
+        # buffers the models and _seal encodes each buffer as one array (a native call,
+        # not one per event); otherwise every event is encoded, and measured, as recorded.
+        self._deferred = self._max_bytes >= MAX_PLAIN_EVENT_BYTES + 2
+        # subject -> partition: one dict lookup instead of murmur2 (pure Python) per event.
+        self._placement: dict[str, int] = {}
         # Partitions with buffered events -> when the oldest arrived; insertion
         # order is age order, so the linger task only ever looks at the first.
         self._since: dict[int, float] = {}
@@ -681,15 +727,31 @@ class Gateway:
             await self._wait_for_room()
             if self._spool_full:
                 self._maybe_reject(event)
-        data = encode_event(event)
-        if len(data) + 2 > self._max_bytes:
-            raise ValueError(
-                f"event {event.id!r} of {event.subject!r} encodes to {len(data)} bytes, more "
-                f"than the largest message ({self._max_bytes} bytes), so it can never be "
-                "sent: shorten its labels or raise TALLY_PRODUCER_MAX_MESSAGE_BYTES"
-            )
         subject = event.subject
-        p = partition_for(subject, self._partitions)
+        p = self._placement.get(subject)
+        if p is None:
+            p = self._place(subject)
+        if self._deferred:
+            if event.datacontenttype is not None or type(event) not in PLAIN_EVENT_TYPES:
+                # Not bounded by MAX_PLAIN_EVENT_BYTES: measure it now, so that an event
+                # too large for any message is refused here, not lost at _seal.
+                self._check_size(event, encode_event(event))
+            models = self._buffers[p].models
+            if not models:
+                self._buffers[p].key = subject.encode()
+                if not self._since:
+                    self._wake.set()
+                self._since[p] = asyncio.get_running_loop().time()
+            models.append(event)
+            self._recorded += 1
+            self._unacked += 1
+            if len(models) >= self._max_batch:
+                self._seal(p)
+                # A tight loop of record() never yields otherwise; let the sender run.
+                await asyncio.sleep(0)
+            return
+        data = encode_event(event)
+        self._check_size(event, data)
         buf = self._buffers[p]
         if buf.events and buf.size + 1 + len(data) + 2 > self._max_bytes:
             self._seal(p)
@@ -729,6 +791,22 @@ class Gateway:
 
     # -- internals: recording --------------------------------------------------
 
+    def _check_size(self, event: AnyEvent, data: bytes) -> None:
+        if len(data) + 2 > self._max_bytes:
+            raise ValueError(
+                f"event {event.id!r} of {event.subject!r} encodes to {len(data)} bytes, more "
+                f"than the largest message ({self._max_bytes} bytes), so it can never be "
+                "sent: shorten its labels or raise TALLY_PRODUCER_MAX_MESSAGE_BYTES"
+            )
+
+    def _place(self, subject: str) -> int:
+        p = partition_for(subject, self._partitions)
+        if len(self._placement) >= _PLACEMENT_CACHE:
+            # Bounded memory under a flood of distinct subjects; refilling is cheap.
+            self._placement.clear()
+        self._placement[subject] = p
+        return p
+
     def _refuse(self) -> NoReturn:
         if self._state is _NEW:
             raise RuntimeError(
@@ -760,11 +838,55 @@ class Gateway:
     def _seal(self, p: int) -> None:
         """Hand partition p's buffered events to the sender as one message."""
         buf = self._buffers[p]
+        if buf.models:
+            self._buffers[p] = _Buffer()
+            self._since.pop(p, None)
+            for batch in self._encode_models(p, buf.key, buf.models):
+                self._enqueue(batch)
+            return
         if not buf.events:
             return
         self._enqueue(_Batch(p, buf.key, buf.events))
         self._buffers[p] = _Buffer()
         self._since.pop(p, None)
+
+    def _encode_models(self, p: int, key: bytes, models: list[AnyEvent]) -> list[_Batch]:
+        """Deferred mode: one batch message, unless it is too large (or not encodable)."""
+        if len(models) > 1:
+            try:
+                value = encode_events(models)
+            except orjson.JSONEncodeError:
+                value = b""
+            if value and len(value) <= self._max_bytes:
+                return [_Batch(p, key, value=value, count=len(models))]
+        # Rare: events near the size bound, or not encodable (an int beyond 64 bits, a
+        # model built without validation). Pack them one by one, as the exact mode does.
+        batches: list[_Batch] = []
+        current: list[bytes] = []
+        size = 0
+        for model in models:
+            try:
+                data = encode_event(model)
+                self._check_size(model, data)
+            except (ValueError, TypeError) as exc:  # JSONEncodeError is a TypeError
+                self._unsendable(p, key, model, exc)
+                continue
+            if current and size + 1 + len(data) + 2 > self._max_bytes:
+                batches.append(_Batch(p, key, current))
+                current = []
+            size = size + 1 + len(data) if current else len(data)
+            current.append(data)
+        if current:
+            batches.append(_Batch(p, key, current))
+        return batches
+
+    def _unsendable(self, p: int, key: bytes, model: AnyEvent, error: BaseException) -> None:
+        """An event record() accepted but no message can carry: raised by flush/close."""
+        log.error("event %r of %r cannot be sent: %s", model.id, model.subject, error)
+        self._unacked -= 1
+        self._failed += 1
+        self._failures.append((_Batch(p, key, [model.model_dump_json().encode()]), error))
+        self._after_settle()
 
     def _seal_all(self) -> None:
         for p in list(self._since):
@@ -890,7 +1012,7 @@ class Gateway:
         self._begin_spooling(f"{type(error).__name__}: {error}", failed=batch)
 
     def _settle(self, batch: _Batch, error: BaseException | None) -> None:
-        count = len(batch.events)
+        count = batch.count
         self._unacked -= count
         if error is None:
             self._acked += count
@@ -977,7 +1099,8 @@ class Gateway:
                     return
                 break
             items.append(item)
-            size += sum(len(e) for e in item.batch.events)
+            value = item.batch.value
+            size += len(value) if value is not None else sum(len(e) for e in item.batch.events)
             if len(items) >= 512 or size >= 8 * 1024 * 1024:
                 break
         ids = [next(self._batch_ids) for _ in items]
@@ -999,7 +1122,7 @@ class Gateway:
             original = item.original
             if original is not None and (not original.done() or _future_error(original) is None):
                 self._shadows[batch_id] = original
-            count = len(item.batch.events)
+            count = item.batch.count
             self._unacked -= count
             self._spooled += count
             self._spool_events += count
@@ -1295,6 +1418,7 @@ class Gateway:
         events = [e for item in self._pending for e in item.batch.events]
         events += [e for sent in self._inflight.values() for e in sent.batch.events]
         events += [e for buf in self._buffers for e in buf.events]
+        events += [encode_event(m) for buf in self._buffers for m in buf.models]
         return events
 
     async def _stop_producer(
