@@ -4,14 +4,24 @@ A worker folds a batch of one events partition into delta rows and publishes the
 as one or more messages (each under the Kafka record limit) in one transaction,
 together with the consumed offset. The sink applies every committed message once.
 
-Message value (JSON): {"v": 1, "partition": p, "next_offset": n,
-"reflected_ms": t, "rows": [[account, minute_s, type, route, method, model,
-status, stream_id, events, units_micro, latency_ms_sum, bytes_in, bytes_out,
-last_time_ms], ...]}. `reflected_ms` is the time up to which partition p's
-events are counted once this message is applied; a message without rows is a
-heartbeat that only says that. A delta split into several messages marks its
-last one `"final": true`: only then are all of the batch's rows out, so only
-then may the sink say partition p is counted up to `next_offset`.
+Version 2 (what `encode` writes): one JSON header line, b"\n", then the rows:
+{"v": 2, "partition": p, "next_offset": n, "reflected_ms": t, "final": f,
+"count": k}\n[row],[row],... Each row holds the columns of `rollup_minute` in
+order: [account, minute_s, type, route, method, model, status, stream_id,
+events, units_micro, latency_ms_sum, bytes_in, bytes_out, last_time_ms,
+offset_end] (offset_end 0: only markers carry one). Comma-separated rows are
+what ClickHouse's JSONCompactEachRow reads, so the sink joins the row parts of
+many messages with "," and hands them to one INSERT without parsing a row.
+
+Version 1 (still read, for deltas written before an upgrade): one JSON object
+{"v": 1, "partition": p, "next_offset": n, "reflected_ms": t, "final": f,
+"rows": [[the first 14 columns above], ...]}.
+
+`reflected_ms` is the time up to which partition p's events are counted once
+this message is applied; a message without rows is a heartbeat that only says
+that. A delta split into several messages marks its last one final: only then
+are all of the batch's rows out, so only then may the sink say partition p is
+counted up to `next_offset`.
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ from typing import Any
 
 import orjson
 
-VERSION = 1
+VERSION = 2
 # Kafka's default record limit is ~1 MiB; stay well below it with headroom
 # for the envelope and the batch framing.
 MAX_MESSAGE_BYTES = 700_000
+WIRE_COLUMNS = 14
+"""Columns of a row that listeners see: all but offset_end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,73 +52,148 @@ class Delta:
     ms, no offset_end), kept by `decode` for the sink's listeners."""
 
 
-def _wire_row(row: list[Any]) -> list[Any]:
-    # Datetimes become integers: compact, and exact to the millisecond.
-    out = list(row[:13])
-    out[1] = int(row[1].timestamp())
-    out.append(int(row[13].timestamp() * 1000))
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A delta message as the sink applies it: the header parsed, the rows not."""
+
+    partition: int
+    next_offset: int
+    reflected_ms: int
+    final: bool
+    count: int
+    body: bytes
+    """The rows as comma-separated JSONCompactEachRow in `rollup_minute`'s column
+    order (version 2's row part; a version 1 message is re-encoded into it)."""
+
+    def wire_rows(self) -> list[list[Any]]:
+        """The rows in the listeners' layout (parses them: only when someone listens)."""
+        return rows_of(self.body)
+
+
+def rows_of(body: bytes) -> list[list[Any]]:
+    """Rows of a version 2 row part, without offset_end."""
+    if not body:
+        return []
+    return [row[:WIRE_COLUMNS] for row in orjson.loads(b"[" + body + b"]")]
+
+
+def _wire_rows(rows: list[list[Any]]) -> list[list[Any]]:
+    # Datetimes become integers: compact, and exact to the millisecond. A delta
+    # holds few distinct minutes (and the builder shares their datetimes), so
+    # each minute converts once.
+    minutes: dict[Any, int] = {}
+    out: list[list[Any]] = []
+    append = out.append
+    for row in rows:
+        minute = row[1]
+        at = minutes.get(minute)
+        if at is None:
+            at = minutes[minute] = int(minute.timestamp())
+        append([row[0], at, *row[2:13], int(row[13].timestamp() * 1000), 0])
     return out
+
+
+def _bodies(rows: list[list[Any]], budget: int) -> list[tuple[bytes, int]]:
+    """Row parts of at most `budget` bytes each (a lone larger row goes alone)."""
+    # One dumps of a whole list is far cheaper than one per row. A delta too big
+    # for one message (rare) is cut by the size of a sample of its rows first,
+    # so that most of it is encoded once; a part still too big is halved.
+    if len(rows) > _SAMPLE:
+        per_row = len(orjson.dumps(rows[:_SAMPLE])) / _SAMPLE
+        if per_row * len(rows) > budget:
+            step = max(1, int(budget * 0.8 / per_row))
+            out: list[tuple[bytes, int]] = []
+            for i in range(0, len(rows), step):
+                out.extend(_bodies(rows[i : i + step], budget))
+            return out
+    body = orjson.dumps(rows)[1:-1]
+    if len(body) <= budget or len(rows) <= 1:
+        return [(body, len(rows))]
+    half = len(rows) // 2
+    return _bodies(rows[:half], budget) + _bodies(rows[half:], budget)
+
+
+_SAMPLE = 256
 
 
 def encode(delta: Delta, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
     """One delta as messages of at most `max_bytes` each (at least one message)."""
-    head = {
-        "v": VERSION,
-        "partition": delta.partition,
-        "next_offset": delta.next_offset,
-        "reflected_ms": delta.reflected_ms,
-    }
-    encoded_rows = [orjson.dumps(_wire_row(row)) for row in delta.rows]
-    messages: list[bytes] = []
-    chunk: list[bytes] = []
-    size = 0
-    budget = max_bytes - 200
-    for row in encoded_rows:
-        if chunk and size + len(row) + 1 > budget:
-            messages.append(_frame(head, chunk, final=False))
-            chunk, size = [], 0
-        chunk.append(row)
-        size += len(row) + 1
-    messages.append(_frame(head, chunk, final=True))
-    return messages
+    bodies = _bodies(_wire_rows(delta.rows), max_bytes - 200)
+    last = len(bodies) - 1
+    return [
+        orjson.dumps(
+            {
+                "v": VERSION,
+                "partition": delta.partition,
+                "next_offset": delta.next_offset,
+                "reflected_ms": delta.reflected_ms,
+                "final": i == last,
+                "count": count,
+            }
+        )
+        + b"\n"
+        + body
+        for i, (body, count) in enumerate(bodies)
+    ]
 
 
-def _frame(head: dict[str, int], rows: list[bytes], final: bool) -> bytes:
-    prefix = orjson.dumps({**head, "final": final})[:-1]  # reopen the object for "rows"
-    return prefix + b',"rows":[' + b",".join(rows) + b"]}"
+def _loads(value: bytes) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"delta message is not JSON: {exc}") from None
+
+
+def _refuse(doc: Any) -> ValueError:
+    return ValueError(
+        f"unsupported delta message version {doc.get('v') if isinstance(doc, dict) else doc!r}"
+    )
+
+
+def read(value: bytes) -> Frame:
+    """The header of a delta message and its rows as bytes; raises ValueError on anything else."""
+    # orjson never writes a raw newline, so only version 2 has one: after its header.
+    newline = value.find(b"\n")
+    if newline < 0:
+        doc = _loads(value)
+        if not isinstance(doc, dict) or doc.get("v") != 1:
+            raise _refuse(doc)
+        rows = doc["rows"]
+        body = orjson.dumps([[*row, 0] for row in rows])[1:-1]
+        count = len(rows)
+    else:
+        doc = _loads(value[:newline])
+        if not isinstance(doc, dict) or doc.get("v") != VERSION:
+            raise _refuse(doc)
+        body = value[newline + 1 :]
+        count = int(doc["count"])
+    return Frame(
+        int(doc["partition"]),
+        int(doc["next_offset"]),
+        int(doc["reflected_ms"]),
+        bool(doc.get("final", True)),
+        count,
+        body,
+    )
 
 
 def decode(value: bytes) -> Delta:
-    """Parse a delta message; raises ValueError on anything else."""
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"delta message is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != VERSION:
-        raise ValueError(
-            f"unsupported delta message version {doc.get('v') if isinstance(doc, dict) else doc!r}"
-        )
-    # The sink decodes every row of every delta: one datetime per distinct minute
-    # (a delta holds few), and no per-row helper call.
+    """Parse a delta message, rows included; raises ValueError on anything else."""
+    frame = read(value)
+    wire = frame.wire_rows()
+    # One datetime per distinct minute (a delta holds few), and no per-row helper call.
     minutes: dict[Any, datetime] = {}
     rows: list[list[object]] = []
     append = rows.append
     fromtimestamp = datetime.fromtimestamp
-    for wire in doc["rows"]:
-        row: list[object] = wire[:13]
-        minute = wire[1]
+    for cells in wire:
+        row: list[object] = cells[:13]
+        minute = cells[1]
         at = minutes.get(minute)
         if at is None:
             at = minutes[minute] = fromtimestamp(minute, UTC)
         row[1] = at
-        row.append(fromtimestamp(wire[13] / 1000, UTC))
+        row.append(fromtimestamp(cells[13] / 1000, UTC))
         row.append(0)  # offset_end: deltas carry none, markers do
         append(row)
-    return Delta(
-        int(doc["partition"]),
-        int(doc["next_offset"]),
-        int(doc["reflected_ms"]),
-        rows,
-        bool(doc.get("final", True)),
-        doc["rows"],
-    )
+    return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final, wire)

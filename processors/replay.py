@@ -18,9 +18,10 @@ import logging
 import time
 from collections.abc import Callable
 
-import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
+
+from processors.deltas import read
 
 log = logging.getLogger("tally.worker")
 
@@ -99,9 +100,9 @@ class Resumer:
                     for record in records:
                         if record.offset >= upper:
                             break
-                        delta = orjson.loads(record.value)
-                        if delta.get("final", True) and delta["partition"] == partition:
-                            found = max(found or 0, int(delta["next_offset"]))
+                        delta = read(record.value)  # the header only, any wire version
+                        if delta.final and delta.partition == partition:
+                            found = max(found or 0, delta.next_offset)
                 upper = lower
                 window *= 4
             return found

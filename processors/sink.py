@@ -20,15 +20,15 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from processors.deltas import Delta, decode
+from processors.deltas import Frame, read
 from processors.failure import EXIT_UNSAFE, retry_delay
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, marker_rows
+from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
 from processors.timing import Timings
 from schemas.store import Store
 
@@ -49,6 +49,39 @@ TABLE = "rollup_minute"
 MAX_ROWS_PER_INSERT = 1_000_000
 SINK_ROWS_PER_INSERT = 200_000
 
+# The rows as the deltas' wire format (version 2) carries them, and how they
+# become `rollup_minute`'s columns: ClickHouse parses and converts them, Python
+# never builds a row.
+WIRE_STRUCTURE = (
+    "account String, minute UInt32, type String, route String, method String, "
+    "model String, status UInt16, stream_id String, events UInt64, units_micro UInt64, "
+    "latency_ms_sum Float64, bytes_in UInt64, bytes_out UInt64, last_time_ms Int64, "
+    "offset_end Int64"
+)
+WIRE_SELECT = (
+    "account, toDateTime(minute, 'UTC'), type, route, method, model, status, stream_id, "
+    "events, units_micro, latency_ms_sum, bytes_in, bytes_out, "
+    "fromUnixTimestamp64Milli(last_time_ms, 'UTC'), offset_end"
+)
+_HUGE = 1 << 40
+ONE_PART_SETTINGS: dict[str, Any] = {
+    # INSERT ... SELECT reads its input in blocks and writes a part per block it
+    # hands on: one reading thread, one inserting thread, and squashing whose
+    # row threshold is never reached (and whose byte threshold is off) make the
+    # whole input one block, so one part; tests/integration/test_sink_insert.py
+    # checks it.
+    "max_threads": 1,
+    "max_insert_threads": 1,
+    "input_format_parallel_parsing": 0,
+    "max_insert_block_size": _HUGE,
+    "max_block_size": _HUGE,
+    "min_insert_block_size_rows": _HUGE,
+    "min_insert_block_size_bytes": 0,
+    # The default fast float parser may be off by an ulp; the values must be
+    # exactly what the worker summed.
+    "precise_float_parsing": 1,
+}
+
 
 class RollupStore:
     """The rollup table: appending deltas with markers, reading markers back."""
@@ -65,6 +98,18 @@ class RollupStore:
             )
         if rows:
             self.store.insert(TABLE, rows, COLUMNS)
+
+    def write_json(self, body: bytes, count: int) -> None:
+        """`write` for `count` rows already encoded as the deltas' wire rows (version 2)."""
+        if count > MAX_ROWS_PER_INSERT:
+            raise ValueError(
+                f"{count} rows in one INSERT would be split into several parts and "
+                f"lose atomicity (limit {MAX_ROWS_PER_INSERT})"
+            )
+        if count:
+            self.store.insert_json_rows(
+                TABLE, COLUMNS, WIRE_STRUCTURE, WIRE_SELECT, body, ONE_PART_SETTINGS
+            )
 
     def resume_offsets(self, topic: str) -> dict[int, int]:
         """Per partition of `topic`, the offset after the last one in the store."""
@@ -164,32 +209,35 @@ class Sink:
         )
 
     async def _apply(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
-        rows: list[list[object]] = []
+        # The deltas' rows stay bytes (see deltas.py): parts joined into one INSERT.
+        rows: list[bytes] = []
+        count = 0
         applied: dict[int, int] = {}
         # Per events partition with a complete delta here: the time it reflects.
         fresh: dict[int, int] = {}
         for tp, records in batches:
             for record in records:
-                delta = decode(record.value)  # type: ignore[attr-defined]
-                if delta.rows and delta.next_offset <= self._counted.get(delta.partition, -1):
+                delta = read(record.value)  # type: ignore[attr-defined]
+                if delta.count and delta.next_offset <= self._counted.get(delta.partition, -1):
                     self._skip(delta)
-                else:
-                    rows.extend(delta.rows)
-                    if self._listeners and delta.wire:
-                        self._wire.extend(delta.wire)
+                elif delta.count:
+                    rows.append(delta.body)
+                    count += delta.count
+                    if self._listeners:
+                        self._wire.extend(delta.wire_rows())
                 applied[tp.partition] = record.offset + 1  # type: ignore[attr-defined]
                 if delta.final:  # earlier chunks of a split delta: not all rows are out yet
                     fresh[delta.partition] = max(fresh.get(delta.partition, 0), delta.reflected_ms)
                     counted = self._counted.get(delta.partition, -1)
                     self._counted[delta.partition] = max(counted, delta.next_offset)
                 self.stats.messages += 1
-                if len(rows) >= SINK_ROWS_PER_INSERT:
-                    await self._write(rows, applied, fresh)
-                    rows, applied, fresh = [], {}, {}
+                if count >= SINK_ROWS_PER_INSERT:
+                    await self._write(rows, count, applied, fresh)
+                    rows, count, applied, fresh = [], 0, {}, {}
         if applied:
-            await self._write(rows, applied, fresh)
+            await self._write(rows, count, applied, fresh)
 
-    def _skip(self, delta: Delta) -> None:
+    def _skip(self, delta: Frame) -> None:
         """A delta for events the store already counted: a second commit of a batch.
 
         Workers never commit a batch twice by design (see docs/exactly-once.md);
@@ -206,29 +254,26 @@ class Sink:
         )
 
     async def _write(
-        self, rows: list[list[object]], applied: dict[int, int], fresh: dict[int, int]
+        self, rows: list[bytes], count: int, applied: dict[int, int], fresh: dict[int, int]
     ) -> None:
-        markers = marker_rows(self.rollups_topic, applied, {})
+        markers = _marker_rows(self.rollups_topic, applied, {})
         # Freshness per events partition, for meta.updated_at (see queries.py).
-        freshness = marker_rows(
-            self.events_topic,
-            {p: self._counted[p] for p in fresh},
-            {p: datetime.fromtimestamp(ms / 1000, UTC) for p, ms in fresh.items()},
-        )
+        markers += _marker_rows(self.events_topic, {p: self._counted[p] for p in fresh}, fresh)
+        body = b",".join([*rows, orjson.dumps(markers)[1:-1]])
         started = time.perf_counter()
-        await self._write_once(rows + markers + freshness, applied)
+        await self._write_once(body, count + len(markers), applied)
         self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.last_write_unix = time.time()
         for partition, reflected in fresh.items():
             seen = self.stats.reflected_ms.get(partition, 0)
             self.stats.reflected_ms[partition] = max(seen, reflected)
-        self.stats.rows += len(rows)
+        self.stats.rows += count
         self.stats.inserts += 1
         wire, self._wire = self._wire, []
         for listener in self._listeners:
             listener(wire, fresh)
 
-    async def _write_once(self, rows: list[list[object]], applied: dict[int, int]) -> None:
+    async def _write_once(self, body: bytes, count: int, applied: dict[int, int]) -> None:
         """Write, retrying failures, without ever writing the same rows twice.
 
         A failed INSERT may have landed anyway (a server that committed the part
@@ -238,7 +283,7 @@ class Sink:
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self.rollups.write, rows)
+                await asyncio.to_thread(self.rollups.write_json, body, count)
                 return
             except Exception as exc:
                 delay = retry_delay(attempt)
@@ -267,3 +312,16 @@ class Sink:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+def _marker_rows(
+    topic: str, next_offsets: dict[int, int], reflected_ms: dict[int, int]
+) -> list[list[object]]:
+    """rollup.marker_rows in the wire layout: epoch seconds and milliseconds."""
+    return [
+        [
+            *(MARKER_ACCOUNT, 0, MARKER_TYPE, topic, "", "", partition, ""),
+            *(0, 0, 0.0, 0, 0, reflected_ms.get(partition, 0), offset),
+        ]
+        for partition, offset in sorted(next_offsets.items())
+    ]

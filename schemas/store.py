@@ -7,7 +7,9 @@ in `schemas/migrations/`; each applied version is recorded in `schema_migrations
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,6 +110,46 @@ class Store:
         with self._lock:
             self._client.insert(table, rows, column_names=list(columns))
 
+    def insert_json_rows(
+        self,
+        table: str,
+        columns: Sequence[str],
+        structure: str,
+        select: str,
+        body: bytes,
+        settings: dict[str, Any],
+    ) -> None:
+        """INSERT INTO table (columns) SELECT select FROM rows that ClickHouse parses.
+
+        `body` is rows in JSONCompactEachRow with the columns of `structure`
+        (ClickHouse's "name Type, ..." form); `select` converts them to `columns`.
+        Python never builds a row: the server (or the embedded engine) reads the
+        bytes. A server gets them as the data of INSERT ... SELECT FROM input();
+        the embedded engine reads no inline data for input() (it silently inserts
+        nothing), so it reads them from a temporary file, as clickhouse-connect's
+        own raw_insert does on chdb.
+        """
+        cols = ", ".join(columns)
+        head = f"INSERT INTO {table} ({cols}) SELECT {select} FROM"
+        with self._lock:
+            if not self.embedded:
+                self._client.command(
+                    f"{head} input({_quote(structure)}) FORMAT JSONCompactEachRow",
+                    data=body,
+                    settings=settings,
+                )
+                return
+            fd, path = tempfile.mkstemp(prefix="tally-insert-", suffix=".json")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(body)
+                self._client.command(
+                    f"{head} file({_quote(path)}, 'JSONCompactEachRow', {_quote(structure)})",
+                    settings=settings,
+                )
+            finally:
+                os.unlink(path)
+
     def migrate(self) -> list[int]:
         """Apply pending migrations in order; return the versions applied now."""
         if self.cluster:
@@ -176,6 +218,10 @@ def _client(url: str, database: str | None) -> Client:
         database=database or "default",
         tz_mode="aware",
     )
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _redact(url: str) -> str:

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from processors.deltas import Delta, decode, encode
+from processors.deltas import Delta, decode, encode, read
 from processors.rollup import RollupBuilder
 from producers import events as build
 
@@ -47,3 +47,57 @@ def test_unknown_versions_are_refused() -> None:
         decode(orjson.dumps({"v": 99}))
     with pytest.raises(ValueError, match="JSON"):
         decode(b"{nope")
+
+
+def _v1(delta: Delta) -> bytes:
+    """A message as wire version 1 wrote it (one JSON object, rows inside)."""
+    return orjson.dumps(
+        {
+            "v": 1,
+            "partition": delta.partition,
+            "next_offset": delta.next_offset,
+            "reflected_ms": delta.reflected_ms,
+            "final": delta.final,
+            "rows": [
+                [r[0], int(r[1].timestamp()), *r[2:13], int(r[13].timestamp() * 1000)]
+                for r in delta.rows
+            ],
+        }
+    )
+
+
+def test_version_1_messages_are_still_read_the_same() -> None:
+    rows = _rows(3)
+    delta = Delta(4, 1234, 99, rows)
+    [v2] = encode(delta)
+    assert decode(_v1(delta)).rows == rows
+    assert decode(_v1(delta)).wire == decode(v2).wire
+    assert read(_v1(delta)) == read(v2)
+
+
+def test_read_leaves_the_rows_as_clickhouse_ready_bytes() -> None:
+    rows = _rows(2)
+    [message] = encode(Delta(4, 1234, 99, rows))
+    frame = read(message)
+    assert (frame.partition, frame.next_offset, frame.reflected_ms, frame.final) == (
+        4,
+        1234,
+        99,
+        True,
+    )
+    assert frame.count == 3
+    cells = orjson.loads(b"[" + frame.body + b"]")
+    # rollup_minute's columns in order: epoch seconds, epoch ms, offset_end 0.
+    assert cells[0][1] == int(T0.replace(second=0, microsecond=0).timestamp())
+    assert cells[0][13] == int(T0.timestamp() * 1000)
+    assert [len(c) for c in cells] == [15, 15, 15]
+    assert {c[14] for c in cells} == {0}
+    assert frame.wire_rows() == [c[:14] for c in cells]
+    assert read(encode(Delta(2, 7, 99, []))[0]).body == b""
+
+
+def test_unknown_version_2_headers_are_refused() -> None:
+    with pytest.raises(ValueError, match="version"):
+        decode(orjson.dumps({"v": 99, "count": 0}) + b"\n")
+    with pytest.raises(ValueError, match="JSON"):
+        decode(b"{nope\n[1]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import orjson
 import pytest
 
 from processors import sink as sink_module
@@ -14,13 +15,13 @@ class FakeRollups:
     def __init__(self, outcomes: list[str], pending: dict[int, int]) -> None:
         self.pending = pending  # the markers the INSERT carries
         self.outcomes = outcomes  # per INSERT: "ok", "lost-reply" (landed, raised), "fail"
-        self.inserts: list[list[list[object]]] = []
+        self.inserts: list[bytes] = []
         self.offsets: dict[int, int] = {}
 
-    def write(self, rows: list[list[object]]) -> None:
+    def write_json(self, body: bytes, count: int) -> None:
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
         if outcome in ("ok", "lost-reply"):
-            self.inserts.append(rows)
+            self.inserts.append(body)
             self.offsets.update(self.pending)
         if outcome != "ok":
             raise ConnectionError("connection reset during INSERT")
@@ -47,7 +48,7 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_each_batch_lands_exactly_once(outcomes: list[str], inserts: int) -> None:
     rollups = FakeRollups(outcomes, {0: 10, 3: 7})
     sink = sink_with(rollups)
-    await sink._write_once([["row"]], {0: 10, 3: 7})
+    await sink._write_once(b'["row"]', 1, {0: 10, 3: 7})
     assert len(rollups.inserts) == inserts
     assert rollups.offsets == {0: 10, 3: 7}
 
@@ -87,7 +88,9 @@ async def test_a_batch_committed_twice_upstream_is_applied_once() -> None:
     written: list[list[object]] = []
 
     class Rollups:
-        def write(self, rows: list[list[object]]) -> None:
+        def write_json(self, body: bytes, count: int) -> None:
+            rows = orjson.loads(b"[" + body + b"]")
+            assert len(rows) == count
             written.extend(r for r in rows if r[0] != "")  # data rows, not markers
 
         def resume_offsets(self, topic: str) -> dict[int, int]:

@@ -1,0 +1,178 @@
+"""The sink's INSERT of raw wire rows: the same stored values as the row-by-row path, one part.
+
+The sink hands the deltas' row bytes to ClickHouse (INSERT ... SELECT from the
+JSONCompactEachRow rows) instead of building Python rows for clickhouse-connect.
+These tests hold it to what the old path stored, and to the one-part atomicity
+the exactly-once design rests on (docs/exactly-once.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.structs import TopicPartition
+
+from processors.deltas import Delta, decode, encode
+from processors.rollup import marker_rows
+from processors.sink import TABLE, RollupStore, Sink
+from schemas.store import Store
+
+U64 = 2**64 - 1
+LABELS = ["q\"uo'te", "back\\slash\\", "uni ünï 漢字 🚀", "line\nbreak\ttab\u2028", "", "$$"]
+TIMES = [
+    datetime(1970, 1, 1, tzinfo=UTC),
+    datetime(2026, 3, 29, 10, 15, 59, 999000, tzinfo=UTC),
+    datetime(2026, 3, 29, 10, 16, 0, 1000, tzinfo=UTC),
+    datetime(2026, 3, 29, 10, 16, 0, 123456, tzinfo=UTC),  # sub-ms: the wire keeps ms
+    datetime(2106, 2, 7, 6, 27, 0, 999999, tzinfo=UTC),
+]
+FLOATS = [0.0, 0.1 + 0.2, 1e300, 5e-324, 123.456789012345, 2.0**53 + 1.0]
+
+
+def _minute(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+def _deltas() -> list[Delta]:
+    rows: list[list[Any]] = []
+    for i, label in enumerate(LABELS * 3):
+        at = TIMES[i % len(TIMES)]
+        rows.append(
+            [
+                f"acct-{label}",
+                _minute(at),
+                "tally.request.v1",
+                label,
+                "GET" if i % 2 else label,
+                label[::-1],
+                [0, 200, 65535][i % 3],
+                label if i % 4 == 0 else "",
+                [1, 0, U64][i % 3],
+                [U64, 0, 1_500_000][i % 3],
+                FLOATS[i % len(FLOATS)],
+                [0, U64, 7][i % 3],
+                [U64, 0, 9][i % 3],
+                at,
+                0,
+            ]
+        )
+    # The same keys again in a second delta: summed on insert by both paths.
+    again = [[*row[:8], 1, 2, 0.5, 3, 4, row[13] + timedelta(milliseconds=1), 0] for row in rows]
+    return [
+        Delta(0, 100, 1_774_000_000_123, rows),
+        Delta(1, 7, 1_774_000_000_999, again[:5]),
+        Delta(1, 9, 1, []),  # heartbeat: freshness only
+        Delta(0, 120, 4_294_967_295_999, again[5:]),
+    ]
+
+
+class _Record:
+    def __init__(self, offset: int, value: bytes) -> None:
+        self.offset, self.value = offset, value
+
+
+def _old_path(store: Store, messages: list[bytes], rollups: str, events: str) -> None:
+    """What the sink wrote before wire version 2: decoded rows through clickhouse-connect."""
+    rows: list[list[object]] = []
+    counted: dict[int, int] = {}
+    fresh: dict[int, int] = {}
+    for value in messages:
+        delta = decode(value)
+        rows.extend(delta.rows)
+        fresh[delta.partition] = max(fresh.get(delta.partition, 0), delta.reflected_ms)
+        counted[delta.partition] = max(counted.get(delta.partition, -1), delta.next_offset)
+    markers = marker_rows(rollups, {0: len(messages)}, {})
+    freshness = marker_rows(
+        events,
+        {p: counted[p] for p in fresh},
+        {p: datetime.fromtimestamp(ms / 1000, UTC) for p, ms in fresh.items()},
+    )
+    RollupStore(store).write(rows + markers + freshness)
+
+
+def _stored(store: Store) -> list[tuple[Any, ...]]:
+    return store.query(
+        f"SELECT *, toUnixTimestamp64Milli(last_time) FROM {TABLE} "
+        "ORDER BY account, minute, type, route, method, model, status, stream_id, offset_end"
+    )
+
+
+def _open(store_url: str, database: str) -> Store:
+    store = Store(store_url, database)
+    store.migrate()
+    return store
+
+
+async def test_raw_rows_store_exactly_what_the_row_path_stored(
+    store_url: str, unique_name: str
+) -> None:
+    messages = [m for delta in _deltas() for m in encode(delta)]
+    old = _open(store_url, f"{unique_name}_old")
+    new = _open(store_url, f"{unique_name}_new")
+    _old_path(old, messages, "r", "e")
+
+    sink = Sink(new, "127.0.0.1:9", "r", "e")
+    heard: list[list[Any]] = []
+    sink.add_listener(lambda rows, fresh: heard.extend(list(r) for r in rows))
+    await sink._apply([(TopicPartition("r", 0), [_Record(i, m) for i, m in enumerate(messages)])])
+
+    want = _stored(old)
+    assert len(want) > len(LABELS) * 3  # deltas and markers both there
+    assert _stored(new) == want
+    # Listeners still get the wire rows: 14 columns, as version 1 carried them.
+    assert heard == [row for m in messages for row in (decode(m).wire or [])]
+    assert all(len(row) == 14 for row in heard)
+
+
+async def test_version_1_messages_are_still_applied(store_url: str, unique_name: str) -> None:
+    delta = _deltas()[0]
+    v1 = orjson.dumps(
+        {
+            "v": 1,
+            "partition": delta.partition,
+            "next_offset": delta.next_offset,
+            "reflected_ms": delta.reflected_ms,
+            "final": True,
+            "rows": decode(encode(delta)[0]).wire,
+        }
+    )
+    old = _open(store_url, f"{unique_name}_old")
+    new = _open(store_url, f"{unique_name}_new")
+    _old_path(old, encode(delta), "r", "e")
+    sink = Sink(new, "127.0.0.1:9", "r", "e")
+    await sink._apply([(TopicPartition("r", 0), [_Record(0, v1)])])
+    assert _stored(new) == _stored(old)
+
+
+@pytest.mark.parametrize("rows", [200_000])
+async def test_one_insert_of_many_rows_is_one_part(
+    store_url: str, unique_name: str, rows: int
+) -> None:
+    store = _open(store_url, unique_name)
+    # Merges would hide a split: with them stopped, every block stays a part.
+    store.command(f"SYSTEM STOP MERGES {TABLE}")
+    minute = datetime(2026, 3, 29, 10, 15, tzinfo=UTC)
+    delta = Delta(
+        0,
+        1,
+        0,
+        [
+            [f"acct-{i:07d}", minute, "t", "/r", "GET", "", 200, "", 1, 1, 0.5, 1, 1, minute, 0]
+            for i in range(rows)
+        ],
+    )
+    messages = encode(delta)
+    assert len(messages) > 1  # split on the wire, joined again by the sink
+    sink = Sink(store, "127.0.0.1:9", "r", "e")
+    await sink._apply([(TopicPartition("r", 0), [_Record(i, m) for i, m in enumerate(messages)])])
+    parts = await asyncio.to_thread(
+        store.query,
+        "SELECT count(), sum(rows) FROM system.parts "
+        "WHERE database = {db:String} AND table = {t:String} AND active",
+        {"db": unique_name, "t": TABLE},
+    )
+    assert parts == [(1, rows + 2)]  # the deltas, one offset marker, one freshness marker
