@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
+from msgspec import Meta, Struct
 from pydantic import ValidationError
 
 from schemas.events import (
@@ -362,3 +364,229 @@ def _explain(doc: dict[str, Any], exc: ValidationError) -> tuple[str, str]:
     reason = MISSING_ATTRIBUTE if first["type"] == "missing" else INVALID_ATTRIBUTE
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return reason, f"{path}: {first['msg']}{more}"
+
+
+# The native path: a whole message decoded and validated in C (msgspec) into
+# Structs, for the worker's common case. It is never looser than the models, only
+# ever stricter: the Structs mirror schemas/events.py but forbid unknown attributes
+# (so msgspec parses, and validates, every byte of the message: orjson rejects
+# invalid UTF-8 or out-of-range numbers that a skipped value would let through, and
+# the element size below has a fixed bound), take `time` in its canonical RFC 3339
+# forms only, and bound ints and floats to what orjson reads as such. Anything it
+# does not accept, the message goes to `decode_flat` whole, which decides and
+# explains exactly as before. tests/unit/processors/test_decode_native.py holds the
+# two paths to that.
+_I64 = 2**63 - 1  # orjson reads larger ints as floats, which the models reject as counts
+_NativeUnits = Annotated[float, Meta(ge=0, lt=_EXACT_INT)]  # ints from 2^53: to the models
+_NativeLabel = Annotated[str, Meta(min_length=1, max_length=256)]
+_NativeCount = Annotated[int, Meta(ge=0, le=_I64)]
+_NativeId = Annotated[str, Meta(min_length=1, max_length=128)]
+_NativeSource = Annotated[str, Meta(min_length=1, max_length=256)]
+# Subject and time are checked per message in one regex call each (`decode_native`);
+# here only bounded, so that an element's encoded size is bounded.
+_NativeSubject = Annotated[str, Meta(min_length=1, max_length=128)]
+_NativeTime = Annotated[str, Meta(max_length=32)]
+_NativeContentType = Annotated[str, Meta(max_length=256)]  # the models: any str
+
+
+class NativeRequestData(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    units: _NativeUnits = 1.0
+    route: _NativeLabel | None = None
+    method: Annotated[str, Meta(min_length=1, max_length=16)] | None = None
+    status: Annotated[int, Meta(ge=100, le=599)] | None = None
+    model: _NativeLabel | None = None
+    latency_ms: _NativeUnits | None = None
+    bytes_in: _NativeCount | None = None
+    bytes_out: _NativeCount | None = None
+
+
+class NativeStreamOpenedData(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    stream_id: _NativeLabel
+    route: _NativeLabel | None = None
+    model: _NativeLabel | None = None
+
+
+class NativeStreamClosedData(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    stream_id: _NativeLabel
+    units: _NativeUnits = 0.0
+    duration_ms: _NativeUnits | None = None
+    reason: Annotated[str, Meta(max_length=256)] | None = None
+
+
+_NO_REQUEST_DATA = NativeRequestData()
+
+
+class NativeRequest(
+    Struct, tag_field="type", tag=REQUEST, frozen=True, forbid_unknown_fields=True, gc=False
+):
+    specversion: Literal["1.0"]
+    id: _NativeId
+    source: _NativeSource
+    subject: _NativeSubject
+    time: _NativeTime
+    datacontenttype: _NativeContentType | None = None
+    data: NativeRequestData = _NO_REQUEST_DATA
+
+
+class NativeStreamOpened(
+    Struct, tag_field="type", tag=STREAM_OPENED, frozen=True, forbid_unknown_fields=True, gc=False
+):
+    specversion: Literal["1.0"]
+    id: _NativeId
+    source: _NativeSource
+    subject: _NativeSubject
+    time: _NativeTime
+    data: NativeStreamOpenedData
+    datacontenttype: _NativeContentType | None = None
+
+
+class NativeStreamClosed(
+    Struct, tag_field="type", tag=STREAM_CLOSED, frozen=True, forbid_unknown_fields=True, gc=False
+):
+    specversion: Literal["1.0"]
+    id: _NativeId
+    source: _NativeSource
+    subject: _NativeSubject
+    time: _NativeTime
+    data: NativeStreamClosedData
+    datacontenttype: _NativeContentType | None = None
+
+
+NativeEvent = NativeRequest | NativeStreamOpened | NativeStreamClosed
+_NATIVE_DECODER = msgspec.json.Decoder(list[NativeEvent] | NativeEvent)
+
+# Per message, all subjects (and all times) joined by a space, which neither may
+# hold, checked by one regex call; the count of spaces proves the pieces are the
+# events' own values. Times: a subset of the models' RFC 3339 for which
+# `parse_rfc3339` is exactly `datetime.fromisoformat` (ASCII digits, upper-case T
+# and Z, at most 6 fraction digits: no replacing, no truncating).
+_SUBJECT_PIECE = SUBJECT_PATTERN.removeprefix("^").removesuffix("$")
+_SUBJECTS = re.compile(f"{_SUBJECT_PIECE}(?: {_SUBJECT_PIECE})*")
+_TIME_PIECE = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-][0-9]{2}:[0-9]{2})"
+)
+_TIMES = re.compile(f"{_TIME_PIECE}(?: {_TIME_PIECE})*")
+
+
+def _native_worst_case_bytes() -> int:
+    # An element's bytes as the batch path re-encodes it (orjson.dumps of the parsed
+    # object): every string at the longest the Structs allow, of the character
+    # orjson writes longest ("\u0001", six bytes), the longest numbers. Unknown
+    # attributes are refused and a repeated key keeps its last value in both parsers.
+    ctl = "\x01"
+    big_float = 1.2345678901234567e-300
+    envelope = {
+        "specversion": "1.0",
+        "id": ctl * 128,
+        "source": ctl * 256,
+        "subject": ctl * 128,
+        "time": ctl * 32,
+        "datacontenttype": ctl * 256,
+        "type": STREAM_OPENED,
+    }
+    label = ctl * 256
+    data: list[dict[str, Any]] = [
+        {
+            "units": big_float,
+            "route": label,
+            "method": ctl * 16,
+            "status": 599,
+            "model": label,
+            "latency_ms": big_float,
+            "bytes_in": _I64,
+            "bytes_out": _I64,
+        },
+        {"stream_id": label, "route": label, "model": label},
+        {"stream_id": label, "units": big_float, "duration_ms": big_float, "reason": label},
+    ]
+    return max(len(orjson.dumps({**envelope, "data": d})) for d in data)
+
+
+NATIVE_MAX_EVENT_BYTES = _native_worst_case_bytes()
+"""No element the native path accepts re-encodes longer: it is used only when the
+event size limit is at least this (the default 64,000 is)."""
+
+
+def decode_native(
+    value: bytes | None, now: datetime, limits: Limits
+) -> tuple[list[NativeEvent], list[datetime], list[int]] | None:
+    """A message's events, their times and rollup minutes when every one is plainly
+    valid and on time (the models would accept them all, with these values); else None:
+    then `decode_flat` decides."""
+    if (
+        value is None
+        or len(value) > limits.max_message_bytes
+        or limits.max_event_bytes < NATIVE_MAX_EVENT_BYTES
+    ):
+        return None
+    try:
+        doc = _NATIVE_DECODER.decode(value)
+    except msgspec.MsgspecError:
+        return None
+    if type(doc) is list:
+        if not doc:
+            return None
+        events: list[NativeEvent] = doc
+    elif len(value) > limits.max_event_bytes:
+        return None  # a single event's limit counts the message's own bytes
+    else:
+        events = [doc]
+    gaps = len(events) - 1
+    subjects = " ".join([e.subject for e in events])
+    if subjects.count(" ") != gaps or _SUBJECTS.fullmatch(subjects) is None:
+        return None
+    texts = [e.time for e in events]
+    joined = " ".join(texts)
+    if joined.count(" ") != gaps or _TIMES.fullmatch(joined) is None:
+        return None
+    try:
+        times = list(map(datetime.fromisoformat, texts))
+    except ValueError:  # e.g. a 13th month: the models say why
+        return None
+    lo, hi = now - limits.max_lateness, now + limits.max_future
+    if min(times) < lo or max(times) > hi:
+        return None
+    if joined.count("Z") == len(texts) and lo >= _MINUTE_SAFE_LO and hi < _MINUTE_SAFE_HI:
+        minutes = _minutes_utc(texts)
+    else:
+        minutes = [int(t.timestamp()) // 60 * 60 for t in times]
+    return events, times, minutes
+
+
+# The rollup's minute is int(time.timestamp()) // 60 * 60 (`RollupBuilder.add_flat`).
+# For a UTC time ("...Z") it is the minute its first 16 characters name, looked up
+# once per distinct minute: int() truncates the same as flooring from 1970 on, and
+# below 2^32 seconds (2106) a float timestamp keeps a whole second's .999999 below
+# the next second. Times outside that span are not on time anyway unless the clock
+# is: the per-event formula is used then.
+_MINUTE_SAFE_LO = datetime(1970, 1, 1, tzinfo=UTC)
+_MINUTE_SAFE_HI = datetime(2106, 1, 1, tzinfo=UTC)
+_MINUTES: dict[str, int] = {}
+
+
+def _minutes_utc(texts: list[str]) -> list[int]:
+    cache = _MINUTES
+    try:
+        return [cache[t[:16]] for t in texts]
+    except KeyError:
+        if len(cache) > 100_000:
+            cache.clear()
+        for t in texts:
+            if t[:16] not in cache:
+                cache[t[:16]] = int(datetime.fromisoformat(t[:16] + ":00+00:00").timestamp())
+        return [cache[t[:16]] for t in texts]
+
+
+def flatten_native(event: NativeEvent, time: datetime) -> Flat:
+    """A native event's values, as `decode_flat` gives them (for tests and tools)."""
+    d = event.data
+    if isinstance(d, NativeRequestData):
+        return (event.source, event.id, REQUEST, event.subject, time,
+                d.route or "", d.method or "", d.model or "", d.status or 0, "", d.units,
+                d.latency_ms or 0.0, d.bytes_in or 0, d.bytes_out or 0)  # fmt: skip
+    if isinstance(d, NativeStreamOpenedData):
+        return (event.source, event.id, STREAM_OPENED, event.subject, time, d.route or "", "",
+                d.model or "", 0, d.stream_id, 0.0, 0.0, 0, 0)  # fmt: skip
+    return (event.source, event.id, STREAM_CLOSED, event.subject, time, "", "", "", 0,
+            d.stream_id, d.units, 0.0, 0, 0)  # fmt: skip

@@ -57,5 +57,46 @@ class Deduplicator:
         self._current_keys += 1
         return True
 
+    def admit_all(self, sources: list[str], ids: list[str]) -> bool:
+        """Remember a message's keys at once when all are new: True, the same as
+        `first_time` returning True for each in turn. False (nothing remembered) when
+        any may be a duplicate or a generation would turn: then ask `first_time`.
+
+        Set operations in C instead of a call per key; the window's clock is read
+        once per message, so a generation may turn one message late."""
+        n = len(ids)
+        current, previous = self._current, self._previous
+        if (
+            self._current_keys + n > self.max_keys
+            or len(current) + len(previous) > 16  # many sources: per key is cheaper
+            or self._clock() - self._opened >= self.window_s
+        ):
+            return False
+        fresh = set(ids)
+        if len(fresh) != n:
+            return False
+        # Conservative: an id seen under any source sends the message the slow way.
+        for seen in (*current.values(), *previous.values()):
+            if not seen.isdisjoint(fresh):
+                return False
+        first = sources[0]
+        if sources.count(first) == n:
+            group = current.get(first)
+            if group is None:
+                current[first] = fresh
+            else:
+                group |= fresh
+        else:
+            adds = {}
+            for source in set(sources):
+                group = current.get(source)
+                if group is None:
+                    group = current[source] = set()
+                adds[source] = group.add
+            for source, event_id in zip(sources, ids, strict=True):
+                adds[source](event_id)
+        self._current_keys += n
+        return True
+
     def __len__(self) -> int:
         return self._current_keys + self._previous_keys

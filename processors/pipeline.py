@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from processors.decode import Limits, Rejection, decode_flat, decode_message
+from processors.decode import Limits, Rejection, decode_flat, decode_message, decode_native
 from processors.dedup import Deduplicator
 from processors.rollup import RollupBuilder
+from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,8 @@ class Pipeline:
         now = self._clock()
         builder = RollupBuilder()
         add = builder.add_flat
+        add_native = builder.add_native
+        requests = opened = closed = 0
         limits = self.limits
         result = BatchResult(rows=[], dead_letters=[], next_offsets={})
         resume, dedups = self._resume, self._dedup
@@ -107,7 +110,31 @@ class Pipeline:
             partition = message.partition
             if partition not in resume:
                 raise RuntimeError(f"partition {partition} was not resumed before processing")
-            first_time = dedups[partition].first_time
+            dedup = dedups[partition]
+            first_time = dedup.first_time
+            native = decode_native(message.value, now, limits)
+            if native is not None:
+                native_events = native[0]
+                sources = [e.source for e in native_events]
+                ids = [e.id for e in native_events]
+                if message.offset < resume[partition]:
+                    result.replayed += 1
+                    if not dedup.admit_all(sources, ids):
+                        for source, event_id in zip(sources, ids, strict=True):
+                            first_time(source, event_id)
+                    continue
+                all_new = dedup.admit_all(sources, ids)
+                r, o, c, d = add_native(*native, None if all_new else first_time)
+                requests += r
+                opened += o
+                closed += c
+                duplicates += d
+                next_offsets[partition] = resume[partition] = message.offset + 1
+                if message.timestamp_ms > published.get(partition, 0):
+                    published[partition] = message.timestamp_ms
+                else:
+                    published.setdefault(partition, 0)
+                continue
             events, rejections = decode_flat(message.value, now, limits)
             if message.offset < resume[partition]:
                 result.replayed += 1
@@ -129,6 +156,14 @@ class Pipeline:
                 published[partition] = message.timestamp_ms
             else:
                 published.setdefault(partition, 0)
+        # The native path counts by type in locals; merged so that by_type holds the
+        # same keys, in the same order of first appearance, as counting per event did
+        # only when no native message came first; the order of a dict's keys is not
+        # part of the result's meaning (it is compared as a dict).
+        for kind, n in ((REQUEST, requests), (STREAM_OPENED, opened), (STREAM_CLOSED, closed)):
+            if n:
+                by_type[kind] = by_type.get(kind, 0) + n
+        counted += requests + opened + closed
         result.counted, result.duplicates, result.by_type = counted, duplicates, by_type
         result.rows = builder.rows()
         return result

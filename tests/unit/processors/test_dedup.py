@@ -68,3 +68,30 @@ def test_keys_of_several_sources_rotate_together() -> None:
     assert dedup.first_time("gw-d", "1")  # rotates again: gw-a and gw-b are forgotten
     assert dedup.first_time("gw-b", "1")
     assert len(dedup) <= 6
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_admit_all_is_first_time_for_each_key_when_it_says_so(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    clock = Clock()
+    batched = Deduplicator(window_s=60, max_keys=50, clock=clock)
+    single = Deduplicator(window_s=60, max_keys=50, clock=clock)
+    admitted = 0
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        sources = [rng.choice(["gw-1", "gw-2", "gw-3"]) for _ in range(n)]
+        ids = [str(rng.randrange(400)) for _ in range(n)]
+        clock.now += rng.uniform(0, 5)
+        expected = [single.first_time(s, i) for s, i in zip(sources, ids, strict=True)]
+        if batched.admit_all(sources, ids):
+            admitted += 1
+            assert all(expected)
+        else:
+            got = [batched.first_time(s, i) for s, i in zip(sources, ids, strict=True)]
+            assert got == expected
+        assert len(batched) == len(single)
+        assert batched._current == single._current
+        assert batched._previous == single._previous
+    assert admitted > 30
