@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import random
 import shutil
@@ -34,7 +35,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from benchmarks._procs import child_env, python_module, running, wait_http
+from benchmarks._procs import child_env, python_module, rss_mib, running, wait_http
 
 FULL_ACCOUNTS = 100_000
 MIN_ACCOUNTS = 2_000
@@ -235,6 +236,8 @@ def run(
             "TALLY_CLICKHOUSE_DATABASE": "tally",
             "TALLY_API_PORT": str(port),
             "TALLY_DATA_DIR": str(workdir / "data"),
+            # off: the store read per request, to compare with the in-memory view.
+            "TALLY_API_USAGE_VIEW": os.environ.get("TALLY_BENCH_API_USAGE_VIEW", "auto"),
         }
     )
     with running("tally api", python_module("deploy.cli", "api"), env, workdir / "api.log") as api:
@@ -246,6 +249,7 @@ def run(
             _profile(api.pid, f"{base}{USAGE_PATH}", keys_file, profile_s, workdir)
         figures.update(_figures("api", wrk(f"{base}{USAGE_PATH}", keys_file, duration, workdir)))
         api.check()
+        figures["api_rss_mib"] = rss_mib(api.pid)[0]
 
     port = free_port()
     args = python_module("benchmarks.api", "serve-baseline", "--port", str(port))

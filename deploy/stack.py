@@ -34,7 +34,7 @@ from processors.gc_tuning import tune_gc
 from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
 from processors.sink import Sink
-from query_api.app import create_app
+from query_api.app import attach_sink, create_app
 from schemas import logs
 from schemas.settings import TallySettings
 from schemas.store import Store
@@ -326,6 +326,7 @@ def up(settings: StackSettings, demo: bool, as_json: bool = False) -> None:
                 print("\n".join(keys), flush=True)
         app, worker = build_app(settings)
         sink = new_sink(settings, store)
+        attach_sink(api, sink)  # the API's usage view follows the sink's writes
         REGISTRY.register(PipelineCollector(worker, sink))
         services: list[Service] = [
             SinkService(sink),

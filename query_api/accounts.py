@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from query_api.keys import hash_key, new_key, prefix_of, same_key
 from schemas.store import Store
@@ -53,9 +54,22 @@ def _version() -> int:
     return time.time_ns()
 
 
+class AccountsListener(Protocol):
+    """Told of each account and key write right after it succeeded (query_api/view.py)."""
+
+    def put_account(
+        self, account_id: str, plan: str, anchor_day: int, created: datetime
+    ) -> None: ...
+
+    def put_key(self, prefix: str, key_hash: str, account: str | None, admin: bool) -> None: ...
+
+    def drop_key(self, prefix: str) -> None: ...
+
+
 class AccountStore:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, listener: AccountsListener | None = None) -> None:
         self.store = store
+        self.listener = listener
 
     def get(self, account_id: str) -> Account | None:
         rows = self.store.query(
@@ -84,6 +98,8 @@ class AccountStore:
             [[account_id, plan, billing_anchor_day, now, now, _version()]],
             ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
         )
+        if self.listener is not None:
+            self.listener.put_account(account_id, plan, billing_anchor_day, now)
         return Account(account_id, plan, billing_anchor_day, now)
 
     def set_plan(self, account_id: str, plan: str) -> Account:
@@ -104,6 +120,10 @@ class AccountStore:
             ],
             ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
         )
+        if self.listener is not None:
+            self.listener.put_account(
+                account_id, plan, current.billing_anchor_day, current.created_at
+            )
         return Account(account_id, plan, current.billing_anchor_day, current.created_at)
 
     def create_key(self, account_id: str | None, admin: bool) -> tuple[str, KeyInfo]:
@@ -112,11 +132,14 @@ class AccountStore:
             raise UnknownAccountError(account_id)
         key, prefix = new_key()
         now = datetime.now(UTC)
+        key_hash = hash_key(key)
         self.store.insert(
             "api_keys",
-            [[prefix, hash_key(key), account_id or "", admin, now, None, _version()]],
+            [[prefix, key_hash, account_id or "", admin, now, None, _version()]],
             ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
         )
+        if self.listener is not None:
+            self.listener.put_key(prefix, key_hash, account_id, admin)
         return key, KeyInfo(prefix, account_id, admin, now, None)
 
     def revoke_key(self, prefix: str) -> bool:
@@ -133,6 +156,8 @@ class AccountStore:
             [[prefix, key_hash, account, is_admin, created_at, datetime.now(UTC), _version()]],
             ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
         )
+        if self.listener is not None:
+            self.listener.drop_key(prefix)
         return True
 
     def keys(self, account_id: str | None = None) -> list[KeyInfo]:

@@ -16,6 +16,7 @@ from query_api.errors import ApiError, rate_limited, unauthorized
 from query_api.plans import Plan
 from query_api.ratelimit import RateLimiter
 from query_api.settings import ApiSettings
+from query_api.view import UsageView
 from schemas.store import Store
 
 
@@ -33,9 +34,26 @@ class Services:
     """The API's own per-caller limit (query_api/ratelimit.py)."""
     now: Callable[[], datetime] = utcnow
     """The API's clock; tests pin it to compare answers with an exact expectation."""
+    view: UsageView | None = None
+    """The in-memory usage view (query_api/view.py); None: read the store per request."""
 
 
-def services(request: Request) -> Services:
+async def usage_view(svc: Services) -> UsageView | None:
+    """The view once loaded, or None when requests must read the store.
+
+    Loaded at startup (the app's lifespan); a server run without a lifespan (tests
+    with ASGITransport) loads it on first use. No usage answer precedes the load.
+    """
+    view = svc.view
+    if view is None:
+        return None
+    if not view.loaded:
+        await asyncio.to_thread(view.ensure_loaded, svc.store)
+    return view if view.active else None
+
+
+async def services(request: Request) -> Services:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     found: Services = request.app.state.services
     return found
 
@@ -88,8 +106,13 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
     ):
         found = Principal(account=None, admin=True, key_prefix="env:TALLY_ADMIN_KEY")
     else:
-        # Looked up on every call: a revoked key fails on the very next request.
-        found = await asyncio.to_thread(svc.accounts.authenticate, key)
+        # Looked up on every call: a revoked key fails on the very next request
+        # (the view drops it as the revocation is written).
+        view = await usage_view(svc)
+        if view is not None:
+            found = view.authenticate(key)
+        else:
+            found = await asyncio.to_thread(svc.accounts.authenticate, key)
     if found is None:
         _spend(svc, anonymous)
         raise unauthorized()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 
 from query_api.plans import load_plans
@@ -44,6 +46,19 @@ class ApiSettings(TallySettings):
         description="Requests a caller may make at once (the bucket size); after that, "
         "TALLY_API_RATE_PER_S. Over the limit the API answers 429 rate_limited with "
         "Retry-After.",
+    )
+    api_usage_view: Literal["auto", "off"] = Field(
+        "auto",
+        description="Serve the usage endpoints and key checks from an in-memory view of the "
+        "store, loaded at start and kept exact by this process's writes. auto: on for the "
+        "embedded store (one process holds it, so it sees every write); always off with a "
+        "ClickHouse server (other processes write there).",
+    )
+    api_view_max_rows: int = Field(
+        5_000_000,
+        ge=0,
+        description="Most (account, minute) and stream rows the usage view holds; beyond it "
+        "the API logs a warning and reads usage from the store per request.",
     )
 
     @field_validator("plans")

@@ -5,21 +5,23 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter, Response
+import orjson
+from fastapi import APIRouter, Request, Response
 
 from processors.windows import format_time, period_end_inclusive, used_percentage
 from query_api import queries
 from query_api.accounts import Account
-from query_api.deps import AccountCallerDep, ServicesDep
+from query_api.deps import (
+    AccountCallerDep,
+    ServicesDep,
+    account_principal,
+    principal,
+    services,
+    usage_view,
+)
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.models import (
     AccountUsageOut,
-    LimitOut,
-    MetaOut,
-    PeriodOut,
-    RequestsOut,
-    StreamsOut,
-    UsageDataOut,
     UsageV1Out,
     WindowUsageOut,
 )
@@ -75,13 +77,26 @@ def _since(svc: ServicesDep, account: Account, now: datetime) -> datetime:
     )
 
 
+def _idle_cutoff(svc: ServicesDep, now: datetime) -> datetime:
+    return now - timedelta(seconds=svc.settings.stream_idle_timeout_s)
+
+
 async def _usage(svc: ServicesDep, account_id: str, now: datetime) -> tuple[AccountUsage, Plan]:
-    account = await asyncio.to_thread(svc.accounts.get, account_id)
+    view = await usage_view(svc)
+    if view is not None:
+        found = view.account(account_id)
+        account = Account(account_id, *found) if found else None
+    else:
+        account = await asyncio.to_thread(svc.accounts.get, account_id)
     plan = _plan_of(svc, account_id, account)
     assert account is not None
-    rows = await asyncio.to_thread(
-        queries.account_minutes, svc.store, account_id, _since(svc, account, now), now + AHEAD
-    )
+    since = _since(svc, account, now)
+    if view is not None and view.covers(since, _idle_cutoff(svc, now)):
+        rows = view.minutes(account_id, since, now + AHEAD)
+    else:
+        rows = await asyncio.to_thread(
+            queries.account_minutes, svc.store, account_id, since, now + AHEAD
+        )
     return compute(rows, plan, account.billing_anchor_day, now), plan
 
 
@@ -114,22 +129,35 @@ async def account_usage(caller: AccountCallerDep, svc: ServicesDep) -> AccountUs
     responses={**_PLAN_LIMIT_HEADERS, **ERRORS},
     summary="Request counts, the per-minute limit, streams and the billing period",
 )
-async def account_usage_v1(
-    caller: AccountCallerDep, svc: ServicesDep, response: Response
-) -> UsageV1Out:
+async def account_usage_v1(request: Request) -> Response:
+    # The hot path: the caller is resolved by calling the dependencies rather than
+    # declaring them (they add no parameters to the OpenAPI document), and the body
+    # is rendered here rather than validated again against the response model.
+    # FastAPI's dependency solving and re-validation each cost more CPU than the
+    # answer itself (benchmarks/api.py); the declared response_model still documents
+    # it, and tests/integration/test_api_schemathesis.py checks the body against it.
+    svc = await services(request)
+    caller = await account_principal(await principal(request, svc))
     assert caller.account is not None
     now = svc.now()
-    # Every read in one statement and one thread hop: each has a fixed cost that
-    # dwarfs these point reads (queries.usage_reads, benchmarks/api.py).
-    reads = await asyncio.to_thread(
-        queries.usage_reads,
-        svc.store,
-        caller.account,
-        history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days)),
-        now + AHEAD,
-        now - timedelta(seconds=svc.settings.stream_idle_timeout_s),
-        svc.settings.events_topic,
-    )
+    since = history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days))
+    idle_cutoff = _idle_cutoff(svc, now)
+    view = await usage_view(svc)
+    if view is not None and view.covers(since, idle_cutoff):
+        # From memory, on the loop: exact (query_api/view.py) and no thread hop.
+        reads = view.usage_reads(caller.account, since, now + AHEAD, idle_cutoff)
+    else:
+        # Every read in one statement and one thread hop: each has a fixed cost that
+        # dwarfs these point reads (queries.usage_reads, benchmarks/api.py).
+        reads = await asyncio.to_thread(
+            queries.usage_reads,
+            svc.store,
+            caller.account,
+            since,
+            now + AHEAD,
+            idle_cutoff,
+            svc.settings.events_topic,
+        )
     account = Account(caller.account, *reads.account) if reads.account else None
     plan = _plan_of(svc, caller.account, account)
     assert account is not None
@@ -137,27 +165,34 @@ async def account_usage_v1(
     active, reflected = reads.active_streams, reads.reflected_until
     remaining = max(0, plan.per_minute - usage.this_minute)
     updated = min(reflected, now) if reflected else datetime.fromtimestamp(0, UTC)
-    response.headers["X-RateLimit-Limit"] = str(plan.per_minute)
-    response.headers["X-RateLimit-Remaining"] = str(remaining)
-    response.headers["X-RateLimit-Reset"] = str(int(usage.minute.end.timestamp()))
-    response.headers["X-Data-Delay"] = f"{(now - updated).total_seconds():.3f}"
-    return UsageV1Out(
-        data=UsageDataOut(
-            requests=RequestsOut(
-                today=usage.today,
-                this_week=usage.this_week,
-                this_month=usage.this_month,
-                limit=LimitOut(
-                    per_minute=plan.per_minute,
-                    remaining=remaining,
-                    resets_at=format_time(usage.minute.end),
-                ),
-            ),
-            streams=StreamsOut(active=active, max=plan.max_streams),
-            period=PeriodOut(
-                start=format_time(usage.period.start),
-                end=format_time(period_end_inclusive(usage.period)),
-            ),
-        ),
-        meta=MetaOut(updated_at=format_time(updated)),
+    # Exactly UsageV1Out's fields (query_api/models.py).
+    body = {
+        "data": {
+            "requests": {
+                "today": usage.today,
+                "this_week": usage.this_week,
+                "this_month": usage.this_month,
+                "limit": {
+                    "per_minute": plan.per_minute,
+                    "remaining": remaining,
+                    "resets_at": format_time(usage.minute.end),
+                },
+            },
+            "streams": {"active": active, "max": plan.max_streams},
+            "period": {
+                "start": format_time(usage.period.start),
+                "end": format_time(period_end_inclusive(usage.period)),
+            },
+        },
+        "meta": {"updated_at": format_time(updated)},
+    }
+    return Response(
+        orjson.dumps(body),
+        media_type="application/json",
+        headers={
+            "X-RateLimit-Limit": str(plan.per_minute),
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": str(int(usage.minute.end.timestamp())),
+            "X-Data-Delay": f"{(now - updated).total_seconds():.3f}",
+        },
     )

@@ -1,0 +1,506 @@
+"""The usage view: what /api/.../account/usage reads, held in memory.
+
+On the embedded store a statement costs milliseconds and the store serialises
+statements process-wide, so reading the store per request caps the usage
+endpoints far below what the web stack serves (benchmarks/api.py). The embedded
+store admits ONE process per data path, so the process that holds it sees every
+write to it: its admin writes (accounts and keys, through `AccountStore`) and,
+in `tally up`, the sink's INSERTs (`processors.sink.Listener`). Loaded once and
+fed those writes, the view answers exactly what `queries.usage_reads` would.
+With a ClickHouse server other processes write, so the view is off there.
+
+Pure apart from `load(store)`. Thread-safe: admin writes arrive from worker
+threads, the sink's on the event loop, reads on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
+from query_api.accounts import Principal
+from query_api.keys import prefix_of, same_key
+from query_api.queries import MinuteRow, UsageReads
+from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.store import Store
+
+log = logging.getLogger("tally.api.view")
+
+EPOCH = datetime.fromtimestamp(0, UTC)
+PAGE_ROWS = 100_000
+"""Rows per statement while loading: memory stays bounded by the data held."""
+PRUNE_EVERY_S = 600
+"""How often (by the view's clock) apply() drops minutes that no answer reads any more."""
+
+AccountRow = tuple[str, int, datetime]
+"""(plan, billing_anchor_day, created_at), as `queries.UsageReads.account`."""
+
+
+def ms_time(ms: int) -> datetime:
+    """The DateTime64(3) value `ms` as the store returns it."""
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def to_ms(at: datetime) -> int:
+    """A time as the store keeps it in DateTime64(3): whole milliseconds, truncated."""
+    delta = at - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def minute_of(at: datetime) -> int:
+    """Epoch seconds of the minute `at` is in."""
+    return to_ms(at) // 60_000 * 60
+
+
+class _Usage:
+    """One account's per-minute sums (parallel arrays sorted by minute) and its
+    stream rows: per stream_id, per minute, [max opened last_time ms (-1: none),
+    closed rows]. Arrays, not tuples: 100k accounts x a week of minutes must fit."""
+
+    __slots__ = ("minutes", "requests", "streams", "units")
+
+    def __init__(self) -> None:
+        self.minutes = array("q")
+        self.requests = array("q")
+        self.units = array("q")
+        self.streams: dict[str, dict[int, list[int]]] = {}
+
+    def add(self, minute: int, requests: int, units: int) -> bool:
+        """Add to a minute; True when the minute is new."""
+        minutes = self.minutes
+        if not minutes or minutes[-1] < minute:  # the usual case: the latest minute
+            minutes.append(minute)
+            self.requests.append(requests)
+            self.units.append(units)
+            return True
+        at = bisect_left(minutes, minute)
+        if at < len(minutes) and minutes[at] == minute:
+            self.requests[at] += requests
+            self.units[at] += units
+            return False
+        minutes.insert(at, minute)
+        self.requests.insert(at, requests)
+        self.units.insert(at, units)
+        return True
+
+    def add_stream(self, stream_id: str, minute: int, opened_ms: int, closes: int) -> bool:
+        """Fold a stream row in; True when (stream, minute) is new."""
+        by_minute = self.streams.get(stream_id)
+        if by_minute is None:
+            by_minute = self.streams[stream_id] = {}
+        found = by_minute.get(minute)
+        if found is None:
+            by_minute[minute] = [opened_ms, closes]
+            return True
+        if opened_ms > found[0]:
+            found[0] = opened_ms
+        found[1] += closes
+        return False
+
+    def prune(self, before: int, streams_before: int) -> int:
+        """Drop minutes before `before` and stream minutes before `streams_before`;
+        the number of entries dropped."""
+        dropped = 0
+        cut = bisect_left(self.minutes, before)
+        if cut:
+            del self.minutes[:cut]
+            del self.requests[:cut]
+            del self.units[:cut]
+            dropped += cut
+        for stream_id in list(self.streams):
+            by_minute = self.streams[stream_id]
+            old = [m for m in by_minute if m < streams_before]
+            for minute in old:
+                del by_minute[minute]
+            dropped += len(old)
+            if not by_minute:
+                del self.streams[stream_id]
+        return dropped
+
+    def empty(self) -> bool:
+        return not self.minutes and not self.streams
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """The oldest minute each kind of read may ask for; older data is not held."""
+
+    minutes: int
+    streams: int
+
+
+def horizon_at(now: datetime, history: timedelta, idle: timedelta) -> Horizon:
+    # Imported here: query_api.usage imports queries, which this module also does.
+    from query_api.usage import history_start_any_anchor
+
+    return Horizon(
+        minutes=minute_of(history_start_any_anchor(now, history)),
+        streams=minute_of(now - idle),
+    )
+
+
+class UsageView:
+    """Accounts, live keys, per-minute usage, stream rows and freshness markers of
+    one store, kept exact by `apply` (the sink) and the `put_*`/`drop_key` calls
+    (admin writes), each made right after the store write succeeded."""
+
+    def __init__(
+        self,
+        events_topic: str,
+        history: timedelta,
+        idle: timedelta,
+        max_rows: int,
+        now: Callable[[], datetime],
+    ) -> None:
+        self.events_topic = events_topic
+        self.history = history
+        self.idle = idle
+        self.max_rows = max_rows
+        self.now = now
+        self.loaded = False
+        self.disabled = False
+        """Too big to hold (TALLY_API_VIEW_MAX_ROWS): callers read the store instead."""
+        self.load_seconds = 0.0
+        self._lock = threading.Lock()
+        self._loading = threading.Lock()
+        self._stale = False
+        self._reset(horizon_at(now(), history, idle))
+
+    def _reset(self, horizon: Horizon) -> None:
+        self.horizon = horizon
+        self.rows = 0
+        self._accounts: dict[str, AccountRow] = {}
+        self._keys: dict[str, tuple[str, str, bool]] = {}
+        self._usage: dict[str, _Usage] = {}
+        self._reflected: dict[int, int] = {}
+        self._times: dict[int, datetime] = {}
+        self._next_prune = horizon.minutes
+
+    @property
+    def active(self) -> bool:
+        return self.loaded and not self.disabled
+
+    # -- loading ---------------------------------------------------------------------
+
+    def ensure_loaded(self, store: Store) -> None:
+        """Load unless loaded (or being loaded: then wait for it)."""
+        with self._loading:
+            if not self.loaded:
+                self.load(store)
+
+    def load(self, store: Store) -> None:
+        """Read everything the view holds from the store (a few bulk statements).
+
+        A write reported while loading may or may not be in what was read, so the
+        load starts over then: no write is missed or counted twice.
+        """
+        import time
+
+        started = time.perf_counter()
+        while True:
+            with self._lock:
+                self._stale = False
+                self.loaded = False
+            horizon = horizon_at(self.now(), self.history, self.idle)
+            built = UsageView(self.events_topic, self.history, self.idle, self.max_rows, self.now)
+            built._reset(horizon)
+            if not built._read(store):
+                with self._lock:
+                    self.disabled = True
+                    self._reset(horizon)
+                    self.loaded = True
+                log.warning(
+                    "usage view: the store holds more than TALLY_API_VIEW_MAX_ROWS=%d rows "
+                    "to serve usage from memory; usage is read from the store per request "
+                    "(slower). Raise the setting to serve it from memory.",
+                    self.max_rows,
+                )
+                return
+            with self._lock:
+                if self._stale:
+                    continue
+                self.horizon = built.horizon
+                self.rows = built.rows
+                self._accounts, self._keys = built._accounts, built._keys
+                self._usage, self._reflected = built._usage, built._reflected
+                self._times, self._next_prune = built._times, built._next_prune
+                self.disabled = False
+                self.loaded = True
+                break
+        self.load_seconds = time.perf_counter() - started
+        log.info(
+            "usage view: %d accounts, %d keys, %d rows loaded in %.2fs",
+            len(self._accounts),
+            len(self._keys),
+            self.rows,
+            self.load_seconds,
+        )
+
+    def _read(self, store: Store) -> bool:
+        """Fill this (private, fresh) view from the store; False when too big."""
+        after = ""
+        while True:
+            page = store.query(
+                "SELECT id, plan, billing_anchor_day, created_at FROM accounts FINAL "
+                "WHERE id > {after:String} ORDER BY id LIMIT {n:UInt32}",
+                {"after": after, "n": PAGE_ROWS},
+            )
+            for account_id, plan, anchor, created in page:
+                self._accounts[account_id] = (str(plan), int(anchor), created)
+            if len(page) < PAGE_ROWS:
+                break
+            after = page[-1][0]
+        for prefix, key_hash, account, is_admin in store.query(
+            "SELECT prefix, key_hash, account, is_admin FROM api_keys FINAL "
+            "WHERE revoked_at IS NULL"
+        ):
+            self._keys[prefix] = (key_hash, account, bool(is_admin))
+        since = ms_time(self.horizon.minutes * 1000)
+        account, minute = "", since
+        while True:
+            # Keyset paging on the GROUP BY key: each page resumes exactly after the last.
+            page = store.query(
+                "SELECT account, minute, sumIf(events, type = {req:String}),"
+                " sumIf(units_micro, type IN ({req:String}, {closed:String})) "
+                "FROM rollup_minute "
+                "WHERE minute >= {since:DateTime} AND account >= {a:String}"
+                " AND (account, minute) > ({a:String}, {m:DateTime}) "
+                "GROUP BY account, minute ORDER BY account, minute LIMIT {n:UInt32}",
+                {
+                    "since": since,
+                    "a": account,
+                    "m": minute,
+                    "req": REQUEST,
+                    "closed": STREAM_CLOSED,
+                    "n": PAGE_ROWS,
+                },
+            )
+            for account, minute, requests, units in page:
+                self._add(account, minute_of(minute), int(requests), int(units))
+            if self.rows > self.max_rows:
+                return False
+            if len(page) < PAGE_ROWS:
+                break
+        return self._read_streams(store)
+
+    def _read_streams(self, store: Store) -> bool:
+        rows = store.query(
+            "SELECT account, stream_id, minute, countIf(type = {opened:String}),"
+            " maxIf(last_time, type = {opened:String}), countIf(type = {closed:String}) "
+            "FROM rollup_minute WHERE minute >= {since:DateTime}"
+            " AND type IN ({opened:String}, {closed:String}) "
+            "GROUP BY account, stream_id, minute",
+            {
+                "since": ms_time(self.horizon.streams * 1000),
+                "opened": STREAM_OPENED,
+                "closed": STREAM_CLOSED,
+            },
+        )
+        for account, stream_id, minute, opens, opened_at, closes in rows:
+            opened_ms = to_ms(opened_at) if opens else -1
+            self._add_stream(account, stream_id, minute_of(minute), opened_ms, int(closes))
+        if self.rows > self.max_rows:
+            return False
+        for partition, last in store.query(
+            "SELECT status, max(last_time) FROM rollup_minute"
+            " WHERE account = {m:String} AND type = {k:String} AND route = {topic:String}"
+            " GROUP BY status",
+            {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "topic": self.events_topic},
+        ):
+            self._reflected[int(partition)] = to_ms(last)
+        return True
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _add(self, account: str, minute: int, requests: int, units: int) -> None:
+        usage = self._usage.get(account)
+        if usage is None:
+            usage = self._usage[account] = _Usage()
+        if usage.add(minute, requests, units):
+            self.rows += 1
+
+    def _add_stream(
+        self, account: str, stream_id: str, minute: int, opened_ms: int, closes: int
+    ) -> None:
+        usage = self._usage.get(account)
+        if usage is None:
+            usage = self._usage[account] = _Usage()
+        if usage.add_stream(stream_id, minute, opened_ms, closes):
+            self.rows += 1
+
+    def _writable(self) -> bool:
+        """Under the lock: whether a write may be applied now. While not loaded, a
+        write marks a running load stale (it starts over and reads the write)."""
+        if not self.loaded:
+            self._stale = True
+            return False
+        return not self.disabled
+
+    def apply(self, rows: Sequence[Sequence[Any]], reflected_ms: Mapping[int, int]) -> None:
+        """`processors.sink.Listener`: the wire rows of an INSERT that succeeded and,
+        per events partition, the time (epoch ms) the store now reflects it up to."""
+        with self._lock:
+            if not self._writable():
+                return
+            horizon = self.horizon
+            for row in rows:
+                account, minute, kind = row[0], row[1], row[2]
+                if kind == REQUEST:
+                    requests, units = row[8], row[9]
+                elif kind == STREAM_CLOSED:
+                    requests, units = 0, row[9]
+                else:
+                    requests, units = 0, 0
+                if minute >= horizon.minutes:
+                    self._add(account, minute, requests, units)
+                if minute >= horizon.streams and kind in (STREAM_OPENED, STREAM_CLOSED):
+                    opened = kind == STREAM_OPENED
+                    self._add_stream(
+                        account, row[7], minute, row[13] if opened else -1, 0 if opened else 1
+                    )
+            for partition, ms in reflected_ms.items():
+                if ms > self._reflected.get(partition, -1):
+                    self._reflected[partition] = ms
+            if self.rows > self.max_rows:
+                self._give_up()
+                return
+            now_s = to_ms(self.now()) // 1000
+            if now_s >= self._next_prune:
+                self._prune()
+                self._next_prune = now_s + PRUNE_EVERY_S
+
+    def _give_up(self) -> None:
+        log.warning(
+            "usage view: more than TALLY_API_VIEW_MAX_ROWS=%d rows; usage is read from the "
+            "store per request from now on (slower). Raise the setting to serve it from memory.",
+            self.max_rows,
+        )
+        self.disabled = True
+        self._reset(self.horizon)
+
+    def _prune(self) -> None:
+        """Drop what no answer from now on reads (the horizon only moves forward)."""
+        horizon = horizon_at(self.now(), self.history, self.idle)
+        if horizon.minutes <= self.horizon.minutes and horizon.streams <= self.horizon.streams:
+            return
+        horizon = Horizon(
+            max(horizon.minutes, self.horizon.minutes), max(horizon.streams, self.horizon.streams)
+        )
+        self.horizon = horizon
+        for account in list(self._usage):
+            usage = self._usage[account]
+            self.rows -= usage.prune(horizon.minutes, horizon.streams)
+            if usage.empty():
+                del self._usage[account]
+        self._times = {m: t for m, t in self._times.items() if m >= horizon.minutes}
+
+    def prune(self) -> None:
+        with self._lock:
+            if self.active:
+                self._prune()
+
+    def put_account(self, account_id: str, plan: str, anchor_day: int, created: datetime) -> None:
+        """An account row was written (created, or its plan changed)."""
+        with self._lock:
+            if self._writable():
+                self._accounts[account_id] = (plan, anchor_day, ms_time(to_ms(created)))
+
+    def put_key(self, prefix: str, key_hash: str, account: str | None, admin: bool) -> None:
+        with self._lock:
+            if self._writable():
+                self._keys[prefix] = (key_hash, account or "", admin)
+
+    def drop_key(self, prefix: str) -> None:
+        with self._lock:
+            if self._writable():
+                self._keys.pop(prefix, None)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def covers(self, since: datetime, idle_cutoff: datetime) -> bool:
+        """Whether the view holds everything a read from `since` (streams from
+        `idle_cutoff`) needs: answers for an earlier `since` need the store."""
+        horizon = self.horizon
+        return (
+            self.active
+            and minute_of(since) >= horizon.minutes
+            and minute_of(idle_cutoff) >= horizon.streams
+        )
+
+    def authenticate(self, key: str) -> Principal | None:
+        """As `AccountStore.authenticate`."""
+        prefix = prefix_of(key)
+        if prefix is None:
+            return None
+        found = self._keys.get(prefix)
+        if found is None or not same_key(key, found[0]):
+            return None
+        _, account, admin = found
+        return Principal(account or None, admin, prefix)
+
+    def account(self, account_id: str) -> AccountRow | None:
+        return self._accounts.get(account_id)
+
+    def _time(self, minute: int) -> datetime:
+        at = self._times.get(minute)
+        if at is None:
+            at = self._times[minute] = ms_time(minute * 1000)
+        return at
+
+    def minutes(self, account: str, since: datetime, until: datetime) -> list[MinuteRow]:
+        """As `queries.account_minutes`."""
+        usage = self._usage.get(account)
+        if usage is None:
+            return []
+        # The bounds compare as the store compares DateTime parameters: whole seconds.
+        low, high = to_ms(since) // 1000, to_ms(until) // 1000
+        minutes = usage.minutes
+        start, end = bisect_left(minutes, low), bisect_left(minutes, high)
+        time = self._time
+        requests, units = usage.requests, usage.units
+        return [(time(minutes[i]), requests[i], units[i]) for i in range(start, end)]
+
+    def active_streams(self, account: str, idle_cutoff: datetime) -> int:
+        """As `queries.active_streams`."""
+        usage = self._usage.get(account)
+        if usage is None or not usage.streams:
+            return 0
+        since = minute_of(idle_cutoff)
+        cutoff = to_ms(idle_cutoff)
+        active = 0
+        for by_minute in usage.streams.values():
+            opened, closes = -1, 0
+            for minute, (opened_ms, closed) in by_minute.items():
+                if minute >= since:
+                    opened = max(opened, opened_ms)
+                    closes += closed
+            # A stream without an opened row has opened_at = the epoch in the store.
+            if closes == 0 and max(opened, 0) > cutoff:
+                active += 1
+        return active
+
+    def reflected_until(self) -> datetime | None:
+        """As `queries.reflected_until`."""
+        reflected = self._reflected
+        if not reflected:
+            return None
+        return ms_time(min(reflected.values()))
+
+    def usage_reads(
+        self, account: str, since: datetime, until: datetime, idle_cutoff: datetime
+    ) -> UsageReads:
+        """As `queries.usage_reads` for the store the view was loaded from."""
+        with self._lock:
+            return UsageReads(
+                account=self._accounts.get(account),
+                minutes=self.minutes(account, since, until),
+                active_streams=self.active_streams(account, idle_cutoff),
+                reflected_until=self.reflected_until(),
+            )
