@@ -25,6 +25,10 @@ import asyncio
 import logging
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -182,6 +186,31 @@ async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: om.offset for tp, om in found.items() if tp.topic == topic}
 
 
+def _profile_worker(pid: int) -> subprocess.Popen[bytes] | None:
+    """With BENCH_PROFILE=py-spy, record the worker process's stacks too.
+
+    Attached by pid rather than wrapping the command, so that the worker's own
+    CPU figure still measures the worker, not py-spy.
+    """
+    pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if os.environ.get("BENCH_PROFILE", "") != "py-spy" or pyspy is None:
+        return None
+    out = _child.RESULTS / "processor-worker.pyspy.txt"
+    cmd = [pyspy, "record", "-r", "200", "-f", "raw", "-o", str(out), "--pid", str(pid)]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is None:
+        return
+    profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
+
+
 async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
     settings = _settings(bootstrap, workdir, ds)
     store = Store(settings.store_url, settings.store_database)
@@ -210,6 +239,7 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
     log = _child.RESULTS / "processor-worker.log"
     log.unlink(missing_ok=True)
     with _procs.running("worker", _procs.python_module("deploy.cli", "worker"), env, log) as w:
+        profiler = _profile_worker(w.pid)
         try:
             traced = 0.0
             while True:
@@ -238,6 +268,7 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
             worker_cpu = _cpu_s(w.pid)
             metrics = _scrape(port)
         finally:
+            _stop_profiler(profiler)
             sink.stop()
             await applying
     correct, rows = _check(store, ds)

@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import mode
@@ -27,22 +27,27 @@ from prometheus_client import REGISTRY
 
 from deploy.cli_support import redact
 from deploy.kafka_local import LocalKafka, ensure_topics
-from deploy.serve import ApiService
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
 from processors.gc_tuning import tune_gc
 from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
-from processors.sink import Sink
-from query_api.app import attach_sink, create_app
 from schemas import logs
 from schemas.settings import TallySettings
-from schemas.store import Store
 
 log = logging.getLogger("tally.up")
 
 
+if TYPE_CHECKING:
+    # Imported where used: `tally worker` needs neither, and ClickHouse's
+    # client costs it a fifth of a second of CPU at start.
+    from processors.sink import Sink
+    from schemas.store import Store
+
+
 def open_store(settings: TallySettings) -> Store:
+    from schemas.store import Store
+
     store = Store(settings.store_url, settings.store_database, settings.clickhouse_cluster or "")
     applied = store.migrate()
     if applied:
@@ -126,6 +131,8 @@ class SinkService(Service):
 
 
 def new_sink(settings: WorkerSettings, store: Store) -> Sink:
+    from processors.sink import Sink
+
     return Sink(store, settings.bootstrap, settings.rollups_topic, settings.events_topic)
 
 
@@ -282,6 +289,12 @@ def up(settings: StackSettings, demo: bool, as_json: bool = False) -> None:
     With `as_json` the banner is one JSON line on stdout (keys included), for
     scripts that start a stack and need its addresses.
     """
+    # Here, not at the top: `tally worker` and `tally sink` import this module
+    # too, and the API's imports (FastAPI, pydantic models) cost each of them
+    # about a second of CPU at start.
+    from deploy.serve import ApiService
+    from query_api.app import attach_sink, create_app
+
     with kafka_for(settings) as bootstrap:
         asyncio.run(
             ensure_topics(

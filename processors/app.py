@@ -33,7 +33,7 @@ import faust
 from faust.types import TP
 
 from processors.decode import Limits
-from processors.deltas import Delta, encode
+from processors.deltas import Delta, encode, encode_wire
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.output import FencedError, PartitionOutput, Record
 from processors.pipeline import BatchResult, DeadLetter, Message, Pipeline
@@ -121,7 +121,7 @@ class RollupWorker:
         for partition in by_partition:
             if partition not in self._outputs:
                 await self._take_over(partition)
-        results = {p: self.pipeline.process(msgs) for p, msgs in by_partition.items()}
+        results = {p: self.pipeline.process(msgs, wire=True) for p, msgs in by_partition.items()}
         await asyncio.gather(*(self._commit(p, r, keys) for p, r in results.items()))
         stats = self.stats
         stats.messages += len(events)
@@ -176,9 +176,9 @@ class RollupWorker:
         if next_offset is None:  # the whole batch was below the resume offset
             return
         reflected = self._reflected_ms(partition, next_offset, result.published_until_ms)
-        delta = Delta(partition, next_offset, reflected, result.rows)
         records: list[Record] = [
-            (self.settings.rollups_topic, None, value, partition, []) for value in encode(delta)
+            (self.settings.rollups_topic, None, value, partition, [])
+            for value in encode_wire(partition, next_offset, reflected, result.rows)
         ]
         records.extend(self._dead_letter(letter, keys) for letter in result.dead_letters)
         if await self._transact(partition, records, next_offset):

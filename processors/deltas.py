@@ -118,15 +118,28 @@ _SAMPLE = 256
 
 def encode(delta: Delta, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
     """One delta as messages of at most `max_bytes` each (at least one message)."""
-    bodies = _bodies(_wire_rows(delta.rows), max_bytes - 200)
+    return encode_wire(
+        delta.partition, delta.next_offset, delta.reflected_ms, _wire_rows(delta.rows), max_bytes
+    )
+
+
+def encode_wire(
+    partition: int,
+    next_offset: int,
+    reflected_ms: int,
+    rows: list[list[Any]],
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> list[bytes]:
+    """`encode` of rows already in the wire layout (RollupBuilder.wire_rows)."""
+    bodies = _bodies(rows, max_bytes - 200)
     last = len(bodies) - 1
     return [
         orjson.dumps(
             {
                 "v": VERSION,
-                "partition": delta.partition,
-                "next_offset": delta.next_offset,
-                "reflected_ms": delta.reflected_ms,
+                "partition": partition,
+                "next_offset": next_offset,
+                "reflected_ms": reflected_ms,
                 "final": i == last,
                 "count": count,
             }

@@ -9,14 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from http.server import HTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from processors.app import RollupWorker
-from processors.sink import Sink
 from processors.timing import Timings
+
+if TYPE_CHECKING:
+    from processors.sink import Sink
 
 Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
 

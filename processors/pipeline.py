@@ -38,7 +38,9 @@ class DeadLetter:
 @dataclass(slots=True)
 class BatchResult:
     rows: list[list[object]]
-    """Delta rows; the caller adds the offset markers to the same INSERT."""
+    """Delta rows; the caller adds the offset markers to the same INSERT. In the
+    store's columns (RollupBuilder.rows), or with `process(wire=True)` in the
+    delta wire layout (RollupBuilder.wire_rows)."""
     dead_letters: list[DeadLetter]
     next_offsets: dict[int, int]
     published_until_ms: dict[int, int] = field(default_factory=dict)
@@ -94,7 +96,7 @@ class Pipeline:
     def dedup_keys(self) -> int:
         return sum(len(d) for d in self._dedup.values())
 
-    def process(self, messages: Iterable[Message]) -> BatchResult:
+    def process(self, messages: Iterable[Message], wire: bool = False) -> BatchResult:
         now = self._clock()
         builder = RollupBuilder()
         add = builder.add_flat
@@ -165,5 +167,5 @@ class Pipeline:
                 by_type[kind] = by_type.get(kind, 0) + n
         counted += requests + opened + closed
         result.counted, result.duplicates, result.by_type = counted, duplicates, by_type
-        result.rows = builder.rows()
+        result.rows = builder.wire_rows() if wire else builder.rows()
         return result
