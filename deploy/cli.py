@@ -28,7 +28,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = load_service(WorkerSettings)
     _status(args, "worker", settings)
-    run_worker(settings)
+    run_worker(settings, status=not args.json)
     return 0
 
 

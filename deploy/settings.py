@@ -23,3 +23,11 @@ class StackSettings(WorkerSettings, ApiSettings):
     )
     demo_rate: float = Field(200.0, gt=0, description="Events/s the --demo gateways send.")
     demo_accounts: int = Field(50, ge=3, description="Accounts the --demo gateways simulate.")
+    up_worker_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="0: `tally up` counts events in its own process (one core for worker, "
+        "sink and API). N: it runs N `tally worker` processes instead, which share the "
+        "partitions, and keeps the sink and the API: for a machine with cores to spare.",
+    )

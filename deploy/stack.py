@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -26,9 +28,10 @@ from mode import Service
 from prometheus_client import REGISTRY
 
 from deploy.cli_support import redact
-from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.kafka_local import LocalKafka, die_with_parent_hook, ensure_topics
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
+from processors.failure import EXIT_UNSAFE
 from processors.gc_tuning import tune_gc
 from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
@@ -113,6 +116,62 @@ def kafka_for(settings: StackSettings) -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+
+
+class WorkerProcesses(Service):
+    """`tally worker` child processes of `tally up` (TALLY_UP_WORKER_PROCESSES).
+
+    Workers never touch the store, so they may run beside the process that holds
+    it; each gets a core of its own instead of sharing one with the sink and the
+    API. They read the same TALLY_* environment (the broker `tally up` found or
+    started included), die with this process (PDEATHSIG: a kill -9 of `tally up`
+    leaves no orphan), and a worker that exits takes the stack down, as a worker
+    failing inside `tally up` does.
+    """
+
+    def __init__(self, count: int, bootstrap: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.count = count
+        env = {k: v for k, v in os.environ.items() if k != "TALLY_METRICS_PORT"}
+        env["TALLY_KAFKA_BOOTSTRAP"] = bootstrap
+        self._env = env
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    async def on_start(self) -> None:
+        self._procs = [self._spawn() for _ in range(self.count)]
+        log.info("tally up: %d worker processes %s", self.count, [p.pid for p in self._procs])
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "worker"],
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent_hook(),
+        )
+
+    @Service.task
+    async def _watch(self) -> None:
+        while not self.should_stop:
+            for proc in self._procs:
+                if proc.poll() is not None and not self.should_stop:
+                    log.error(
+                        "worker process %d exited with %s; stopping tally up (run it again "
+                        "to resume where the store left off)",
+                        proc.pid,
+                        proc.returncode,
+                    )
+                    os._exit(EXIT_UNSAFE)
+            await self.sleep(0.5)
+
+    async def on_stop(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 class SinkService(Service):
@@ -214,13 +273,16 @@ def log_tally_lines() -> None:
     tally.setLevel(logging.INFO)
 
 
-def run_worker(settings: WorkerSettings) -> None:
-    """`tally worker`: consume events and publish deltas; no store needed."""
+def run_worker(settings: WorkerSettings, status: bool = False) -> None:
+    """`tally worker`: consume events and publish deltas; no store needed.
+
+    `status`: print what has been counted every few seconds, as `tally up` does.
+    """
     asyncio.run(ensure_rollups_topic(settings))
     app, worker = build_app(settings)
     metrics_endpoint(settings, worker, None)
     tune_gc()
-    run_services(app, [], settings)
+    run_services(app, [StatusLine(worker)] if status else [], settings)
 
 
 def metrics_endpoint(
@@ -240,12 +302,20 @@ def run_sink(settings: WorkerSettings) -> None:
     store = open_store(settings)
     try:
         asyncio.run(ensure_rollups_topic(settings))
-        log_tally_lines()
         sink = new_sink(settings, store)
         metrics_endpoint(settings, None, sink)
         tune_gc()
+        run_store_services([SinkService(sink)], settings)
+    finally:
+        store.close()
+
+
+def run_store_services(services: list[Service], settings: TallySettings) -> None:
+    """Run services without a faust app (no worker in this process) until SIGINT/SIGTERM."""
+    log_tally_lines()
+    try:
         mode.Worker(
-            SinkService(sink),
+            *services,
             loglevel=settings.log_level,
             quiet=True,
             redirect_stdouts=False,
@@ -254,8 +324,6 @@ def run_sink(settings: WorkerSettings) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
-    finally:
-        store.close()
 
 
 def demo_keys(store: Store, settings: StackSettings) -> list[str]:
@@ -337,20 +405,27 @@ def up(settings: StackSettings, demo: bool, as_json: bool = False) -> None:
             if demo:
                 print("tally: demo API keys (shown once):", flush=True)
                 print("\n".join(keys), flush=True)
-        app, worker = build_app(settings)
         sink = new_sink(settings, store)
         attach_sink(api, sink)  # the API's usage view follows the sink's writes
-        REGISTRY.register(PipelineCollector(worker, sink))
         services: list[Service] = [
             SinkService(sink),
             ApiService(api, settings.api_host, settings.api_port),
-            StatusLine(worker),
         ]
         if demo:
             services.append(DemoGateways(settings))
         try:
             tune_gc()
-            run_services(app, services, settings)
+            if settings.up_worker_processes:
+                # The workers' metrics stay in their processes (TALLY_METRICS_PORT is
+                # not passed on: N processes cannot share one port).
+                REGISTRY.register(PipelineCollector(None, sink))
+                services.append(WorkerProcesses(settings.up_worker_processes, bootstrap))
+                run_store_services(services, settings)
+            else:
+                app, worker = build_app(settings)
+                REGISTRY.register(PipelineCollector(worker, sink))
+                services.append(StatusLine(worker))
+                run_services(app, services, settings)
         finally:
             store.close()
     print("tally: stopped", file=sys.stderr, flush=True)

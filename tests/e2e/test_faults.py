@@ -318,3 +318,54 @@ def test_two_workers_one_killed_mid_stream(tmp_path: Path) -> None:
             second.kill()
         stack.stop()
         broker.stop()
+
+
+def test_tally_up_with_a_worker_process_is_exact_and_leaves_no_orphan(tmp_path: Path) -> None:
+    """TALLY_UP_WORKER_PROCESSES=1: the worker runs as a child of `tally up`.
+
+    Counting stays exact across a kill -9 of `tally up`, and the kill takes the
+    child worker with it (PDEATHSIG): no orphan keeps consuming.
+    """
+    stack = _stack(tmp_path, TALLY_UP_WORKER_PROCESSES="1")
+    events, expected = _traffic(60_000, accounts=300, seed=43)
+    broker = LocalKafka(tmp_path / "data", LIBS, port=int(stack.env["TALLY_KAFKA_PORT"]))
+    broker.start()
+    try:
+        asyncio.run(
+            ensure_topics(
+                broker.bootstrap, {"tally.events": 8, "tally.rollups": 8, "tally.events.dlq": 1}
+            )
+        )
+        asyncio.run(_publish(broker.bootstrap, "tally.events", events, 0.02, seed=6))
+    finally:
+        broker.stop()
+    try:
+        stack.start()
+        deadline = time.monotonic() + 120
+        while _progress(stack) <= 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        children = _worker_children(stack)
+        assert len(children) == 1, stack.log.read_text(errors="replace")[-3000:]
+        stack.kill()
+        gone_by = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            assert time.monotonic() < gone_by, f"worker {children} outlived kill -9 of tally up"
+            time.sleep(0.1)
+        stack.start()
+        got, settle = _wait_totals(stack, expected, timeout_s=180)
+        print(f"\n{len(events)} events with a worker process: exact after {settle:.1f}s")
+        assert got == expected
+    finally:
+        stack.stop()
+
+
+def _worker_children(stack: Stack) -> list[int]:
+    """The worker pids `tally up` logged (`tally up: N worker processes [pid, ...]`)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in stack.log.read_text(errors="replace").splitlines():
+            if "worker processes [" in line:
+                pids = line.rpartition("[")[2].rstrip("]").split(",")
+                return [int(p) for p in pids if p.strip()]
+        time.sleep(0.2)
+    return []

@@ -103,7 +103,7 @@ def test_worker_json_status_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ran: list[Any] = []
-    monkeypatch.setattr("deploy.stack.run_worker", ran.append)
+    monkeypatch.setattr("deploy.stack.run_worker", lambda s, status: ran.append((s, status)))
     monkeypatch.setenv("TALLY_METRICS_PORT", "9464")
     monkeypatch.setenv("TALLY_KAFKA_BOOTSTRAP", "kafka-1:9092")
     assert cli.main(["worker", "--json"]) == 0
@@ -113,6 +113,7 @@ def test_worker_json_status_line(
     assert doc["kafka_bootstrap"] == "kafka-1:9092"
     assert doc["metrics_url"] == "http://127.0.0.1:9464/metrics"
     assert len(ran) == 1
+    assert ran[0][1] is False  # --json: no periodic text lines on stdout
 
 
 def test_sink_without_json_prints_nothing_on_stdout(
@@ -134,7 +135,7 @@ def test_log_format_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> 
 def test_kafka_unreachable_is_one_line_and_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def unreachable(settings: Any) -> None:
+    def unreachable(settings: Any, status: bool) -> None:
         raise KafkaConnectionError("Unable to bootstrap from [('nowhere', 9092)]")
 
     monkeypatch.setattr("deploy.stack.run_worker", unreachable)
