@@ -13,7 +13,11 @@ class WorkerSettings(TallySettings):
         1_000, ge=1, le=100_000, description="Messages per flush at most (each may hold a batch)."
     )
     worker_flush_interval_s: float = Field(
-        1.0, gt=0, le=60, description="Flush at least this often while events arrive."
+        0.25,
+        gt=0,
+        le=60,
+        description="Flush at least this often while events arrive (bounds how stale the "
+        "usage API is: benchmarks/freshness.py).",
     )
     dedup_window_s: float = Field(
         3_600.0, gt=0, description="A re-sent (source, id) is recognised for at least this long."
