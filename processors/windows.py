@@ -38,6 +38,8 @@ DAY = timedelta(days=1)
 
 
 def _utc(t: datetime, name: str = "datetime") -> datetime:
+    if t.tzinfo is UTC:  # the common case, and astimezone(UTC) would return t itself
+        return t
     if t.tzinfo is None or t.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got naive {t.isoformat()}")
     return t.astimezone(UTC)
