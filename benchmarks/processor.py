@@ -7,8 +7,9 @@ The dataset topic is full before the pipeline starts (a catch-up run). Two runs:
   production layout (deploy/compose.yaml, deploy/k8s), where worker and sink are
   separate services and each gets a core. The clock starts when the worker process
   has imported its code and built its app (its metrics endpoint answers; the
-  launch itself is `processor_worker_launch_s`) and stops when the sink's freshness markers in the store say every
-  events partition is counted up to the topic's end: consumed, validated,
+  launch itself is `processor_worker_launch_s`) and stops when the sink's
+  freshness markers in the store say every events partition is counted up to
+  the topic's end: consumed, validated,
   deduplicated, folded into minute rollups, published in transactions with the
   offsets, and INSERTed into ClickHouse. `processor_worker_events_per_s` stops
   the clock instead when the worker's committed offsets reach the end (its own
