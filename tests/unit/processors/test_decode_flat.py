@@ -8,6 +8,7 @@ values for accepted events, the same reasons, details and bytes for rejections.
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -149,7 +150,10 @@ def _mutate(base: dict[str, Any], changes: list[tuple[tuple[str, ...], Any]]) ->
             if value == "<delete>":
                 target.pop(path[-1], None)
             else:
-                target[path[-1]] = value
+                # A copy: the values are shared module constants, and a later change
+                # must not write into them (that nested them into themselves across
+                # examples until orjson refused the depth).
+                target[path[-1]] = copy.deepcopy(value)
     return doc
 
 
