@@ -47,9 +47,6 @@ class Delta:
     reflected_ms: int
     rows: list[list[Any]]
     final: bool = True
-    wire: list[list[Any]] | None = None
-    """The rows as they came on the wire (minute in epoch seconds, last_time in epoch
-    ms, no offset_end), kept by `decode` for the sink's listeners."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,4 +206,4 @@ def decode(value: bytes) -> Delta:
         row.append(fromtimestamp(cells[13] / 1000, UTC))
         row.append(0)  # offset_end: deltas carry none, markers do
         append(row)
-    return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final, wire)
+    return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiokafka.structs import TopicPartition
 
-from processors.deltas import Delta, decode, encode
+from processors.deltas import Delta, decode, encode, read
 from processors.rollup import marker_rows
 from processors.sink import TABLE, RollupStore, Sink
 from schemas.store import Store
@@ -124,7 +124,7 @@ async def test_raw_rows_store_exactly_what_the_row_path_stored(
     assert len(want) > len(LABELS) * 3  # deltas and markers both there
     assert _stored(new) == want
     # Listeners still get the wire rows: 14 columns, as version 1 carried them.
-    assert heard == [row for m in messages for row in (decode(m).wire or [])]
+    assert heard == [row for m in messages for row in read(m).wire_rows()]
     assert all(len(row) == 14 for row in heard)
 
 
@@ -137,7 +137,7 @@ async def test_version_1_messages_are_still_applied(store_url: str, unique_name:
             "next_offset": delta.next_offset,
             "reflected_ms": delta.reflected_ms,
             "final": True,
-            "rows": decode(encode(delta)[0]).wire,
+            "rows": read(encode(delta)[0]).wire_rows(),
         }
     )
     old = _open(store_url, f"{unique_name}_old")
