@@ -50,6 +50,8 @@ log = logging.getLogger("tally.worker")
 # `tally-original-bytes` header says how long they were.
 DLQ_MAX_VALUE_BYTES = 900_000
 
+STOP_COMMIT_WAIT_S = 10.0
+
 
 @dataclass
 class WorkerStats:
@@ -92,6 +94,7 @@ class RollupWorker:
         self._last_commit: dict[int, float] = {}
         self._next_offset: dict[int, int] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self._committing: asyncio.Future[None] | None = None
         self._resumer = Resumer(
             settings.bootstrap,
             settings.consumer_group,
@@ -121,10 +124,44 @@ class RollupWorker:
         for partition in by_partition:
             if partition not in self._outputs:
                 await self._take_over(partition)
+        # The outputs this batch is folded against. A partition dropped (fenced, revoked)
+        # and taken over again before this batch's commit runs has a new output and a
+        # new resume point: rows folded from the old state must not go through it.
+        outputs = {p: self._outputs[p] for p in by_partition}
         results = {p: self.pipeline.process(msgs, wire=True) for p, msgs in by_partition.items()}
-        await asyncio.gather(*(self._commit(p, r, keys) for p, r in results.items()))
+        # Pipelined: the previous batch's transactions ran while this one was folded.
+        # Waiting for them before starting this batch's keeps each partition's
+        # transactions in order, one batch at a time, as when every batch waited for
+        # its own commits (a later batch's offset must never be committed first).
+        await self._settle_commits()
+        self._committing = asyncio.ensure_future(
+            self._commit_all(results, keys, outputs, len(events))
+        )
+
+    async def _settle_commits(self) -> None:
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            await committing
+
+    async def _commit_all(
+        self,
+        results: dict[int, BatchResult],
+        keys: dict[tuple[int, int], bytes | None],
+        outputs: dict[int, PartitionOutput],
+        messages: int,
+    ) -> None:
+        try:
+            await asyncio.gather(
+                *(self._commit(p, r, keys, outputs[p]) for p, r in results.items())
+            )
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            # Crash-only, as in handle(): nothing of this batch is acknowledged.
+            log.exception("unexpected error while committing; stopping so nothing is skipped")
+            os._exit(EXIT_UNSAFE)
         stats = self.stats
-        stats.messages += len(events)
+        stats.messages += messages
         stats.flushes += 1
         stats.last_flush_unix = time.time()
         for result in results.values():
@@ -170,7 +207,11 @@ class RollupWorker:
             )
 
     async def _commit(
-        self, partition: int, result: BatchResult, keys: dict[tuple[int, int], bytes | None]
+        self,
+        partition: int,
+        result: BatchResult,
+        keys: dict[tuple[int, int], bytes | None],
+        output: PartitionOutput,
     ) -> None:
         next_offset = result.next_offsets.get(partition)
         if next_offset is None:  # the whole batch was below the resume offset
@@ -181,15 +222,16 @@ class RollupWorker:
             for value in encode_wire(partition, next_offset, reflected, result.rows)
         ]
         records.extend(self._dead_letter(letter, keys) for letter in result.dead_letters)
-        if await self._transact(partition, records, next_offset):
+        if await self._transact(partition, records, next_offset, output):
             self._next_offset[partition] = next_offset
 
-    async def _transact(self, partition: int, records: list[Record], offset: int | None) -> bool:
+    async def _transact(
+        self, partition: int, records: list[Record], offset: int | None, output: PartitionOutput
+    ) -> bool:
         attempt = 0
         while True:
-            output = self._outputs.get(partition)
-            if output is None:  # revoked meanwhile: the new owner re-reads it
-                return False
+            if self._outputs.get(partition) is not output:
+                return False  # dropped meanwhile: the new owner re-reads it
             try:
                 started = time.perf_counter()
                 async with output.lock:
@@ -285,7 +327,7 @@ class RollupWorker:
             records: list[Record] = [
                 (self.settings.rollups_topic, None, value, partition, []) for value in encode(delta)
             ]
-            await self._transact(partition, records, None)
+            await self._transact(partition, records, None, output)
 
     def on_revoked(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -330,6 +372,11 @@ class RollupWorker:
         return lag
 
     async def stop(self) -> None:
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            # Let the last batch's transactions finish; one that cannot (Kafka gone)
+            # is aborted with its producer below, and its offsets stay uncommitted.
+            await asyncio.wait([committing], timeout=STOP_COMMIT_WAIT_S)
         for partition in list(self._outputs):
             output = self._outputs.pop(partition)
             await output.stop()

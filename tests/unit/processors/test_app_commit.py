@@ -72,7 +72,7 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_commit_that_landed_despite_the_error_is_not_sent_again() -> None:
     output = FakeOutput(["lost-reply"])
     worker = worker_with(output, start=100)
-    assert await worker._transact(0, [], 150)
+    assert await worker._transact(0, [], 150, worker._outputs[0])
     assert output.log == [150]  # once: a blind retry would have made it [150, 150]
     assert output.starts == 1  # a fresh producer settled the earlier transaction first
     assert worker.stats.transactions == 1
@@ -81,7 +81,7 @@ async def test_a_commit_that_landed_despite_the_error_is_not_sent_again() -> Non
 async def test_an_aborted_commit_is_retried_until_it_lands() -> None:
     output = FakeOutput(["abort", "abort", "ok"])
     worker = worker_with(output, start=100)
-    assert await worker._transact(0, [], 150)
+    assert await worker._transact(0, [], 150, worker._outputs[0])
     assert output.log == [150]
     assert worker.stats.transactions == 1
 
@@ -89,14 +89,14 @@ async def test_an_aborted_commit_is_retried_until_it_lands() -> None:
 async def test_a_heartbeat_without_offset_is_simply_retried() -> None:
     output = FakeOutput(["abort", "ok"])
     worker = worker_with(output, start=100)
-    assert await worker._transact(0, [], None)
+    assert await worker._transact(0, [], None, worker._outputs[0])
     assert output.log == [None]
 
 
 async def test_fencing_drops_the_partition() -> None:
     output = FakeOutput(["fenced"])
     worker = worker_with(output, start=100)
-    assert not await worker._transact(0, [], 150)
+    assert not await worker._transact(0, [], 150, worker._outputs[0])
     assert 0 not in worker._outputs
     assert worker.stats.fenced == 1
 
@@ -113,5 +113,77 @@ async def test_a_partition_revoked_during_the_retry_is_not_restarted(
         await real_sleep(0)
 
     monkeypatch.setattr(asyncio, "sleep", revoke_while_waiting)
-    assert not await worker._transact(0, [], 150)
+    assert not await worker._transact(0, [], 150, worker._outputs[0])
     assert output.starts == 0  # its producer would have fenced the new owner
+
+
+class GatedOutput(FakeOutput):
+    """Each commit waits for `gate`; `log` records when each one starts and ends."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.gate = asyncio.Event()
+        self.events: list[str] = []
+
+    async def commit(self, records: Sequence[Record], next_offset: int | None) -> None:
+        self.events.append(f"start {next_offset}")
+        await self.gate.wait()
+        self.events.append(f"end {next_offset}")
+        self.log.append(next_offset)
+
+
+class _Msg:
+    def __init__(self, offset: int) -> None:
+        self.partition, self.offset, self.key, self.timestamp = 0, offset, b"k", 1.0
+        self.value = b"[]"  # a dead letter: enough to give the batch an offset to commit
+
+
+class _Event:
+    def __init__(self, offset: int) -> None:
+        self.message = _Msg(offset)
+
+
+def pipelined_worker(output: FakeOutput) -> RollupWorker:
+    worker = worker_with(output, start=100)
+    worker.pipeline.resume(0, 100)
+    return worker
+
+
+async def test_a_batch_commits_only_after_the_previous_batch_committed() -> None:
+    output = GatedOutput()
+    worker = pipelined_worker(output)
+    await worker._handle([_Event(100)])  # returns with its commit under way
+    second = asyncio.ensure_future(worker._handle([_Event(101)]))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert output.events == ["start 101"]  # batch 2 folded, but waits for batch 1
+    output.gate.set()
+    await second
+    await worker._settle_commits()
+    assert output.events == ["start 101", "end 101", "start 102", "end 102"]
+    assert worker.stats.messages == 2
+
+
+async def test_a_retried_commit_is_not_overtaken_by_the_next_batch() -> None:
+    # The retry releases the output's lock while it backs off: only waiting for the
+    # whole previous batch keeps batch 2's offset from being committed first (after
+    # which batch 1 would look as if it had gone through, and its rows were lost).
+    output = FakeOutput(["abort"])
+    worker = pipelined_worker(output)
+    await worker._handle([_Event(100)])
+    await worker._handle([_Event(101)])
+    await worker._settle_commits()
+    assert output.log == [101, 102]
+    assert worker.stats.transactions == 2
+
+
+async def test_a_batch_folded_before_a_takeover_is_not_committed_through_the_new_output() -> None:
+    old = GatedOutput()
+    worker = pipelined_worker(old)
+    await worker._handle([_Event(100)])
+    new = FakeOutput([])
+    worker._outputs[0] = cast(Any, new)  # dropped and taken over before the commit ran
+    old.gate.set()
+    await worker._settle_commits()
+    assert new.log == []  # rows folded from the old state never go out
+    assert old.events == []
