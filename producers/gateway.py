@@ -428,6 +428,12 @@ class Gateway:
         self._max_bytes = _positive(
             "max_message_bytes", max_message_bytes, s.producer_max_message_bytes
         )
+        # A record() waiting for room resumes once a quarter of the buffer is free, not
+        # at the first acknowledgement: each wait seals every partial buffer, and waits
+        # one message apart would send a stream of tiny messages (the Kafka client's cost
+        # is mostly per message), slowing the acknowledgements that make room: in the
+        # bench, up to 200k messages of ~5 events instead of 5k of 200.
+        self._resume_at = self._max_buffered - max(1, self._max_buffered // 4)
         linger = s.producer_linger_ms if linger_ms is None else linger_ms
         if linger < 0:
             raise ValueError(f"linger_ms must be >= 0, got {linger}")
@@ -1032,7 +1038,7 @@ class Gateway:
         self._after_settle()
 
     def _after_settle(self) -> None:
-        if self._unacked < self._max_buffered:
+        if self._unacked <= self._resume_at:
             self._room.set()
         if self._unacked == 0 and self._safe_waiters:
             waiters, self._safe_waiters = self._safe_waiters, []

@@ -302,6 +302,40 @@ async def test_record_waits_when_the_buffer_is_full_and_resumes() -> None:
     assert gw.stats.events_acked == 120
 
 
+async def test_a_full_buffer_resumes_in_a_block_not_in_tiny_messages() -> None:
+    # Each wait for room seals every partial buffer. Were record() to resume at the
+    # first acknowledgement, it would wait again a message later, sealing partial
+    # buffers every time: a stream of tiny messages, each costing Kafka as much as a
+    # full one. It resumes once a quarter of the buffer is free instead (the buffer
+    # holding many messages, as the defaults have it: 100k events, 200 per message).
+    fake = FakeProducer(auto_ack=False)
+    async with make(fake, max_batch_events=10, max_buffered_events=800) as gw:
+
+        async def produce() -> None:
+            for n in range(8_000):
+                await gw.record(req(f"acct-{n % 64}", n))
+
+        task = asyncio.create_task(produce())
+        await settle()
+        while not task.done():
+            oldest = next((s.future for s in fake.sent if not s.future.done()), None)
+            if oldest is not None:
+                oldest.set_result(None)  # Kafka acknowledges one message at a time
+            await settle()
+            assert gw.stats.events_pending <= 800
+        await task
+        flush = asyncio.create_task(gw.flush())
+        while not flush.done():
+            fake.ack_all()
+            await asyncio.sleep(0.01)
+        await flush
+    sizes = [len(s.events()) for s in fake.sent]
+    assert sum(sizes) == 8_000
+    assert sorted(fake.delivered_ids()) == sorted(f"acct-{n % 64}-{n}" for n in range(8_000))
+    # 800 full messages would do; resuming at each acknowledgement makes several times more.
+    assert len(sizes) < 1_200, f"{len(sizes)} messages, {sizes.count(10)} full"
+
+
 async def test_flush_waits_for_acknowledgements() -> None:
     fake = FakeProducer(auto_ack=False)
     async with make(fake) as gw:
