@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
+from producers import partitioning
 from producers.partitioning import partition_for, subject_hash
 
 # Computed with kafka-clients 4.3.0 (the broker's jars): Utils.murmur2(key.getBytes(UTF_8))
@@ -84,3 +87,34 @@ def test_cache_is_bounded() -> None:
     info = subject_hash.cache_info()
     assert info.maxsize is not None
     assert info.maxsize <= 1_000_000
+
+
+@pytest.mark.parametrize(("key", "signed"), sorted(JAVA_MURMUR2.items()))
+def test_own_murmur2_matches_java(key: str, signed: int) -> None:
+    assert partitioning.murmur2(key.encode()) == signed & 0xFFFFFFFF
+
+
+def test_own_murmur2_equals_aiokafkas_on_random_keys() -> None:
+    # Every length 0..300 (so every tail length 0..3 with every word count), random
+    # bytes (high bits set: the sign of Java's bytes) and random non-ASCII text.
+    rng = random.Random(20260322)
+    keys = [b""]
+    for length in range(301):
+        for _ in range(20):
+            keys.append(rng.randbytes(length))
+        text = "".join(
+            chr(rng.choice((rng.randrange(32, 0x800), rng.randrange(0x800, 0x10FFFF))))
+            for _ in range(length // 3)
+        )
+        keys.append(text.encode("utf-8", "surrogatepass"))
+    keys += [b"\xff" * n for n in range(16)] + [b"\x00" * n for n in range(16)]
+    for key in keys:
+        assert partitioning.murmur2(key) == murmur2(key) & 0xFFFFFFFF, key
+
+
+@given(
+    key=st.binary(max_size=300)
+    | st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))
+)
+def test_own_murmur2_equals_aiokafkas(key: bytes) -> None:
+    assert partitioning.murmur2(key) == murmur2(key) & 0xFFFFFFFF
