@@ -4,7 +4,7 @@ Both sides get the same pre-built event objects (what a gateway's request handle
 holds) and the clock covers encoding, partitioning, batching, sending and the
 broker's acknowledgement of every event:
 - `Gateway.record` for each event, then `flush()` (defaults: 200-event batch
-  messages, 20 ms linger, idempotent acks=all, lz4);
+  messages, 20 ms linger, idempotent acks=all, snappy);
 - naive: `AIOKafkaProducer.send(topic, encode_event(e), key=subject)` for each event
   (aiokafka defaults, acks=1, no compression), then `flush()`.
 """
@@ -56,7 +56,7 @@ async def _gateway(
             await gateway.record(event)
         await gateway.flush()
         elapsed = time.perf_counter() - started
-        # This process's CPU (aiokafka's sending and lz4 included): less noisy than wall
+        # This process's CPU (aiokafka's sending and snappy included): less noisy than wall
         # time on a machine the broker shares.
         cpu = time.process_time() - cpu_started
     finally:

@@ -188,7 +188,10 @@ def encode_events(events: Sequence[AnyEvent]) -> bytes:
     without a fraction when the microseconds are zero. Raises orjson.JSONEncodeError
     for what orjson cannot write (an int beyond 64 bits).
     """
-    return orjson.dumps(events, default=_fields, option=orjson.OPT_UTC_Z)
+    # The events' own __dict__s, not the models: orjson writes a dict natively, where a
+    # model costs a `default` call (~10 % of the encoding); their `data` models still
+    # go through `default`. Same bytes either way.
+    return orjson.dumps([e.__dict__ for e in events], default=_fields, option=orjson.OPT_UTC_Z)
 
 
 def _worst_case_bytes() -> int:
