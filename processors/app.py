@@ -20,6 +20,7 @@ batch is never acknowledged, so nothing is skipped.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -128,7 +129,19 @@ class RollupWorker:
         # and taken over again before this batch's commit runs has a new output and a
         # new resume point: rows folded from the old state must not go through it.
         outputs = {p: self._outputs[p] for p in by_partition}
-        results = {p: self.pipeline.process(msgs, wire=True) for p, msgs in by_partition.items()}
+        # The fold allocates about a million containers per batch, none of them in a
+        # cycle, and most live until the batch is committed: the cyclic collector would
+        # walk them again and again for nothing (~1 CPU µs per event in the processor
+        # bench). Reference counting frees them; collections resume after the fold.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            results = {
+                p: self.pipeline.process(msgs, wire=True) for p, msgs in by_partition.items()
+            }
+        finally:
+            if collecting:
+                gc.enable()
         # Pipelined: the previous batch's transactions ran while this one was folded.
         # Waiting for them before starting this batch's keeps each partition's
         # transactions in order, one batch at a time, as when every batch waited for
