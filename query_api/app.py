@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from starlette.datastructures import MutableHeaders
+from fastapi import FastAPI
+from starlette.datastructures import URL
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from processors.gc_tuning import tune_gc
@@ -59,21 +61,51 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger("tally.access")
 
 
-def log_access(request: Request, status: int, request_id: str, started: float) -> None:
+_VERSION_4 = 4 << 76
+_VARIANT = 0x8000 << 48
+_VERSION_AND_VARIANT_BITS = (0xF000 << 64) | (0xC000 << 48)
+
+
+def new_request_id() -> str:
+    """`uuid.uuid4().hex`, without building a UUID object per request."""
+    bits = int.from_bytes(os.urandom(16), "big") & ~_VERSION_AND_VARIANT_BITS
+    return f"{bits | _VERSION_4 | _VARIANT:032x}"
+
+
+@lru_cache(maxsize=256)
+def _url_path(scheme: str, server: tuple[str, int] | None, path: str, host: bytes | None) -> str:
+    # Exactly `Request.url.path` (Starlette rebuilds and re-parses the URL, which a
+    # Host header can bend), computed once per distinct input rather than per request.
+    headers = [] if host is None else [(b"host", host)]
+    scope = {"scheme": scheme, "server": server, "path": path, "headers": headers}
+    return URL(scope=scope).path
+
+
+def log_access(scope: Scope, status: int, request_id: str, started: float) -> None:
     """One line per request; the account, never the key (nor its prefix)."""
-    principal = getattr(request.state, "principal", None)
+    principal = scope.get("state", {}).get("principal")
     account = None
     if principal is not None:
         account = "admin" if principal.admin and principal.account is None else principal.account
+    host = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+            break
+    server = scope.get("server")
+    path = _url_path(
+        scope.get("scheme", "http"), None if server is None else tuple(server), scope["path"], host
+    )
+    method = scope["method"]
     access_log.info(
         "%s %s %d",
-        request.method,
-        request.url.path,
+        method,
+        path,
         status,
         extra={
             "request_id": request_id,
-            "method": request.method,
-            "path": request.url.path,
+            "method": method,
+            "path": path,
             "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             "account": account,
@@ -81,42 +113,75 @@ def log_access(request: Request, status: int, request_id: str, started: float) -
     )
 
 
-class RequestIdMiddleware:
-    """X-Request-Id on every answer, and one access-log line per request.
+class RequestMiddleware:
+    """Per request: the X-Request-Id header, one access-log line, the latency
+    histogram (query_api/metrics.py), and the hot usage route served directly.
 
-    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware
-    runs each request through a task group and memory streams, which cost more CPU
-    than the whole usage answer (benchmarks/api.py).
+    One plain-ASGI layer for all of it: Starlette's BaseHTTPMiddleware runs each
+    request through a task group and memory streams, and every extra layer wraps
+    `send` once more; both cost CPU on every answer (benchmarks/api.py).
+
+    `fast_routes` maps an exact path to (route, ASGI app) for GET: those requests skip
+    Starlette/FastAPI routing and its exception middleware (the app handles its own
+    errors, see routes/usage.py). Anything else, other methods and paths included,
+    goes through the full app as usual.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, fast_routes: dict[str, tuple[BaseRoute, ASGIApp]] | None = None
+    ) -> None:
         self.app = app
+        self.fast_routes = fast_routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = Request(scope)
-        # Echo a caller's id so their logs and ours line up; otherwise make one.
-        incoming = request.headers.get("x-request-id", "")
-        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        request.state.request_id = rid
         started = time.perf_counter()
-        status = 500
+        # Echo a caller's id so their logs and ours line up; otherwise make one.
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")
+                break
+        if not _REQUEST_ID.match(rid):
+            rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        raw_rid = rid.encode("latin-1")
+        status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-Id"] = rid
+                # As MutableHeaders.__setitem__: the first x-request-id replaced in
+                # place, any other dropped, else appended.
+                headers = list(message["headers"])
+                found = [i for i, (name, _) in enumerate(headers) if name == b"x-request-id"]
+                for i in reversed(found[1:]):
+                    del headers[i]
+                if found:
+                    headers[found[0]] = (b"x-request-id", raw_rid)
+                else:
+                    headers.append((b"x-request-id", raw_rid))
+                message["headers"] = headers
             await send(message)
 
+        app = self.app
+        if scope["method"] == "GET" and not scope.get("root_path"):
+            fast = self.fast_routes.get(scope["path"])
+            if fast is not None:
+                route, app = fast
+                scope["route"] = route
+                scope["path_params"] = {}
         try:
-            await self.app(scope, receive, send_with_id)
+            await app(scope, receive, send_with_id)
         except Exception:
-            log_access(request, 500, rid, started)
+            log_access(scope, 500, rid, started)
+            # An exception propagates unobserved, as a response that never started.
             raise
-        log_access(request, status, rid, started)
+        log_access(scope, status or 500, rid, started)
+        metrics.observe(scope, status, started)
 
 
 def create_app(
@@ -124,9 +189,11 @@ def create_app(
     store: Store,
     now: Callable[[], datetime] | None = None,
     rate_clock: Clock | None = None,
+    fast_path: bool = True,
 ) -> FastAPI:
     """The app. `now` pins the clock usage is computed at; `rate_clock` (monotonic
-    seconds) drives the rate limiter's refills. Both are for tests."""
+    seconds) drives the rate limiter's refills. Both are for tests, as is
+    `fast_path=False` (every route through FastAPI's router, to compare answers)."""
     view = new_view(settings, store, now or utcnow)
 
     @asynccontextmanager
@@ -159,14 +226,13 @@ def create_app(
     )
     errors.install(app)
 
-    app.add_middleware(RequestIdMiddleware)
     app.include_router(usage.router)
     app.include_router(analytics.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
-    metrics.install(app)
+    app.add_middleware(RequestMiddleware, fast_routes=usage.fast_routes(app) if fast_path else None)
     return app
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 REQUEST_SECONDS = Histogram(
     "tally_api_request_seconds",
@@ -27,34 +27,11 @@ async def metrics() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-class TimingMiddleware:
-    """Observes REQUEST_SECONDS per request. Plain ASGI: Starlette's
-    BaseHTTPMiddleware costs more CPU per request than a usage answer."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        # An exception propagates unobserved, as a response that never started.
-        await self.app(scope, receive, send_status)
-        # The route template, not the raw path: ids in paths would explode label sets.
-        template = getattr(scope.get("route"), "path", "unmatched")
-        REQUEST_SECONDS.labels(template, scope["method"], str(status)).observe(
-            time.perf_counter() - started
-        )
-
-
-def install(app: FastAPI) -> None:
-    app.add_middleware(TimingMiddleware)
+def observe(scope: Scope, status: int, started: float) -> None:
+    """One request into REQUEST_SECONDS (query_api/app.py's RequestMiddleware calls it
+    once the answer is sent; a request that raised is not observed)."""
+    # The route template, not the raw path: ids in paths would explode label sets.
+    template = getattr(scope.get("route"), "path", "unmatched")
+    REQUEST_SECONDS.labels(template, scope["method"], str(status)).observe(
+        time.perf_counter() - started
+    )

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from processors.windows import format_time, period_end_inclusive, used_percentage
+from processors.windows import Window, format_time, period_end_inclusive, used_percentage
 from query_api import queries
 from query_api.accounts import Account
 from query_api.deps import (
@@ -107,6 +111,18 @@ def _window_out(use: WindowUse, limit: float) -> WindowUsageOut:
     )
 
 
+@lru_cache(maxsize=16)
+def _minute_texts(minute: Window) -> tuple[str, str]:
+    """`resets_at` and X-RateLimit-Reset of a minute: shared by its requests."""
+    return format_time(minute.end), str(int(minute.end.timestamp()))
+
+
+@lru_cache(maxsize=256)
+def _period_texts(period: Window) -> tuple[str, str]:
+    """`period.start` and `period.end` of a billing period."""
+    return format_time(period.start), format_time(period_end_inclusive(period))
+
+
 @router.get(
     "/api/account/usage",
     response_model=AccountUsageOut,
@@ -123,8 +139,11 @@ async def account_usage(caller: AccountCallerDep, svc: ServicesDep) -> AccountUs
     )
 
 
+V1_PATH = "/api/v1/account/usage"
+
+
 @router.get(
-    "/api/v1/account/usage",
+    V1_PATH,
     response_model=UsageV1Out,
     responses={**_PLAN_LIMIT_HEADERS, **ERRORS},
     summary="Request counts, the per-minute limit, streams and the billing period",
@@ -164,6 +183,8 @@ async def account_usage_v1(request: Request) -> Response:
     usage = compute(reads.minutes, plan, account.billing_anchor_day, now)
     active, reflected = reads.active_streams, reads.reflected_until
     remaining = max(0, plan.per_minute - usage.this_minute)
+    resets_at, reset_epoch = _minute_texts(usage.minute)
+    period_start, period_end = _period_texts(usage.period)
     updated = min(reflected, now) if reflected else datetime.fromtimestamp(0, UTC)
     # Exactly UsageV1Out's fields (query_api/models.py).
     body = {
@@ -175,13 +196,13 @@ async def account_usage_v1(request: Request) -> Response:
                 "limit": {
                     "per_minute": plan.per_minute,
                     "remaining": remaining,
-                    "resets_at": format_time(usage.minute.end),
+                    "resets_at": resets_at,
                 },
             },
             "streams": {"active": active, "max": plan.max_streams},
             "period": {
-                "start": format_time(usage.period.start),
-                "end": format_time(period_end_inclusive(usage.period)),
+                "start": period_start,
+                "end": period_end,
             },
         },
         "meta": {"updated_at": format_time(updated)},
@@ -192,7 +213,36 @@ async def account_usage_v1(request: Request) -> Response:
         headers={
             "X-RateLimit-Limit": str(plan.per_minute),
             "X-RateLimit-Remaining": str(remaining),
-            "X-RateLimit-Reset": str(int(usage.minute.end.timestamp())),
+            "X-RateLimit-Reset": reset_epoch,
             "X-Data-Delay": f"{(now - updated).total_seconds():.3f}",
         },
     )
+
+
+def fast_routes(app: FastAPI) -> dict[str, tuple[BaseRoute, ASGIApp]]:
+    """`GET /api/v1/account/usage` as a bare ASGI app, for query_api/app.py's
+    RequestMiddleware to call without routing.
+
+    Answers exactly as through the router: the same endpoint, its ApiErrors through
+    the app's own handler for them (as Starlette's exception middleware would call
+    it), anything else propagating to the server-error handler as before. Routing
+    and the exception middleware otherwise cost about as much CPU as the answer
+    (benchmarks/api.py); tests/integration/test_api_fast_path.py compares the two.
+    """
+    # The router's own route object: what routing puts in scope["route"] (the
+    # latency histogram labels requests with its path).
+    route = next(
+        r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is account_usage_v1
+    )
+    handler = app.exception_handlers[ApiError]
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["endpoint"] = account_usage_v1
+        request = Request(scope, receive, send)
+        try:
+            response = await account_usage_v1(request)
+        except ApiError as exc:
+            response = await handler(request, exc)  # type: ignore[misc]
+        await response(scope, receive, send)
+
+    return {V1_PATH: (route, serve)}
