@@ -114,7 +114,9 @@ class RateLimiter:
     ) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, not {max_keys!r}")
-        TokenBucket(rate, burst, 0.0)  # validates rate and burst up front
+        # Validates rate and burst up front; a full bucket's answer is the same at
+        # any time, so peeking at a caller without a bucket needs no new one.
+        self._full = TokenBucket(rate, burst, 0.0).peek(0.0)
         self.rate = rate
         self.burst = burst
         self.clock = clock
@@ -140,7 +142,7 @@ class RateLimiter:
             now = self.clock()
             bucket = self._buckets.get(key)
             if bucket is None:  # no bucket is a full bucket: don't create one to look
-                return TokenBucket(self.rate, self.burst, now).peek(now)
+                return self._full
             # Peeking refills (moves `updated`), so keep the order by `updated`.
             self._buckets.move_to_end(key)
             return bucket.peek(now)

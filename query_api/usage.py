@@ -72,21 +72,58 @@ def _earliest_period_start(day: date) -> datetime:
     return min(billing_period(midnight, anchor).start for anchor in range(1, 32))
 
 
+@lru_cache(maxsize=16)
+def _calendar(minute: datetime) -> tuple[Window, Window, Window]:
+    """The (minute, day, week) windows holding a UTC minute: the same for every
+    instant in it, so requests within a minute share them rather than place them."""
+    return minute_window(minute), day_window(minute), week_window(minute)
+
+
+@lru_cache(maxsize=256)
+def _billing_period(day: date, anchor_day: int) -> Window:
+    """`billing_period` of any instant of a UTC day (periods start at 00:00 UTC)."""
+    return billing_period(datetime(day.year, day.month, day.day, tzinfo=UTC), anchor_day)
+
+
 def compute(rows: Sequence[MinuteRow], plan: Plan, anchor_day: int, now: datetime) -> AccountUsage:
     activity = [minute for minute, requests, _ in rows if requests > 0]
     session = _window(plan.session_anchor, timedelta(minutes=plan.session_minutes), activity, now)
-    weekly = (
-        week_window(now) if plan.weekly_anchor == "fixed" else _first_request(activity, WEEK, now)
-    )
-    day, week, minute = day_window(now), week_window(now), minute_window(now)
-    period = billing_period(now, anchor_day)
+    if now.tzinfo is UTC:
+        minute, day, week = _calendar(now.replace(second=0, microsecond=0))
+        period = _billing_period(now.date(), anchor_day)
+    else:
+        minute, day, week = minute_window(now), day_window(now), week_window(now)
+        period = billing_period(now, anchor_day)
+    weekly = week if plan.weekly_anchor == "fixed" else _first_request(activity, WEEK, now)
+    # Every total in one pass over the rows (each usage answer sums six windows).
+    d0, d1, w0, w1, p0, p1, m0, m1 = (
+        day.start, day.end, week.start, week.end, period.start, period.end,
+        minute.start, minute.end,
+    )  # fmt: skip
+    # A window that is None sums nothing: an empty span.
+    s0, s1 = (session.start, session.end) if session else (now, now)
+    k0, k1 = (weekly.start, weekly.end) if weekly else (now, now)
+    today = this_week = this_month = this_minute = session_units = weekly_units = 0
+    for at, requests, units in rows:
+        if d0 <= at < d1:
+            today += requests
+        if w0 <= at < w1:
+            this_week += requests
+        if p0 <= at < p1:
+            this_month += requests
+        if m0 <= at < m1:
+            this_minute += requests
+        if s0 <= at < s1:
+            session_units += units
+        if k0 <= at < k1:
+            weekly_units += units
     return AccountUsage(
-        session=WindowUse(session, _units(rows, session)),
-        weekly=WindowUse(weekly, _units(rows, weekly)),
-        today=_requests(rows, day),
-        this_week=_requests(rows, week),
-        this_month=_requests(rows, period),
-        this_minute=_requests(rows, minute),
+        session=WindowUse(session, session_units),
+        weekly=WindowUse(weekly, weekly_units),
+        today=today,
+        this_week=this_week,
+        this_month=this_month,
+        this_minute=this_minute,
         minute=minute,
         period=period,
     )
@@ -107,13 +144,3 @@ def _first_request(activity: list[datetime], length: timedelta, now: datetime) -
     # The read history may begin mid-chain; a gap of `length` inside it is a
     # certain window boundary, so the chain is exact from there on.
     return current_first_request_window(past[chain_start(past, length) :], length, now)
-
-
-def _units(rows: Sequence[MinuteRow], window: Window | None) -> int:
-    if window is None:
-        return 0
-    return sum(units for minute, _, units in rows if window.start <= minute < window.end)
-
-
-def _requests(rows: Sequence[MinuteRow], window: Window) -> int:
-    return sum(requests for minute, requests, _ in rows if window.start <= minute < window.end)
