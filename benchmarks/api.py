@@ -12,7 +12,9 @@ and the caller may hold another). Then:
   of the web stack alone on this machine (api_baseline_rps).
 
 Figures: api_rps, api_p99_ms, api_p50_ms, api_baseline_rps, api_baseline_p99_ms,
-api_errors (non-2xx answers and socket errors under load; must be 0).
+api_errors (non-2xx answers and socket errors under load; must be 0), and
+api_cpu_us_per_request (the API process's CPU time over the measured wrk run per
+answer: steadier than rps on a shared machine).
 
 `python -m benchmarks.api --scale 0.05 --profile` runs it standalone against a
 local broker-free setup and, with --profile, records the API under load with
@@ -191,6 +193,14 @@ def wrk(
     raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process (all its threads) has used."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        # Fields after the parenthesised name; utime and stime are the 14th and 15th.
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _figures(prefix: str, result: dict[str, float]) -> dict[str, float]:
     seconds = result["duration_us"] / 1e6
     return {
@@ -247,7 +257,13 @@ def run(
         api.check()
         if profile_s > 0:
             _profile(api.pid, f"{base}{USAGE_PATH}", keys_file, profile_s, workdir)
-        figures.update(_figures("api", wrk(f"{base}{USAGE_PATH}", keys_file, duration, workdir)))
+        cpu_before = cpu_seconds(api.pid)
+        loaded = wrk(f"{base}{USAGE_PATH}", keys_file, duration, workdir)
+        cpu_used = cpu_seconds(api.pid) - cpu_before
+        figures.update(_figures("api", loaded))
+        # CPU per answer: steadier than rps on a shared machine (wall clock counts
+        # whatever else runs; this counts only the API process's own work).
+        figures["api_cpu_us_per_request"] = round(cpu_used * 1e6 / max(1.0, loaded["requests"]), 1)
         api.check()
         figures["api_rss_mib"] = rss_mib(api.pid)[0]
 
