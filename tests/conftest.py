@@ -109,6 +109,17 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
+def store(store_url: str, unique_name: str) -> Iterator[Store]:
+    """A migrated store in a database of the test's own, closed afterwards."""
+    s = Store(store_url, unique_name)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
 async def pipeline_settings(
     kafka_bootstrap: str, store_url: str, unique_name: str
 ) -> WorkerSettings:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,16 +31,6 @@ USAGE = "/api/v1/account/usage"
 NOW = datetime(2026, 3, 29, 12, 0, 30, 250_000, tzinfo=UTC)
 ENV_ADMIN_KEY = "fast-path-admin-key-0123456789abc"
 BURST = 4
-
-
-@pytest.fixture
-def store(store_url: str, unique_name: str) -> Iterator[Store]:
-    s = Store(store_url, unique_name)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,17 +42,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture
-def store(store_url: str, unique_name: str) -> Iterator[Store]:
-    settings = ApiSettings(clickhouse_url=store_url, clickhouse_database=unique_name)
-    s = Store(settings.store_url, settings.store_database)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -13,11 +13,8 @@ comparison runs again; keys and revocation likewise.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import pytest
 
 from processors.rollup import marker_rows
 from processors.sink import RollupStore
@@ -44,14 +41,6 @@ NOWS = [
 ACCOUNTS = [f"acct-{i:03d}" for i in range(40)]
 NO_ACCOUNT_ROW = ["ghost-1", "ghost-2"]
 """Rollups without an account row: the view must not invent one."""
-
-
-@pytest.fixture
-def store(store_url: str, unique_name: str) -> Iterator[Store]:
-    store = Store(store_url, unique_name)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def _wire_rows(rng: random.Random, count: int) -> list[list[Any]]:
