@@ -157,6 +157,15 @@ def req(subject: str, n: int, source: str = "gw-1") -> RequestEvent:
     return events.request(subject, source, units=1, id=f"{subject}-{n}")
 
 
+async def flush_acking(gw: Gateway, fake: FakeProducer) -> None:
+    """`flush()`, with Kafka acknowledging whatever it has been sent meanwhile."""
+    flush = asyncio.create_task(gw.flush())
+    while not flush.done():
+        fake.ack_all()
+        await asyncio.sleep(0.01)
+    await flush
+
+
 async def settle() -> None:
     # Let the sender and the acknowledgement callbacks run.
     for _ in range(20):
@@ -293,11 +302,7 @@ async def test_record_waits_when_the_buffer_is_full_and_resumes() -> None:
             await asyncio.sleep(0.01)
             assert gw.stats.events_pending <= 50
         await task
-        flush = asyncio.create_task(gw.flush())
-        while not flush.done():
-            fake.ack_all()
-            await asyncio.sleep(0.01)
-        await flush
+        await flush_acking(gw, fake)
     assert sorted(fake.delivered_ids()) == sorted(f"acct-{n % 7}-{n}" for n in range(120))
     assert gw.stats.events_acked == 120
 
@@ -324,11 +329,7 @@ async def test_a_full_buffer_resumes_in_a_block_not_in_tiny_messages() -> None:
             await settle()
             assert gw.stats.events_pending <= 800
         await task
-        flush = asyncio.create_task(gw.flush())
-        while not flush.done():
-            fake.ack_all()
-            await asyncio.sleep(0.01)
-        await flush
+        await flush_acking(gw, fake)
     sizes = [len(s.events()) for s in fake.sent]
     assert sum(sizes) == 8_000
     assert sorted(fake.delivered_ids()) == sorted(f"acct-{n % 64}-{n}" for n in range(8_000))
