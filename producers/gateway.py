@@ -900,9 +900,27 @@ class Gateway:
         for p in list(self._since):
             self._seal(p)
 
+    def _seal_for_room(self) -> None:
+        """Seal the fullest partial buffers until acknowledging what is sealed makes room.
+
+        Buffered events make room only once sent, so a full buffer must not wait for
+        linger. Sealing every partial buffer at each wait, though, sends a burst of small
+        messages whenever the buffer is small next to partitions x batch size (each
+        message costs Kafka about as much as a full one); record() resumes at
+        `_resume_at`, so the rest may keep filling.
+        """
+        sizes = {
+            p: len(self._buffers[p].models) or len(self._buffers[p].events) for p in self._since
+        }
+        unsealed = sum(sizes.values())
+        for p in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if unsealed <= self._resume_at:
+                return
+            self._seal(p)
+            unsealed -= sizes[p]
+
     async def _wait_for_room(self) -> None:
-        # Buffered events make room only once sent: do not let them wait for linger.
-        self._seal_all()
+        self._seal_for_room()
         self._room.clear()
         await self._room.wait()
         if self._state is not _OPEN:
