@@ -121,12 +121,20 @@ class Pipeline:
                 ids = [e.id for e in native_events]
                 if message.offset < resume[partition]:
                     result.replayed += 1
-                    if not dedup.admit_all(sources, ids):
+                    if dedup.admit_many(sources, ids) is None:
                         for source, event_id in zip(sources, ids, strict=True):
                             first_time(source, event_id)
                     continue
-                all_new = dedup.admit_all(sources, ids)
-                r, o, c, d = add_native(*native, None if all_new else first_time)
+                found = dedup.admit_many(sources, ids)
+                if found is None:
+                    r, o, c, d = add_native(*native, first_time)
+                else:
+                    if found:  # the lists are this message's own: drop its duplicates
+                        native_times, native_minutes = native[1], native[2]
+                        for index in reversed(found):
+                            del native_events[index], native_times[index], native_minutes[index]
+                    r, o, c, _ = add_native(*native, None)
+                    d = len(found)
                 requests += r
                 opened += o
                 closed += c

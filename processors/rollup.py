@@ -124,7 +124,7 @@ class RollupBuilder:
         """Fold a message's events from `decode_native` that `first_time` has not seen.
 
         The same fold as `add_flat`, read straight off the Structs (no Flat tuple per
-        event). `first_time` None: all are new (`Deduplicator.admit_all`). Returns
+        event). `first_time` None: all are new (`Deduplicator.admit_many`). Returns
         (requests, streams opened, streams closed, duplicates).
         """
         all_totals = self._totals
