@@ -10,13 +10,15 @@ Uses the bench dataset's generator and batch shape (200 events per message).
 from __future__ import annotations
 
 import argparse
+import gc
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from benchmarks.dataset import BATCH_EVENTS, PARTITIONS, _Generator
+from benchmarks.dataset import BATCH_EVENTS, DUPLICATE_RATE, PARTITIONS, _Generator
 from processors.decode import Limits, decode_flat, decode_message, decode_native
 from processors.deltas import Delta, decode, encode, read
 from processors.pipeline import Message, Pipeline
@@ -39,14 +41,26 @@ def main() -> None:
     n = args.events
     gen = _Generator(5, args.accounts, datetime.now(UTC) - timedelta(seconds=60), 60.0, n)
     by_partition: list[list[bytes]] = [[] for _ in range(PARTITIONS)]
+    # The same events with the dataset's re-sent copies next to their originals.
+    resent: list[list[bytes]] = [[] for _ in range(PARTITIONS)]
+    rng = random.Random(7)
     for _ in range(n):
         _, p, doc = gen.next()
-        by_partition[p].append(orjson.dumps(doc))
-    messages: list[Message] = []
-    for p, docs in enumerate(by_partition):
-        for i in range(0, len(docs), BATCH_EVENTS):
-            value = b"[" + b",".join(docs[i : i + BATCH_EVENTS]) + b"]"
-            messages.append(Message(p, i // BATCH_EVENTS, value, 0))
+        raw = orjson.dumps(doc)
+        by_partition[p].append(raw)
+        resent[p].extend([raw, raw] if rng.random() < DUPLICATE_RATE else [raw])
+
+    def batch_messages(docs_by_partition: list[list[bytes]]) -> list[Message]:
+        found: list[Message] = []
+        for p, docs in enumerate(docs_by_partition):
+            for i in range(0, len(docs), BATCH_EVENTS):
+                value = b"[" + b",".join(docs[i : i + BATCH_EVENTS]) + b"]"
+                found.append(Message(p, i // BATCH_EVENTS, value, 0))
+        return found
+
+    messages = batch_messages(by_partition)
+    resent_messages = batch_messages(resent)
+    resent_n = sum(len(docs) for docs in resent)
     now = datetime.now(UTC)
     limits = Limits()
 
@@ -72,6 +86,17 @@ def main() -> None:
             pipeline.resume(p, 0)
         return pipeline.process(messages)
 
+    def processing_as_the_worker() -> object:
+        # As RollupWorker._handle calls it: wire rows, no cyclic GC during the fold.
+        pipeline = Pipeline("t", limits, 3_600.0, 2_000_000)
+        for p in range(PARTITIONS):
+            pipeline.resume(p, 0)
+        gc.disable()
+        try:
+            return pipeline.process(resent_messages, wire=True)
+        finally:
+            gc.enable()
+
     result = processing()
     rows = result.rows  # type: ignore[attr-defined]
     delta = Delta(0, 1, 0, rows)
@@ -83,6 +108,8 @@ def main() -> None:
         # The worker's hot path since msgspec: whole message, times and minutes included.
         "decode_native_us_per_event": best(decoding_native) / n * 1e6,
         "pipeline_process_us_per_event": best(processing) / n * 1e6,
+        # The worker's call: with re-sent events (DUPLICATE_RATE), wire rows, GC off.
+        "pipeline_worker_us_per_event": best(processing_as_the_worker) / resent_n * 1e6,
         "deltas_encode_us_per_row": best(lambda: encode(delta)) / len(rows) * 1e6,
         "deltas_decode_us_per_row": best(lambda: [decode(v) for v in encoded]) / len(rows) * 1e6,
         # What the sink does per message since wire version 2: the header only.
