@@ -310,32 +310,40 @@ async def test_record_waits_when_the_buffer_is_full_and_resumes() -> None:
     assert gw.stats.events_acked == 120
 
 
+async def record_as_kafka_acks_one_message_at_a_time(
+    gw: Gateway, fake: FakeProducer, accounts: int, events: int, room: int
+) -> list[int]:
+    """Record `events` events of `accounts` accounts while Kafka acknowledges the oldest
+    unacknowledged message at each step; every event delivered; the messages' sizes."""
+
+    async def produce() -> None:
+        for n in range(events):
+            await gw.record(req(f"acct-{n % accounts}", n))
+
+    task = asyncio.create_task(produce())
+    await settle()
+    while not task.done():
+        oldest = next((s.future for s in fake.sent if not s.future.done()), None)
+        if oldest is not None:
+            oldest.set_result(None)
+        await settle()
+        assert gw.stats.events_pending <= room
+    await task
+    await flush_acking(gw, fake)
+    expected = sorted(f"acct-{n % accounts}-{n}" for n in range(events))
+    assert sorted(fake.delivered_ids()) == expected
+    return [len(s.events()) for s in fake.sent]
+
+
 async def test_a_full_buffer_resumes_in_a_block_not_in_tiny_messages() -> None:
-    # Each wait for room seals every partial buffer. Were record() to resume at the
-    # first acknowledgement, it would wait again a message later, sealing partial
-    # buffers every time: a stream of tiny messages, each costing Kafka as much as a
-    # full one. It resumes once a quarter of the buffer is free instead (the buffer
-    # holding many messages, as the defaults have it: 100k events, 200 per message).
+    # A wait for room seals partial buffers. Were record() to resume at the first
+    # acknowledgement, it would wait again a message later, sealing partial buffers
+    # every time: a stream of tiny messages, each costing Kafka as much as a full one.
+    # It resumes once a quarter of the buffer is free instead (the buffer holding many
+    # messages, as the defaults have it: 100k events, 200 per message).
     fake = FakeProducer(auto_ack=False)
     async with make(fake, max_batch_events=10, max_buffered_events=800) as gw:
-
-        async def produce() -> None:
-            for n in range(8_000):
-                await gw.record(req(f"acct-{n % 64}", n))
-
-        task = asyncio.create_task(produce())
-        await settle()
-        while not task.done():
-            oldest = next((s.future for s in fake.sent if not s.future.done()), None)
-            if oldest is not None:
-                oldest.set_result(None)  # Kafka acknowledges one message at a time
-            await settle()
-            assert gw.stats.events_pending <= 800
-        await task
-        await flush_acking(gw, fake)
-    sizes = [len(s.events()) for s in fake.sent]
-    assert sum(sizes) == 8_000
-    assert sorted(fake.delivered_ids()) == sorted(f"acct-{n % 64}-{n}" for n in range(8_000))
+        sizes = await record_as_kafka_acks_one_message_at_a_time(gw, fake, 64, 8_000, 800)
     # 800 full messages would do; resuming at each acknowledgement makes several times more.
     assert len(sizes) < 1_200, f"{len(sizes)} messages, {sizes.count(10)} full"
 
@@ -346,23 +354,7 @@ async def test_a_small_buffer_seals_only_the_partial_buffers_it_needs() -> None:
     # every wait (as record() once did) sent 561 messages, 1 of them full; 80 would do.
     fake = FakeProducer(auto_ack=False)
     async with make(fake, max_batch_events=100, max_buffered_events=400, linger_ms=10_000) as gw:
-
-        async def produce() -> None:
-            for n in range(8_000):
-                await gw.record(req(f"acct-{n % 32}", n))
-
-        task = asyncio.create_task(produce())
-        await settle()
-        while not task.done():
-            oldest = next((s.future for s in fake.sent if not s.future.done()), None)
-            if oldest is not None:
-                oldest.set_result(None)  # Kafka acknowledges one message at a time
-            await settle()
-            assert gw.stats.events_pending <= 400
-        await task
-        await flush_acking(gw, fake)
-    sizes = [len(s.events()) for s in fake.sent]
-    assert sorted(fake.delivered_ids()) == sorted(f"acct-{n % 32}-{n}" for n in range(8_000))
+        sizes = await record_as_kafka_acks_one_message_at_a_time(gw, fake, 32, 8_000, 400)
     assert len(sizes) < 200, f"{len(sizes)} messages for 8,000 events, {sizes.count(100)} full"
 
 
