@@ -135,3 +135,11 @@ def rss_mib(pid: int) -> tuple[float, float]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0]) / 1024  # kB
     return found["VmRSS"], found["VmHWM"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process (all its threads) has used."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        # Fields after the parenthesised name; utime and stime are the 14th and 15th.
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -37,7 +37,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from benchmarks._procs import child_env, python_module, rss_mib, running, wait_http
+from benchmarks._procs import child_env, cpu_seconds, python_module, rss_mib, running, wait_http
 
 FULL_ACCOUNTS = 100_000
 MIN_ACCOUNTS = 2_000
@@ -191,14 +191,6 @@ def wrk(
             found: dict[str, float] = json.loads(line[len("WRKJSON ") :])
             return found
     raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a live process (all its threads) has used."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        # Fields after the parenthesised name; utime and stime are the 14th and 15th.
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _figures(prefix: str, result: dict[str, float]) -> dict[str, float]:

@@ -154,13 +154,6 @@ async def _measure_one_loop(bootstrap: str, workdir: Path, ds: Dataset) -> dict[
     }
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (fields 14 and 15 of /proc/pid/stat)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _scrape(port: int) -> dict[str, float]:
     """The worker's Prometheus counters (unlabelled samples, and sums over labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -249,7 +242,7 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
         # its app (its metrics endpoint answers), as the one-loop run's starts after
         # this process's imports: both then include the faust app's start.
         await asyncio.to_thread(_procs.wait_http, f"http://127.0.0.1:{port}/metrics", w)
-        worker_cpu_started = _cpu_s(w.pid)
+        worker_cpu_started = _procs.cpu_seconds(w.pid)
         cpu_started = time.process_time()
         started = time.perf_counter()
         applying = asyncio.ensure_future(sink.run())
@@ -280,7 +273,7 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
                 await asyncio.sleep(0.1)
             finished = time.perf_counter()
             sink_cpu = time.process_time() - cpu_started
-            worker_cpu = _cpu_s(w.pid) - worker_cpu_started
+            worker_cpu = _procs.cpu_seconds(w.pid) - worker_cpu_started
             metrics = _scrape(port)
         finally:
             await admin.close()
