@@ -429,7 +429,7 @@ class Gateway:
             "max_message_bytes", max_message_bytes, s.producer_max_message_bytes
         )
         # A record() waiting for room resumes once a quarter of the buffer is free, not
-        # at the first acknowledgement: each wait seals every partial buffer, and waits
+        # at the first acknowledgement: each wait may seal partial buffers, and waits
         # one message apart would send a stream of tiny messages (the Kafka client's cost
         # is mostly per message), slowing the acknowledgements that make room: in the
         # bench, up to 200k messages of ~5 events instead of 5k of 200.
