@@ -23,10 +23,13 @@ browser: ## Install Debian's headless Chromium when missing (for tests/e2e/test_
 	    --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
 	else echo "setup: chromium is missing; run: sudo apt-get install chromium"; fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml native/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@command -v cargo >/dev/null || { echo "setup: cargo is missing: native/ (the worker's \
+	  native fold) builds with Rust; install it with rustup (https://rustup.rs)"; exit 1; }
+	$(BIN)/python -m pip install -q ./native
 	touch $@
 
 # Kafka runs from Maven Central jars on the machine's JDK: no download outside

@@ -86,9 +86,9 @@ def main() -> None:
             pipeline.resume(p, 0)
         return pipeline.process(messages)
 
-    def processing_as_the_worker() -> object:
-        # As RollupWorker._handle calls it: wire rows, no cyclic GC during the fold.
-        pipeline = Pipeline("t", limits, 3_600.0, 2_000_000)
+    def processing_as_the_worker(native: bool = True) -> object:
+        # As RollupWorker._handle calls it: delta row parts, no cyclic GC during the fold.
+        pipeline = Pipeline("t", limits, 3_600.0, 2_000_000, native=native)
         for p in range(PARTITIONS):
             pipeline.resume(p, 0)
         gc.disable()
@@ -110,6 +110,10 @@ def main() -> None:
         "pipeline_process_us_per_event": best(processing) / n * 1e6,
         # The worker's call: with re-sent events (DUPLICATE_RATE), wire rows, GC off.
         "pipeline_worker_us_per_event": best(processing_as_the_worker) / resent_n * 1e6,
+        # The same without tally_fold: the Python tiers alone.
+        "pipeline_worker_python_us_per_event": best(lambda: processing_as_the_worker(False))
+        / resent_n
+        * 1e6,
         "deltas_encode_us_per_row": best(lambda: encode(delta)) / len(rows) * 1e6,
         "deltas_decode_us_per_row": best(lambda: [decode(v) for v in encoded]) / len(rows) * 1e6,
         # What the sink does per message since wire version 2: the header only.

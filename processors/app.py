@@ -35,7 +35,7 @@ from faust.tables import TableManager
 from faust.types import TP
 
 from processors.decode import Limits
-from processors.deltas import Delta, encode, encode_wire
+from processors.deltas import Delta, encode, encode_bodies
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.output import FencedError, PartitionOutput, Record
 from processors.pipeline import BatchResult, DeadLetter, Message, Pipeline
@@ -233,7 +233,7 @@ class RollupWorker:
         reflected = self._reflected_ms(partition, next_offset, result.published_until_ms)
         records: list[Record] = [
             (self.settings.rollups_topic, None, value, partition, [])
-            for value in encode_wire(partition, next_offset, reflected, result.rows)
+            for value in encode_bodies(partition, next_offset, reflected, result.bodies)
         ]
         records.extend(self._dead_letter(letter, keys) for letter in result.dead_letters)
         if await self._transact(partition, records, next_offset, output):

@@ -120,6 +120,18 @@ def encode(delta: Delta, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
     )
 
 
+# Room for a message's header line within MAX_MESSAGE_BYTES.
+_HEADER_ROOM = 200
+BODY_BUDGET = MAX_MESSAGE_BYTES - _HEADER_ROOM
+"""The largest row part of a delta message (a lone larger row goes alone)."""
+
+
+def wire_bodies(rows: list[list[Any]], budget: int = BODY_BUDGET) -> list[tuple[bytes, int]]:
+    """Rows in the wire layout (RollupBuilder.wire_rows) as row parts of at most
+    `budget` bytes, with their row counts: one empty part when there are none."""
+    return _bodies(rows, budget)
+
+
 def encode_wire(
     partition: int,
     next_offset: int,
@@ -128,7 +140,15 @@ def encode_wire(
     max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> list[bytes]:
     """`encode` of rows already in the wire layout (RollupBuilder.wire_rows)."""
-    bodies = _bodies(rows, max_bytes - 200)
+    return encode_bodies(
+        partition, next_offset, reflected_ms, _bodies(rows, max_bytes - _HEADER_ROOM)
+    )
+
+
+def encode_bodies(
+    partition: int, next_offset: int, reflected_ms: int, bodies: list[tuple[bytes, int]]
+) -> list[bytes]:
+    """One delta as messages, from its row parts (`wire_bodies`, or the native fold's)."""
     last = len(bodies) - 1
     return [
         orjson.dumps(

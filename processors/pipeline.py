@@ -11,12 +11,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from processors.decode import Limits, Rejection, decode_flat, decode_message, decode_native
+from processors.decode import (
+    NATIVE_MAX_EVENT_BYTES,
+    Flat,
+    Limits,
+    Rejection,
+    decode_flat,
+    decode_message,
+    decode_native,
+)
 from processors.dedup import Deduplicator
-from processors.rollup import RollupBuilder
+from processors.deltas import BODY_BUDGET, wire_bodies
+from processors.rollup import EPOCH, RollupBuilder
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+
+try:
+    # The worker's hot path in native code (native/, built by `make setup`): the same
+    # fold as the Python tiers below, which it falls back to message by message.
+    from tally_fold import Fold
+except ImportError:  # pragma: no cover - a checkout installed without native/
+    Fold = None  # type: ignore[assignment,misc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +54,8 @@ class DeadLetter:
 @dataclass(slots=True)
 class BatchResult:
     rows: list[list[object]]
-    """Delta rows; the caller adds the offset markers to the same INSERT. In the
-    store's columns (RollupBuilder.rows), or with `process(wire=True)` in the
-    delta wire layout (RollupBuilder.wire_rows)."""
+    """Delta rows in the store's columns (RollupBuilder.rows); the caller adds the
+    offset markers to the same INSERT. Empty with `process(wire=True)`."""
     dead_letters: list[DeadLetter]
     next_offsets: dict[int, int]
     published_until_ms: dict[int, int] = field(default_factory=dict)
@@ -50,6 +65,9 @@ class BatchResult:
     replayed: int = 0
     """Messages below the resume offset: already counted before a restart."""
     by_type: dict[str, int] = field(default_factory=dict)
+    bodies: list[tuple[bytes, int]] = field(default_factory=list)
+    """With `process(wire=True)`: the rows as delta row parts and their row counts,
+    each part within one delta message (processors/deltas.py `encode_bodies`)."""
 
 
 def _utcnow() -> datetime:
@@ -64,9 +82,14 @@ class Pipeline:
         dedup_window_s: float,
         dedup_max_keys: int,
         clock: Callable[[], datetime] = _utcnow,
+        native: bool = True,
     ) -> None:
         self.topic = topic
         self.limits = limits
+        # One fold, cleared per batch: it keeps its memory, so a batch touches no
+        # new pages. Only where the native tier's size bound holds (as decode_native).
+        usable = Fold is not None and limits.max_event_bytes >= NATIVE_MAX_EVENT_BYTES
+        self._fold = Fold() if native and usable else None
         self._dedup_window_s = dedup_window_s
         self._dedup_max_keys = dedup_max_keys
         self._clock = clock
@@ -97,12 +120,23 @@ class Pipeline:
         return sum(len(d) for d in self._dedup.values())
 
     def process(self, messages: Iterable[Message], wire: bool = False) -> BatchResult:
+        """Fold a batch of messages. `wire`: the rows as delta row parts
+        (`BatchResult.bodies`, what the worker publishes), folded natively when
+        tally_fold is installed; otherwise as rows in the store's columns."""
         now = self._clock()
-        builder = RollupBuilder()
-        add = builder.add_flat
-        add_native = builder.add_native
-        requests = opened = closed = 0
         limits = self.limits
+        fold = self._fold if wire else None
+        builder = RollupBuilder()
+        if fold is None:
+            add_native = builder.add_native
+            add: Callable[[Flat], None] = builder.add_flat
+        else:
+            fold.clear()
+            add = self._native_adder(fold)
+            lo_us = _micros(now - limits.max_lateness)
+            hi_us = _micros(now + limits.max_future)
+            max_message, max_event = limits.max_message_bytes, limits.max_event_bytes
+        requests = opened = closed = 0
         result = BatchResult(rows=[], dead_letters=[], next_offsets={})
         resume, dedups = self._resume, self._dedup
         next_offsets, published = result.next_offsets, result.published_until_ms
@@ -114,53 +148,37 @@ class Pipeline:
                 raise RuntimeError(f"partition {partition} was not resumed before processing")
             dedup = dedups[partition]
             first_time = dedup.first_time
-            native = decode_native(message.value, now, limits)
-            if native is not None:
-                native_events = native[0]
-                sources = [e.source for e in native_events]
-                ids = [e.id for e in native_events]
-                if message.offset < resume[partition]:
-                    result.replayed += 1
-                    if dedup.admit_many(sources, ids) is None:
-                        for source, event_id in zip(sources, ids, strict=True):
-                            first_time(source, event_id)
-                    continue
-                found = dedup.admit_many(sources, ids)
-                if found is None:
-                    r, o, c, d = add_native(*native, first_time)
-                else:
-                    if found:  # the lists are this message's own: drop its duplicates
-                        native_times, native_minutes = native[1], native[2]
-                        for index in reversed(found):
-                            del native_events[index], native_times[index], native_minutes[index]
-                    r, o, c, _ = add_native(*native, None)
-                    d = len(found)
+            value = message.value
+            if message.offset < resume[partition]:
+                result.replayed += 1
+                self._remember(dedup, value, now)
+                continue
+            if fold is not None:
+                counts = (
+                    fold.add_message(value, lo_us, hi_us, max_event, dedup.admit_many, first_time)
+                    if value is not None and len(value) <= max_message
+                    else None
+                )
+            else:
+                counts = _add_native(add_native, dedup, value, now, limits)
+            if counts is not None:
+                r, o, c, d = counts
                 requests += r
                 opened += o
                 closed += c
                 duplicates += d
-                next_offsets[partition] = resume[partition] = message.offset + 1
-                if message.timestamp_ms > published.get(partition, 0):
-                    published[partition] = message.timestamp_ms
-                else:
-                    published.setdefault(partition, 0)
-                continue
-            events, rejections = decode_flat(message.value, now, limits)
-            if message.offset < resume[partition]:
-                result.replayed += 1
+            else:
+                events, rejections = decode_flat(value, now, limits)
+                for rejection in rejections:
+                    result.dead_letters.append(DeadLetter(rejection, partition, message.offset))
                 for event in events:
-                    first_time(event[0], event[1])
-                continue
-            for rejection in rejections:
-                result.dead_letters.append(DeadLetter(rejection, partition, message.offset))
-            for event in events:
-                if first_time(event[0], event[1]):
-                    add(event)
-                    counted += 1
-                    kind = event[2]
-                    by_type[kind] = by_type.get(kind, 0) + 1
-                else:
-                    duplicates += 1
+                    if first_time(event[0], event[1]):
+                        add(event)
+                        counted += 1
+                        kind = event[2]
+                        by_type[kind] = by_type.get(kind, 0) + 1
+                    else:
+                        duplicates += 1
             next_offsets[partition] = resume[partition] = message.offset + 1
             if message.timestamp_ms > published.get(partition, 0):
                 published[partition] = message.timestamp_ms
@@ -175,5 +193,67 @@ class Pipeline:
                 by_type[kind] = by_type.get(kind, 0) + n
         counted += requests + opened + closed
         result.counted, result.duplicates, result.by_type = counted, duplicates, by_type
-        result.rows = builder.wire_rows() if wire else builder.rows()
+        if fold is not None:
+            result.bodies = fold.bodies(BODY_BUDGET)
+        elif wire:
+            result.bodies = wire_bodies(builder.wire_rows())
+        else:
+            result.rows = builder.rows()
         return result
+
+    def _remember(self, dedup: Deduplicator, value: bytes | None, now: datetime) -> None:
+        """A message below the resume offset: already counted, only remembered."""
+        native = decode_native(value, now, self.limits)
+        if native is not None:
+            sources = [e.source for e in native[0]]
+            ids = [e.id for e in native[0]]
+            if dedup.admit_many(sources, ids) is None:
+                for source, event_id in zip(sources, ids, strict=True):
+                    dedup.first_time(source, event_id)
+            return
+        for event in decode_flat(value, now, self.limits)[0]:
+            dedup.first_time(event[0], event[1])
+
+    @staticmethod
+    def _native_adder(fold: Fold) -> Callable[[Flat], None]:
+        """Fold an event of the Python tiers into the native fold, as add_flat would."""
+        add_values = fold.add_values
+
+        def add(event: Flat) -> None:
+            time = event[4]
+            add_values(event[2], event[3], int(time.timestamp()) // 60 * 60, event[5],
+                       event[6], event[7], event[8], event[9], event[10], 0.0 + event[11],
+                       event[12], event[13], _micros(time))  # fmt: skip
+
+        return add
+
+
+def _micros(at: datetime) -> int:
+    """Microseconds since the epoch, exactly (a float timestamp is not exact)."""
+    return (at - EPOCH) // _MICROSECOND
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _add_native(
+    add_native: Callable[..., tuple[int, int, int, int]],
+    dedup: Deduplicator,
+    value: bytes | None,
+    now: datetime,
+    limits: Limits,
+) -> tuple[int, int, int, int] | None:
+    """The msgspec tier (no tally_fold): decode, dedup and fold one message, or None."""
+    native = decode_native(value, now, limits)
+    if native is None:
+        return None
+    events, times, minutes = native
+    sources = [e.source for e in events]
+    ids = [e.id for e in events]
+    found = dedup.admit_many(sources, ids)
+    if found is None:
+        return add_native(events, times, minutes, dedup.first_time)
+    for index in reversed(found):  # the lists are this message's own: drop its duplicates
+        del events[index], times[index], minutes[index]
+    r, o, c, _ = add_native(events, times, minutes, None)
+    return r, o, c, len(found)

@@ -1,0 +1,681 @@
+//! The worker's hot path in native code: parse, check and fold a whole events
+//! message in one call, and encode the folded rows as delta row parts.
+//!
+//! It is the same computation as the Python tiers (processors/decode.py
+//! `decode_native`, processors/rollup.py `RollupBuilder`, processors/deltas.py
+//! `_bodies`), which stay the reference: `add_message` accepts a strict subset of
+//! what `decode_native` accepts and returns None for anything else, so that Python
+//! decides, and reports why, exactly as before. Nothing is folded or remembered
+//! for a message it returns None for.
+//!
+//! tests/unit/processors/test_native.py compares the two on generated messages,
+//! valid and broken, row for row.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString};
+use hashbrown::HashTable;
+use rustc_hash::FxHasher;
+use std::hash::Hasher;
+use serde::{Deserialize, Deserializer};
+
+const REQUEST: &str = "tally.request.v1";
+const STREAM_OPENED: &str = "tally.stream.opened.v1";
+const STREAM_CLOSED: &str = "tally.stream.closed.v1";
+const KIND_REQUEST: u8 = 0;
+const KIND_OPENED: u8 = 1;
+const KIND_CLOSED: u8 = 2;
+const KIND_NAMES: [&str; 3] = [REQUEST, STREAM_OPENED, STREAM_CLOSED];
+/// Units and latencies from 2^53 on are left to the models (decode.py `_EXACT_INT`).
+const EXACT_INT: f64 = 9_007_199_254_740_992.0;
+/// Times are taken only in [1970, 2106): there the rollup minute of a UTC time is
+/// the minute its text names (decode.py `_MINUTE_SAFE_LO/HI`).
+const MIN_YEAR: i64 = 1970;
+const MAX_YEAR: i64 = 2105;
+
+/// Absent stays None; present (null included) is Some: the Structs refuse some
+/// attributes even when null, so presence must be told apart from null.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+// Borrowed strings only: a string with an escape fails to borrow, so the message
+// goes to Python (rare: ids, sources and subjects need none).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent<'a> {
+    specversion: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    id: &'a str,
+    source: &'a str,
+    subject: &'a str,
+    time: &'a str,
+    #[serde(default, borrow)]
+    datacontenttype: Option<&'a str>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<RawData<'a>>,
+}
+
+/// Every attribute of the three types' data; `check` refuses those a type lacks.
+/// serde refuses a repeated attribute (msgspec keeps the last): to Python.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData<'a> {
+    #[serde(default, deserialize_with = "present")]
+    units: Option<Option<f64>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    route: Option<Option<&'a str>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    method: Option<Option<&'a str>>,
+    #[serde(default, deserialize_with = "present")]
+    status: Option<Option<i64>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    model: Option<Option<&'a str>>,
+    #[serde(default, deserialize_with = "present")]
+    latency_ms: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    bytes_in: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    bytes_out: Option<Option<u64>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    stream_id: Option<Option<&'a str>>,
+    #[serde(default, deserialize_with = "present")]
+    duration_ms: Option<Option<f64>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    reason: Option<Option<&'a str>>,
+}
+
+
+/// One checked event, in the fold's terms (`RollupBuilder.add_native`).
+struct Event<'a> {
+    source: &'a str,
+    id: &'a str,
+    kind: u8,
+    subject: &'a str,
+    time_us: i64,
+    minute: i64,
+    route: &'a str,
+    method: &'a str,
+    model: &'a str,
+    status: i64,
+    stream_id: &'a str,
+    units: f64,
+    latency: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// msgspec's min/max_length, in characters. `lo` is 0 or 1 here, so a byte length
+/// within the bounds is a character length within them.
+fn chars_within(s: &str, lo: usize, hi: usize) -> bool {
+    let n = s.len();
+    if n >= lo && n <= hi {
+        return true;
+    }
+    let c = s.chars().count();
+    c >= lo && c <= hi
+}
+
+/// `null` and absent both as absent; a value must be a label of lo..=hi characters.
+fn label(v: Option<Option<&str>>, lo: usize, hi: usize) -> Option<&str> {
+    match v {
+        None | Some(None) => Some(""),
+        Some(Some(s)) if chars_within(s, lo, hi) => Some(s),
+        Some(Some(_)) => None,
+    }
+}
+
+fn measure(v: f64) -> bool {
+    (0.0..EXACT_INT).contains(&v)
+}
+
+/// `_NativeUnits | None`: None for refused, Some(0.0) for null or absent.
+fn optional_measure(v: Option<Option<f64>>) -> Option<f64> {
+    match v {
+        None | Some(None) => Some(0.0),
+        Some(Some(x)) if measure(x) => Some(x),
+        Some(Some(_)) => None,
+    }
+}
+
+fn count(v: Option<Option<u64>>) -> Option<u64> {
+    match v {
+        None | Some(None) => Some(0),
+        Some(Some(x)) if x <= i64::MAX as u64 => Some(x),
+        Some(Some(_)) => None,
+    }
+}
+
+fn digits(b: &[u8]) -> Option<i64> {
+    let mut n: i64 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(c - b'0');
+    }
+    Some(n)
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    // Howard Hinnant's algorithm: days since 1970-01-01 in the proleptic Gregorian calendar.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ => 28,
+    }
+}
+
+/// "YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z" as microseconds since the epoch: the part of
+/// decode.py's `_TIMES` in UTC, which `datetime.fromisoformat` reads exactly.
+/// Offsets other than Z, and anything else, go to Python.
+fn parse_time(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let n = b.len();
+    if !(20..=27).contains(&n) || b[n - 1] != b'Z' {
+        return None;
+    }
+    if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let year = digits(&b[0..4])?;
+    let month = digits(&b[5..7])?;
+    let day = digits(&b[8..10])?;
+    let hour = digits(&b[11..13])?;
+    let minute = digits(&b[14..16])?;
+    let second = digits(&b[17..19])?;
+    let mut micros = 0;
+    if n > 20 {
+        if b[19] != b'.' || n == 21 {
+            return None;
+        }
+        let frac = &b[20..n - 1];
+        micros = digits(frac)? * 10_i64.pow(6 - frac.len() as u32);
+    }
+    if !(MIN_YEAR..=MAX_YEAR).contains(&year)
+        || !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    Some(((days * 24 + hour) * 60 + minute) * 60_000_000 + second * 1_000_000 + micros)
+}
+
+fn subject_ok(s: &str) -> bool {
+    // schemas/events.py SUBJECT_PATTERN: ^[A-Za-z0-9_.:-]{1,128}$
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The checks of decode.py's Native Structs and `decode_native`, for one event.
+fn check<'a>(e: &RawEvent<'a>, lo_us: i64, hi_us: i64) -> Option<Event<'a>> {
+    if e.specversion != "1.0"
+        || !chars_within(e.id, 1, 128)
+        || !chars_within(e.source, 1, 256)
+        || !subject_ok(e.subject)
+    {
+        return None;
+    }
+    if let Some(t) = e.datacontenttype {
+        if !chars_within(t, 0, 256) {
+            return None;
+        }
+    }
+    let time_us = parse_time(e.time)?;
+    if time_us < lo_us || time_us > hi_us {
+        return None;
+    }
+    let mut ev = Event {
+        source: e.source,
+        id: e.id,
+        kind: KIND_REQUEST,
+        subject: e.subject,
+        time_us,
+        minute: time_us.div_euclid(60_000_000) * 60,
+        route: "",
+        method: "",
+        model: "",
+        status: 0,
+        stream_id: "",
+        units: 0.0,
+        latency: 0.0,
+        bytes_in: 0,
+        bytes_out: 0,
+    };
+    match e.kind {
+        REQUEST => {
+            ev.units = 1.0;
+            let Some(d) = &e.data else {
+                return Some(ev);
+            };
+            if d.stream_id.is_some() || d.duration_ms.is_some() || d.reason.is_some() {
+                return None;
+            }
+            match d.units {
+                None => {}
+                Some(Some(u)) if measure(u) => ev.units = u,
+                Some(_) => return None,
+            }
+            ev.route = label(d.route, 1, 256)?;
+            ev.method = label(d.method, 1, 16)?;
+            ev.model = label(d.model, 1, 256)?;
+            ev.status = match d.status {
+                None | Some(None) => 0,
+                Some(Some(s)) if (100..=599).contains(&s) => s,
+                Some(Some(_)) => return None,
+            };
+            ev.latency = optional_measure(d.latency_ms)?;
+            ev.bytes_in = count(d.bytes_in)?;
+            ev.bytes_out = count(d.bytes_out)?;
+        }
+        STREAM_OPENED => {
+            ev.kind = KIND_OPENED;
+            let d = e.data.as_ref()?;
+            if d.units.is_some()
+                || d.method.is_some()
+                || d.status.is_some()
+                || d.latency_ms.is_some()
+                || d.bytes_in.is_some()
+                || d.bytes_out.is_some()
+                || d.duration_ms.is_some()
+                || d.reason.is_some()
+            {
+                return None;
+            }
+            ev.stream_id = match d.stream_id {
+                Some(Some(s)) if chars_within(s, 1, 256) => s,
+                _ => return None,
+            };
+            ev.route = label(d.route, 1, 256)?;
+            ev.model = label(d.model, 1, 256)?;
+        }
+        STREAM_CLOSED => {
+            ev.kind = KIND_CLOSED;
+            let d = e.data.as_ref()?;
+            if d.route.is_some()
+                || d.method.is_some()
+                || d.status.is_some()
+                || d.model.is_some()
+                || d.latency_ms.is_some()
+                || d.bytes_in.is_some()
+                || d.bytes_out.is_some()
+            {
+                return None;
+            }
+            ev.stream_id = match d.stream_id {
+                Some(Some(s)) if chars_within(s, 1, 256) => s,
+                _ => return None,
+            };
+            match d.units {
+                None => {}
+                Some(Some(u)) if measure(u) => ev.units = u,
+                Some(_) => return None,
+            }
+            optional_measure(d.duration_ms)?;
+            if let Some(Some(r)) = d.reason {
+                if !chars_within(r, 0, 256) {
+                    return None;
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(ev)
+}
+
+/// `round(units * 1_000_000)` in Python: round half to even, of the product as a double.
+fn to_micro(units: f64) -> i128 {
+    (units * 1_000_000.0).round_ties_even() as i128
+}
+
+struct Totals {
+    /// Where the row's key columns are in `Fold::heads`: as JSON, from "[" to the
+    /// comma after stream_id. JSON text names a key exactly, so it is the key too.
+    head: (u32, u32),
+    last_us: i64,
+    events: i64,
+    units_micro: i128,
+    latency: f64,
+    bytes_in: i128,
+    bytes_out: i128,
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+/// Delta rows folded from many messages, in first-seen order (as a dict keeps them).
+///
+/// Keys live in one arena and the table holds row numbers: no allocation per row,
+/// and `clear` keeps the capacity, so a worker's next batch touches no new pages.
+#[pyclass(module = "tally_fold")]
+#[derive(Default)]
+struct Fold {
+    table: HashTable<u32>,
+    heads: Vec<u8>,
+    rows: Vec<Totals>,
+    scratch: Vec<u8>,
+}
+
+fn hash_of(bytes: &[u8]) -> u64 {
+    let mut h = FxHasher::default();
+    h.write(bytes);
+    h.finish()
+}
+
+impl Fold {
+    #[allow(clippy::too_many_arguments)]
+    fn fold(
+        &mut self,
+        kind: u8,
+        subject: &str,
+        minute: i64,
+        route: &str,
+        method: &str,
+        model: &str,
+        status: i64,
+        stream_id: &str,
+        units_micro: i128,
+        latency: f64,
+        bytes_in: i128,
+        bytes_out: i128,
+        time_us: i64,
+    ) {
+        let head = &mut self.scratch;
+        head.clear();
+        head.push(b'[');
+        push_json_str(head, subject);
+        head.push(b',');
+        head.extend_from_slice(itoa::Buffer::new().format(minute).as_bytes());
+        head.push(b',');
+        push_json_str(head, KIND_NAMES[kind as usize]);
+        for s in [route, method, model] {
+            head.push(b',');
+            push_json_str(head, s);
+        }
+        head.push(b',');
+        head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        head.push(b',');
+        push_json_str(head, stream_id);
+        head.push(b',');
+        let hash = hash_of(head);
+        let (heads, rows) = (&self.heads, &self.rows);
+        let same = |&i: &u32| {
+            let (at, len) = rows[i as usize].head;
+            heads[at as usize..(at + len) as usize] == head[..]
+        };
+        if let Some(&i) = self.table.find(hash, same) {
+            let t = &mut self.rows[i as usize];
+            if time_us > t.last_us {
+                t.last_us = time_us;
+            }
+            t.events += 1;
+            t.units_micro += units_micro;
+            t.latency += latency;
+            t.bytes_in += bytes_in;
+            t.bytes_out += bytes_out;
+            return;
+        }
+        let at = self.heads.len() as u32;
+        self.heads.extend_from_slice(head);
+        let i = self.rows.len() as u32;
+        self.rows.push(Totals {
+            head: (at, head.len() as u32),
+            last_us: time_us,
+            events: 1,
+            units_micro,
+            latency,
+            bytes_in,
+            bytes_out,
+        });
+        let (heads, rows) = (&self.heads, &self.rows);
+        self.table.insert_unique(hash, i, |&j| {
+            let (at, len) = rows[j as usize].head;
+            hash_of(&heads[at as usize..(at + len) as usize])
+        });
+    }
+
+    fn fold_event(&mut self, e: &Event<'_>) {
+        self.fold(
+            e.kind,
+            e.subject,
+            e.minute,
+            e.route,
+            e.method,
+            e.model,
+            e.status,
+            e.stream_id,
+            to_micro(e.units),
+            e.latency,
+            i128::from(e.bytes_in),
+            i128::from(e.bytes_out),
+            e.time_us,
+        );
+    }
+
+    fn write_row(&self, out: &mut Vec<u8>, t: &Totals) {
+        let mut ints = itoa::Buffer::new();
+        let (at, len) = t.head;
+        out.extend_from_slice(&self.heads[at as usize..(at + len) as usize]);
+        out.extend_from_slice(ints.format(t.events).as_bytes());
+        out.push(b',');
+        out.extend_from_slice(ints.format(t.units_micro).as_bytes());
+        out.push(b',');
+        out.extend_from_slice(ryu::Buffer::new().format_finite(t.latency).as_bytes());
+        out.push(b',');
+        out.extend_from_slice(ints.format(t.bytes_in).as_bytes());
+        out.push(b',');
+        out.extend_from_slice(ints.format(t.bytes_out).as_bytes());
+        out.push(b',');
+        // int(last_time.timestamp() * 1000), as RollupBuilder.wire_rows computes it.
+        let ms = (t.last_us as f64 / 1e6 * 1000.0).trunc() as i64;
+        out.extend_from_slice(ints.format(ms).as_bytes());
+        out.extend_from_slice(b",0]");
+    }
+}
+
+#[pymethods]
+impl Fold {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn __len__(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Forget every row, keeping the memory for the next batch.
+    fn clear(&mut self) {
+        self.table.clear();
+        self.heads.clear();
+        self.rows.clear();
+    }
+
+    /// Parse, check and fold one events message. None when any of its events is
+    /// not plainly valid and on time (nothing folded, `admit` not called): Python's
+    /// tiers decide then. Otherwise `admit(sources, ids)` (Deduplicator.admit_many)
+    /// names the duplicates, or is None and `first_time(source, id)` is asked per
+    /// event; returns (requests, streams opened, streams closed, duplicates).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (value, lo_us, hi_us, max_event_bytes, admit, first_time))]
+    fn add_message(
+        &mut self,
+        py: Python<'_>,
+        value: &[u8],
+        lo_us: i64,
+        hi_us: i64,
+        max_event_bytes: usize,
+        admit: &Bound<'_, PyAny>,
+        first_time: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<(u64, u64, u64, u64)>> {
+        let batch = value.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'[');
+        let raw = if batch {
+            match serde_json::from_slice::<Vec<RawEvent<'_>>>(value) {
+                Ok(events) if !events.is_empty() => events,
+                _ => return Ok(None),
+            }
+        } else if value.len() > max_event_bytes {
+            return Ok(None); // a single event's limit counts the message's own bytes
+        } else {
+            match serde_json::from_slice::<RawEvent<'_>>(value) {
+                Ok(event) => vec![event],
+                Err(_) => return Ok(None),
+            }
+        };
+        let mut events = Vec::with_capacity(raw.len());
+        for e in &raw {
+            match check(e, lo_us, hi_us) {
+                Some(ev) => events.push(ev),
+                None => return Ok(None),
+            }
+        }
+        // Dedup stays in Python (processors/dedup.py): it is per partition state
+        // that outlives the batch. Equal consecutive sources share one str.
+        let mut sources: Vec<Bound<'_, PyString>> = Vec::with_capacity(events.len());
+        let mut ids: Vec<Bound<'_, PyString>> = Vec::with_capacity(events.len());
+        let mut last: Option<(&str, Bound<'_, PyString>)> = None;
+        for e in &events {
+            let source = match &last {
+                Some((text, obj)) if *text == e.source => obj.clone(),
+                _ => {
+                    let obj = PyString::new(py, e.source);
+                    last = Some((e.source, obj.clone()));
+                    obj
+                }
+            };
+            sources.push(source);
+            ids.push(PyString::new(py, e.id));
+        }
+        let source_list = PyList::new(py, &sources)?;
+        let id_list = PyList::new(py, &ids)?;
+        let found = admit.call1((source_list, id_list))?;
+        let mut keep = vec![true; events.len()];
+        let mut duplicates = 0u64;
+        if found.is_none() {
+            for (i, (s, id)) in sources.iter().zip(&ids).enumerate() {
+                if !first_time.call1((s, id))?.is_truthy()? {
+                    keep[i] = false;
+                    duplicates += 1;
+                }
+            }
+        } else {
+            for index in found.try_iter()? {
+                let i: usize = index?.extract()?;
+                if keep[i] {
+                    keep[i] = false;
+                    duplicates += 1;
+                }
+            }
+        }
+        let (mut requests, mut opened, mut closed) = (0u64, 0u64, 0u64);
+        for (e, _) in events.iter().zip(&keep).filter(|(_, k)| **k) {
+            match e.kind {
+                KIND_REQUEST => requests += 1,
+                KIND_OPENED => opened += 1,
+                _ => closed += 1,
+            }
+            self.fold_event(e);
+        }
+        Ok(Some((requests, opened, closed, duplicates)))
+    }
+
+    /// Fold one event the Python tiers decoded (`processors.decode.Flat` values):
+    /// `minute` as RollupBuilder computes it, `time_us` its time since the epoch.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (kind, subject, minute, route, method, model, status, stream_id, units, latency, bytes_in, bytes_out, time_us))]
+    fn add_values(
+        &mut self,
+        kind: &str,
+        subject: &str,
+        minute: i64,
+        route: &str,
+        method: &str,
+        model: &str,
+        status: i64,
+        stream_id: &str,
+        units: f64,
+        latency: f64,
+        bytes_in: i128,
+        bytes_out: i128,
+        time_us: i64,
+    ) -> PyResult<()> {
+        let kind = match kind {
+            REQUEST => KIND_REQUEST,
+            STREAM_OPENED => KIND_OPENED,
+            STREAM_CLOSED => KIND_CLOSED,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown event type {other:?}"
+                )))
+            }
+        };
+        self.fold(
+            kind,
+            subject,
+            minute,
+            route,
+            method,
+            model,
+            status,
+            stream_id,
+            to_micro(units),
+            latency,
+            bytes_in,
+            bytes_out,
+            time_us,
+        );
+        Ok(())
+    }
+
+    /// The rows as delta row parts (processors/deltas.py version 2) of at most
+    /// `budget` bytes each, a lone larger row alone: [(part, rows in it)], and one
+    /// empty part when there are no rows (a heartbeat), as `deltas._bodies` gives.
+    fn bodies<'py>(&self, py: Python<'py>, budget: usize) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let mut body: Vec<u8> = Vec::with_capacity(budget.min(1 << 20));
+        let mut row: Vec<u8> = Vec::with_capacity(256);
+        let mut count = 0usize;
+        for t in &self.rows {
+            row.clear();
+            self.write_row(&mut row, t);
+            if count > 0 && body.len() + 1 + row.len() > budget {
+                out.append((PyBytes::new(py, &body), count))?;
+                body.clear();
+                count = 0;
+            }
+            if count > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&row);
+            count += 1;
+        }
+        if count > 0 || out.is_empty() {
+            out.append((PyBytes::new(py, &body), count))?;
+        }
+        Ok(out)
+    }
+}
+
+#[pymodule]
+fn tally_fold(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Fold>()?;
+    Ok(())
+}

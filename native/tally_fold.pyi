@@ -1,0 +1,34 @@
+"""Types of the native fold (native/src/lib.rs); see processors/pipeline.py."""
+
+from collections.abc import Callable
+
+class Fold:
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+    def clear(self) -> None: ...
+    def add_message(
+        self,
+        value: bytes,
+        lo_us: int,
+        hi_us: int,
+        max_event_bytes: int,
+        admit: Callable[[list[str], list[str]], list[int] | None],
+        first_time: Callable[[str, str], bool],
+    ) -> tuple[int, int, int, int] | None: ...
+    def add_values(
+        self,
+        kind: str,
+        subject: str,
+        minute: int,
+        route: str,
+        method: str,
+        model: str,
+        status: int,
+        stream_id: str,
+        units: float,
+        latency: float,
+        bytes_in: int,
+        bytes_out: int,
+        time_us: int,
+    ) -> None: ...
+    def bodies(self, budget: int) -> list[tuple[bytes, int]]: ...

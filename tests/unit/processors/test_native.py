@@ -1,0 +1,318 @@
+"""The native fold (native/, tally_fold) against the Python tiers it stands in for.
+
+`Pipeline.process(wire=True)` folds natively; `Pipeline(native=False)` folds the
+same messages through decode_native/decode_flat and RollupBuilder. Both must agree
+on everything: rows (parsed, exactly), counts, duplicates, dead letters, offsets.
+The messages mix valid events with every kind of near miss the native parser must
+hand back to Python, so that accepting one it should not shows up as a difference.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from processors.decode import Limits
+from processors.deltas import rows_of
+from processors.pipeline import BatchResult, Message, Pipeline
+from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+
+NOW = datetime(2026, 11, 22, 12, 0, 0, 123_456, tzinfo=UTC)
+LIMITS = Limits()
+
+
+def _time(rng: random.Random) -> str:
+    at = NOW - timedelta(seconds=rng.uniform(0, 600))
+    text = at.strftime("%Y-%m-%dT%H:%M:%S")
+    digits = rng.choice([0, 0, 1, 3, 6])
+    if digits:
+        text += "." + f"{at.microsecond:06d}"[:digits]
+    return text + "Z"
+
+
+def _measure(rng: random.Random) -> float | int:
+    return rng.choice(
+        [
+            rng.uniform(0, 10),
+            rng.randrange(0, 1000),
+            # half-way between two millionths: round() goes to even
+            rng.randrange(0, 100) * 1e-6 + 5e-7,
+            rng.uniform(0, 1e9),
+            0.0,
+            -0.0,
+        ]
+    )
+
+
+def _event(rng: random.Random, i: int, accounts: int) -> dict[str, Any]:
+    kind = rng.choice([REQUEST, REQUEST, REQUEST, STREAM_OPENED, STREAM_CLOSED])
+    doc: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": f"e-{i}-{rng.randrange(1 << 30)}",
+        "source": rng.choice(["gw-a", "gw-b"]),
+        "subject": f"acct-{rng.randrange(accounts)}",
+        "time": _time(rng),
+        "type": kind,
+    }
+    stream = f"s-{rng.randrange(4)}"
+    if kind == REQUEST:
+        data: dict[str, Any] = {}
+        for name, value in (
+            ("units", _measure(rng)),
+            ("route", rng.choice(["/v1/messages", "/v1/ünïcode", None])),
+            ("method", rng.choice(["POST", "GET", None])),
+            ("status", rng.choice([200, 429, 500, None])),
+            ("model", rng.choice(["small", "large", None])),
+            ("latency_ms", rng.choice([_measure(rng), None])),
+            ("bytes_in", rng.choice([rng.randrange(0, 10_000), None, 0])),
+            ("bytes_out", rng.choice([rng.randrange(0, 10_000), None])),
+        ):
+            if rng.random() < 0.8:
+                data[name] = value
+        if data or rng.random() < 0.5:
+            doc["data"] = data
+    elif kind == STREAM_OPENED:
+        doc["data"] = {"stream_id": stream, "route": rng.choice(["/v1/s", None]), "model": "m"}
+    else:
+        doc["data"] = {"stream_id": stream, "units": _measure(rng)}
+        if rng.random() < 0.3:
+            doc["data"]["duration_ms"] = rng.choice([12.5, None])
+        if rng.random() < 0.3:
+            doc["data"]["reason"] = rng.choice(["client", None, ""])
+    if rng.random() < 0.05:
+        doc["datacontenttype"] = rng.choice(["application/json", None])
+    return doc
+
+
+# Near misses: each is either still valid (and must fold the same) or must go to
+# Python (which counts or rejects it, and says why).
+def _set_data(name: str, value: Any) -> Any:
+    def mutate(doc: dict[str, Any]) -> None:
+        doc.setdefault("data", {})[name] = value
+
+    return mutate
+
+
+def _set(name: str, value: Any) -> Any:
+    def mutate(doc: dict[str, Any]) -> None:
+        doc[name] = value
+
+    return mutate
+
+
+def _drop(name: str) -> Any:
+    def mutate(doc: dict[str, Any]) -> None:
+        doc.pop(name, None)
+
+    return mutate
+
+
+def _time_of(text: str) -> Any:
+    return _set("time", text)
+
+
+DOC_MUTATIONS = [
+    _set("specversion", "1.1"),
+    _set("type", "tally.unknown.v1"),
+    _drop("id"),
+    _set("id", ""),
+    _set("id", "x" * 128),
+    _set("id", "x" * 129),
+    _set("id", "é" * 128),  # 256 bytes, 128 characters: valid
+    _set("id", "é" * 129),
+    _set("source", "s" * 257),
+    _set("subject", "bad subject"),
+    _set("subject", "a" * 129),
+    _set("subject", "ok:a-b_c.d"),
+    _set("data", None),
+    _drop("data"),
+    _set("datacontenttype", "x" * 257),
+    _set("datacontenttype", 5),
+    _set("extra", 1),
+    _time_of("2026-11-22T11:59:00+01:00"),
+    _time_of("2026-11-22T10:59:00-01:00"),
+    _time_of("2026-11-22T11:59:00.1234567Z"),
+    _time_of("2026-11-22T11:59:00.Z"),
+    _time_of("2026-11-22t11:59:00Z"),
+    _time_of("2026-11-22T11:59:00z"),
+    _time_of("2026-11-22 11:59:00Z"),
+    _time_of("2026-02-30T11:59:00Z"),
+    _time_of("2026-11-22T24:00:00Z"),
+    _time_of("2026-11-22T11:59:60Z"),
+    _time_of("2026-11-22T12:05:00.123457Z"),  # just past max_future
+    _time_of("2026-11-22T12:05:00.123456Z"),  # exactly at it
+    _time_of("2026-10-18T12:00:00.123456Z"),  # exactly max_lateness ago
+    _time_of("2026-10-18T12:00:00.123455Z"),  # a microsecond more
+    _time_of("1969-12-31T23:59:59Z"),
+    _time_of(""),
+    _time_of(7),
+    _set_data("units", None),
+    _set_data("units", -1),
+    _set_data("units", 1e12),
+    _set_data("units", "1"),
+    _set_data("units", True),
+    _set_data("status", 99),
+    _set_data("status", 600),
+    _set_data("status", 599),
+    _set_data("status", 200.0),
+    _set_data("status", True),
+    _set_data("bytes_in", -1),
+    _set_data("bytes_in", 2**63 - 1),
+    _set_data("bytes_out", 1.5),
+    _set_data("method", "M" * 16),
+    _set_data("method", "M" * 17),
+    _set_data("route", ""),
+    _set_data("route", "ř" * 256),
+    _set_data("route", "ř" * 257),
+    _set_data("model", None),
+    _set_data("latency_ms", -0.0),
+    _set_data("latency_ms", -1.0),
+    _set_data("stream_id", "s"),
+    _set_data("stream_id", None),
+    _set_data("stream_id", ""),
+    _set_data("duration_ms", -5),
+    _set_data("reason", "r" * 257),
+    _set_data("route", None),
+    _set_data("unknown", 1),
+]
+
+# On the encoded text of one event.
+TEXT_MUTATIONS = [
+    lambda raw: raw.replace(b'"specversion"', b'"id":"dup","specversion"', 1),
+    lambda raw: raw.replace(b'"id":"', b'"id":"\\u0041', 1),
+    lambda raw: raw.replace(b'"source":"', b'"source":"\\/', 1),
+    lambda raw: raw.replace(b'"subject":"', b'"subject":"\\u0061', 1),
+    lambda raw: raw.replace(b"{", b' {\n\t"datacontenttype" : null ,', 1),
+    lambda raw: raw.replace(b"1.0", b"1.00", 1),
+    lambda raw: raw[:-1],
+]
+
+
+def _message_value(rng: random.Random, events: list[dict[str, Any]]) -> bytes:
+    texts = []
+    for doc in events:
+        if rng.random() < 0.04:
+            rng.choice(DOC_MUTATIONS)(doc)
+        raw = orjson.dumps(doc)
+        if rng.random() < 0.02:
+            raw = rng.choice(TEXT_MUTATIONS)(raw)
+        texts.append(raw)
+    shape = rng.random()
+    if shape < 0.05 and texts:
+        return texts[0]  # a single event, not an array
+    if shape < 0.07:
+        return b"[]"
+    if shape < 0.09:
+        return b"not json"
+    if shape < 0.11:
+        return b" \n[" + b", ".join(texts) + b"]\r\n"
+    return b"[" + b",".join(texts) + b"]"
+
+
+def _messages(seed: int) -> list[Message]:
+    rng = random.Random(seed)
+    accounts = rng.choice([3, 50])
+    sent: list[dict[str, Any]] = []
+    messages = []
+    for offset in range(rng.randrange(5, 40)):
+        events = []
+        for _ in range(rng.choice([1, 2, 20, 60])):
+            if sent and rng.random() < 0.05:
+                events.append(dict(rng.choice(sent)))  # re-sent, maybe in the same message
+            else:
+                doc = _event(rng, len(sent), accounts)
+                sent.append(doc)
+                events.append(dict(doc))
+        partition = rng.randrange(2)
+        messages.append(Message(partition, offset, _message_value(rng, events), offset * 10))
+    if rng.random() < 0.2:
+        messages.append(Message(0, len(messages), None, 0))
+    return messages
+
+
+def _run(messages: list[Message], native: bool, resume: int = 0) -> BatchResult:
+    pipeline = Pipeline("t", LIMITS, 3_600, 100_000, clock=lambda: NOW, native=native)
+    assert (pipeline._fold is not None) is native  # the fold under test really runs
+    for partition in range(2):
+        pipeline.resume(partition, resume)
+    return pipeline.process(messages, wire=True)
+
+
+def _rows(result: BatchResult) -> list[list[Any]]:
+    rows = [row for body, _ in result.bodies for row in rows_of(body)]
+    assert sum(count for _, count in result.bodies) == len(rows)
+    return rows
+
+
+def _same(native: BatchResult, python: BatchResult) -> None:
+    # Row parts may be cut at other places; the rows, in order, are the same.
+    assert _rows(native) == _rows(python)
+    assert native.counted == python.counted
+    assert native.duplicates == python.duplicates
+    assert native.replayed == python.replayed
+    assert native.by_type == python.by_type
+    assert native.next_offsets == python.next_offsets
+    assert native.published_until_ms == python.published_until_ms
+    assert native.dead_letters == python.dead_letters
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_native_fold_equals_the_python_tiers(seed: int) -> None:
+    messages = _messages(seed)
+    _same(_run(messages, native=True), _run(messages, native=False))
+
+
+def test_every_near_miss_alone_equals_the_python_tiers() -> None:
+    # Each mutation on its own, in a message of otherwise valid events: the corpus
+    # above mixes them, this makes sure every one is met.
+    rng = random.Random(1)
+    messages = []
+    mutations = [(m, None) for m in DOC_MUTATIONS] + [(None, t) for t in TEXT_MUTATIONS]
+    for kind in (REQUEST, STREAM_OPENED, STREAM_CLOSED):
+        for doc_mutation, text_mutation in mutations:
+            events = []
+            while len(events) < 3:
+                doc = _event(rng, len(messages) * 3 + len(events), 5)
+                if doc["type"] == kind:
+                    events.append(doc)
+            if doc_mutation is not None:
+                doc_mutation(events[1])
+            texts = [orjson.dumps(e) for e in events]
+            if text_mutation is not None:
+                texts[1] = text_mutation(texts[1])
+            messages.append(Message(0, len(messages), b"[" + b",".join(texts) + b"]", 0))
+    native, python = _run(messages, native=True), _run(messages, native=False)
+    _same(native, python)
+    # Both outcomes are met: some near misses count, some are dead letters.
+    assert python.dead_letters
+    assert python.counted > 2 * len(messages)
+
+
+def test_a_large_fold_is_cut_into_parts_within_the_budget() -> None:
+    rng = random.Random(3)
+    events = [_event(rng, i, 100_000) for i in range(30_000)]
+    messages = [
+        Message(0, i, orjson.dumps(events[j : j + 200]), 0)
+        for i, j in enumerate(range(0, len(events), 200))
+    ]
+    native = _run(messages, native=True)
+    assert len(native.bodies) > 1
+    assert all(len(body) <= 699_800 for body, _ in native.bodies)
+    _same(native, _run(messages, native=False))
+
+
+def test_replayed_messages_are_remembered_not_folded() -> None:
+    messages = _messages(5)
+    native = _run(messages, native=True, resume=3)
+    assert native.replayed == sum(1 for m in messages if m.offset < 3)
+    _same(native, _run(messages, native=False, resume=3))
+
+
+def test_an_empty_batch_is_one_empty_part() -> None:
+    result = _run([], native=True)
+    assert result.bodies == [(b"", 0)]
+    assert _run([], native=False).bodies == [(b"", 0)]
