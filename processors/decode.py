@@ -16,7 +16,6 @@ test_decode_flat.py holds the two paths to that.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,8 @@ from pydantic import ValidationError
 from schemas.events import (
     EVENT_ADAPTER,
     EVENT_TYPES,
+    MAX_COUNT,
+    MAX_UNITS,
     REQUEST,
     STREAM_CLOSED,
     STREAM_OPENED,
@@ -215,18 +216,16 @@ def _label(value: Any, longest: int) -> bool:
 
 
 def _number(value: Any) -> float | None:
-    """A `Units` value (strict float >= 0, finite; ints become floats), else None."""
+    """A `Units` value (strict float in [0, MAX_UNITS]; ints become floats), else None."""
     kind = type(value)
-    if kind is float:
-        return value if value >= 0 and math.isfinite(value) else None
-    if kind is int and 0 <= value < _EXACT_INT:
-        return float(value)
+    if kind is float or (kind is int and value < _EXACT_INT):
+        return float(value) if 0 <= value <= MAX_UNITS else None
     return None
 
 
 def _count(value: Any) -> bool:
-    """None, or a `NonNegInt` (strict int >= 0)."""
-    return value is None or (type(value) is int and value >= 0)
+    """None, or a `NonNegInt` (strict int in [0, MAX_COUNT])."""
+    return value is None or (type(value) is int and 0 <= value <= MAX_COUNT)
 
 
 def _fast(doc: dict[str, Any], lo: datetime, hi: datetime) -> Flat | None:
@@ -376,10 +375,9 @@ def _explain(doc: dict[str, Any], exc: ValidationError) -> tuple[str, str]:
 # does not accept, the message goes to `decode_flat` whole, which decides and
 # explains exactly as before. tests/unit/processors/test_decode_native.py holds the
 # two paths to that.
-_I64 = 2**63 - 1  # orjson reads larger ints as floats, which the models reject as counts
-_NativeUnits = Annotated[float, Meta(ge=0, lt=_EXACT_INT)]  # ints from 2^53: to the models
+_NativeUnits = Annotated[float, Meta(ge=0, le=MAX_UNITS)]
 _NativeLabel = Annotated[str, Meta(min_length=1, max_length=256)]
-_NativeCount = Annotated[int, Meta(ge=0, le=_I64)]
+_NativeCount = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 _NativeId = Annotated[str, Meta(min_length=1, max_length=128)]
 _NativeSource = Annotated[str, Meta(min_length=1, max_length=256)]
 # Subject and time are checked per message in one regex call each (`decode_native`);
@@ -494,8 +492,8 @@ def _native_worst_case_bytes() -> int:
             "status": 599,
             "model": label,
             "latency_ms": big_float,
-            "bytes_in": _I64,
-            "bytes_out": _I64,
+            "bytes_in": MAX_COUNT,
+            "bytes_out": MAX_COUNT,
         },
         {"stream_id": label, "route": label, "model": label},
         {"stream_id": label, "units": big_float, "duration_ms": big_float, "reason": label},

@@ -129,7 +129,34 @@ BODY_BUDGET = MAX_MESSAGE_BYTES - _HEADER_ROOM
 def wire_bodies(rows: list[list[Any]], budget: int = BODY_BUDGET) -> list[tuple[bytes, int]]:
     """Rows in the wire layout (RollupBuilder.wire_rows) as row parts of at most
     `budget` bytes, with their row counts: one empty part when there are none."""
-    return _bodies(rows, budget)
+    try:
+        return _bodies(rows, budget)
+    except orjson.JSONEncodeError:  # a sum above 64 bits: only then look for it
+        return _bodies(split_overflowing(rows), budget)
+
+
+_U64_MAX = 2**64 - 1
+_SUMMED = (9, 11, 12)
+"""units_micro, bytes_in, bytes_out: the integer sums that may outgrow UInt64."""
+
+
+def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
+    """Rows whose sums fit the store's UInt64 columns, adding up to the same totals.
+
+    Events carry at most MAX_UNITS and MAX_COUNT (schemas/events.py), but a row sums
+    many. A larger sum goes out as rows of no events carrying 2^64 - 1 each, then the
+    row with the rest: the store adds them up again. (The native fold does the same.)
+    """
+    out: list[list[Any]] = []
+    for row in rows:
+        while any(row[i] > _U64_MAX for i in _SUMMED):
+            part = [*row[:8], 0, min(row[9], _U64_MAX), 0.0, min(row[11], _U64_MAX),
+                    min(row[12], _U64_MAX), *row[13:]]  # fmt: skip
+            out.append(part)
+            row = [*row[:9], row[9] - part[9], row[10], row[11] - part[11],
+                   row[12] - part[12], *row[13:]]  # fmt: skip
+        out.append(row)
+    return out
 
 
 def encode_wire(
@@ -141,7 +168,7 @@ def encode_wire(
 ) -> list[bytes]:
     """`encode` of rows already in the wire layout (RollupBuilder.wire_rows)."""
     return encode_bodies(
-        partition, next_offset, reflected_ms, _bodies(rows, max_bytes - _HEADER_ROOM)
+        partition, next_offset, reflected_ms, wire_bodies(rows, max_bytes - _HEADER_ROOM)
     )
 
 

@@ -16,6 +16,7 @@ import orjson
 from pydantic import BaseModel
 
 from schemas.events import (
+    MAX_COUNT,
     REQUEST,
     STREAM_CLOSED,
     STREAM_OPENED,
@@ -220,8 +221,8 @@ def _worst_case_bytes() -> int:
                     status=599,
                     model=label,
                     latency_ms=long_float,
-                    bytes_in=2**64 - 1,
-                    bytes_out=2**64 - 1,
+                    bytes_in=MAX_COUNT,
+                    bytes_out=MAX_COUNT,
                 ),
             }
         ),

@@ -79,9 +79,15 @@ Rfc3339 = Annotated[
     BeforeValidator(_parse_rfc3339),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
+# The largest measure (units, latency_ms, duration_ms) and byte count one event may
+# carry. The store sums units in millionths and bytes in UInt64 columns: an event
+# beyond these could not be stored at all, and once folded it would stop the worker
+# at every restart. Far above any real request; refused with a reason instead.
+MAX_UNITS = 1e12
+MAX_COUNT = 2**63 - 1
 # bool is a subclass of int in Python; strict numbers keep `true` from counting as 1.
-Units = Annotated[float, Field(ge=0, strict=True), AfterValidator(_finite)]
-NonNegInt = Annotated[int, Field(ge=0, strict=True)]
+Units = Annotated[float, Field(ge=0, le=MAX_UNITS, strict=True), AfterValidator(_finite)]
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_COUNT, strict=True)]
 Label = Annotated[str, Field(min_length=1, max_length=256)]
 
 

@@ -25,8 +25,10 @@ const KIND_REQUEST: u8 = 0;
 const KIND_OPENED: u8 = 1;
 const KIND_CLOSED: u8 = 2;
 const KIND_NAMES: [&str; 3] = [REQUEST, STREAM_OPENED, STREAM_CLOSED];
-/// Units and latencies from 2^53 on are left to the models (decode.py `_EXACT_INT`).
-const EXACT_INT: f64 = 9_007_199_254_740_992.0;
+/// The largest measure one event may carry (schemas/events.py `MAX_UNITS`).
+const MAX_UNITS: f64 = 1e12;
+/// The store's sums are UInt64: a row's larger sum goes out as several rows.
+const U64_MAX: i128 = u64::MAX as i128;
 /// Times are taken only in [1970, 2106): there the rollup minute of a UTC time is
 /// the minute its text names (decode.py `_MINUTE_SAFE_LO/HI`).
 const MIN_YEAR: i64 = 1970;
@@ -126,7 +128,7 @@ fn label(v: Option<Option<&str>>, lo: usize, hi: usize) -> Option<&str> {
 }
 
 fn measure(v: f64) -> bool {
-    (0.0..EXACT_INT).contains(&v)
+    (0.0..=MAX_UNITS).contains(&v)
 }
 
 /// `_NativeUnits | None`: None for refused, Some(0.0) for null or absent.
@@ -470,24 +472,40 @@ impl Fold {
         );
     }
 
-    fn write_row(&self, out: &mut Vec<u8>, t: &Totals) {
+    /// One row, or more when a sum exceeds the store's UInt64: then rows of no events
+    /// carrying u64::MAX each come first (processors/deltas.py `split_overflowing`).
+    fn write_rows(&self, out: &mut Vec<Vec<u8>>, t: &Totals) {
+        let (mut units, mut bytes_in, mut bytes_out) = (t.units_micro, t.bytes_in, t.bytes_out);
+        while units > U64_MAX || bytes_in > U64_MAX || bytes_out > U64_MAX {
+            let part = (units.min(U64_MAX), bytes_in.min(U64_MAX), bytes_out.min(U64_MAX));
+            out.push(self.row(t, 0, part.0, 0.0, part.1, part.2));
+            units -= part.0;
+            bytes_in -= part.1;
+            bytes_out -= part.2;
+        }
+        out.push(self.row(t, t.events, units, t.latency, bytes_in, bytes_out));
+    }
+
+    fn row(&self, t: &Totals, events: i64, units: i128, latency: f64, bi: i128, bo: i128) -> Vec<u8> {
         let mut ints = itoa::Buffer::new();
         let (at, len) = t.head;
+        let mut out = Vec::with_capacity(len as usize + 80);
         out.extend_from_slice(&self.heads[at as usize..(at + len) as usize]);
-        out.extend_from_slice(ints.format(t.events).as_bytes());
+        out.extend_from_slice(ints.format(events).as_bytes());
         out.push(b',');
-        out.extend_from_slice(ints.format(t.units_micro).as_bytes());
+        out.extend_from_slice(ints.format(units).as_bytes());
         out.push(b',');
-        out.extend_from_slice(ryu::Buffer::new().format_finite(t.latency).as_bytes());
+        out.extend_from_slice(ryu::Buffer::new().format_finite(latency).as_bytes());
         out.push(b',');
-        out.extend_from_slice(ints.format(t.bytes_in).as_bytes());
+        out.extend_from_slice(ints.format(bi).as_bytes());
         out.push(b',');
-        out.extend_from_slice(ints.format(t.bytes_out).as_bytes());
+        out.extend_from_slice(ints.format(bo).as_bytes());
         out.push(b',');
         // int(last_time.timestamp() * 1000), as RollupBuilder.wire_rows computes it.
         let ms = (t.last_us as f64 / 1e6 * 1000.0).trunc() as i64;
         out.extend_from_slice(ints.format(ms).as_bytes());
         out.extend_from_slice(b",0]");
+        out
     }
 }
 
@@ -651,21 +669,23 @@ impl Fold {
     fn bodies<'py>(&self, py: Python<'py>, budget: usize) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut body: Vec<u8> = Vec::with_capacity(budget.min(1 << 20));
-        let mut row: Vec<u8> = Vec::with_capacity(256);
+        let mut rows: Vec<Vec<u8>> = Vec::with_capacity(1);
         let mut count = 0usize;
         for t in &self.rows {
-            row.clear();
-            self.write_row(&mut row, t);
-            if count > 0 && body.len() + 1 + row.len() > budget {
-                out.append((PyBytes::new(py, &body), count))?;
-                body.clear();
-                count = 0;
+            rows.clear();
+            self.write_rows(&mut rows, t);
+            for row in &rows {
+                if count > 0 && body.len() + 1 + row.len() > budget {
+                    out.append((PyBytes::new(py, &body), count))?;
+                    body.clear();
+                    count = 0;
+                }
+                if count > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(row);
+                count += 1;
             }
-            if count > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&row);
-            count += 1;
         }
         if count > 0 || out.is_empty() {
             out.append((PyBytes::new(py, &body), count))?;

@@ -162,6 +162,7 @@ DOC_MUTATIONS = [
     _set_data("status", True),
     _set_data("bytes_in", -1),
     _set_data("bytes_in", 2**63 - 1),
+    _set_data("bytes_in", 2**63),
     _set_data("bytes_out", 1.5),
     _set_data("method", "M" * 16),
     _set_data("method", "M" * 17),
@@ -171,6 +172,7 @@ DOC_MUTATIONS = [
     _set_data("model", None),
     _set_data("latency_ms", -0.0),
     _set_data("latency_ms", -1.0),
+    _set_data("latency_ms", 1e13),
     _set_data("stream_id", "s"),
     _set_data("stream_id", None),
     _set_data("stream_id", ""),
@@ -316,3 +318,33 @@ def test_an_empty_batch_is_one_empty_part() -> None:
     result = _run([], native=True)
     assert result.bodies == [(b"", 0)]
     assert _run([], native=False).bodies == [(b"", 0)]
+
+
+def test_sums_beyond_the_stores_64_bits_go_out_as_several_rows() -> None:
+    # Each event is within bounds, their sums are not: 40 events of 10^12 units
+    # (4 * 10^19 millionths) and of 2^63 - 1 bytes, all on one row.
+    event = {"specversion": "1.0", "source": "g", "subject": "acct-1", "type": REQUEST,
+             "time": "2026-11-22T11:59:00Z",
+             "data": {"units": 1e12, "bytes_in": 2**63 - 1, "bytes_out": 1}}  # fmt: skip
+    value = orjson.dumps([{**event, "id": f"e{i}"} for i in range(40)])
+    messages = [Message(0, 0, value, 0)]
+    native, python = _run(messages, native=True), _run(messages, native=False)
+    _same(native, python)
+    rows = _rows(native)
+    assert len(rows) == 20  # bytes_in: 40 * (2^63 - 1) is 19 full rows and a rest
+    assert all(0 <= row[i] < 2**64 for row in rows for i in (9, 11, 12))
+    assert sum(row[8] for row in rows) == 40
+    assert sum(row[9] for row in rows) == 40 * 10**18
+    assert sum(row[11] for row in rows) == 40 * (2**63 - 1)
+    assert sum(row[12] for row in rows) == 40
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_measure_beyond_the_bound_is_a_dead_letter_not_a_stuck_worker(native: bool) -> None:
+    event = {"specversion": "1.0", "id": "e", "source": "g", "subject": "acct-1",
+             "type": REQUEST, "time": "2026-11-22T11:59:00Z", "data": {"units": 2e13}}  # fmt: skip
+    result = _run([Message(0, 0, orjson.dumps([event]), 0)], native=native)
+    assert result.counted == 0
+    [letter] = result.dead_letters
+    assert "units" in letter.rejection.detail
+    assert "1000000000000" in letter.rejection.detail

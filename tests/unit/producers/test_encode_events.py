@@ -18,13 +18,13 @@ from producers.events import (
     encode_event,
     encode_events,
 )
-from schemas.events import EVENT_ADAPTER
+from schemas.events import EVENT_ADAPTER, MAX_COUNT, MAX_UNITS
 
 _text = st.text(min_size=1, max_size=40)
 _label = st.none() | _text
-_units = st.floats(min_value=0, max_value=1e308, allow_nan=False, allow_infinity=False)
+_units = st.floats(min_value=0, max_value=MAX_UNITS, allow_nan=False, allow_infinity=False)
 _opt_units = st.none() | _units
-_count = st.none() | st.integers(min_value=0, max_value=2**63 - 1)
+_count = st.none() | st.integers(min_value=0, max_value=MAX_COUNT)
 _subject = st.from_regex(r"[A-Za-z0-9_.:-]{1,128}", fullmatch=True)
 _zone = st.sampled_from(
     [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-9, minutes=-30))]
