@@ -11,12 +11,12 @@
 //! tests/unit/processors/test_native.py compares the two on generated messages,
 //! valid and broken, row for row.
 
+use hashbrown::HashTable;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
-use hashbrown::HashTable;
 use rustc_hash::FxHasher;
-use std::hash::Hasher;
 use serde::{Deserialize, Deserializer};
+use std::hash::Hasher;
 
 const REQUEST: &str = "tally.request.v1";
 const STREAM_OPENED: &str = "tally.stream.opened.v1";
@@ -86,7 +86,6 @@ struct RawData<'a> {
     #[serde(default, borrow, deserialize_with = "present")]
     reason: Option<Option<&'a str>>,
 }
-
 
 /// One checked event, in the fold's terms (`RollupBuilder.add_native`).
 struct Event<'a> {
@@ -223,7 +222,8 @@ fn subject_ok(s: &str) -> bool {
     // schemas/events.py SUBJECT_PATTERN: ^[A-Za-z0-9_.:-]{1,128}$
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
 }
 
 /// The checks of decode.py's Native Structs and `decode_native`, for one event.
@@ -472,24 +472,19 @@ impl Fold {
         );
     }
 
-    /// One row, or more when a sum exceeds the store's UInt64: then rows of no events
-    /// carrying u64::MAX each come first (processors/deltas.py `split_overflowing`).
-    fn write_rows(&self, out: &mut Vec<Vec<u8>>, t: &Totals) {
-        let (mut units, mut bytes_in, mut bytes_out) = (t.units_micro, t.bytes_in, t.bytes_out);
-        while units > U64_MAX || bytes_in > U64_MAX || bytes_out > U64_MAX {
-            let part = (units.min(U64_MAX), bytes_in.min(U64_MAX), bytes_out.min(U64_MAX));
-            out.push(self.row(t, 0, part.0, 0.0, part.1, part.2));
-            units -= part.0;
-            bytes_in -= part.1;
-            bytes_out -= part.2;
-        }
-        out.push(self.row(t, t.events, units, t.latency, bytes_in, bytes_out));
-    }
-
-    fn row(&self, t: &Totals, events: i64, units: i128, latency: f64, bi: i128, bo: i128) -> Vec<u8> {
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        out: &mut Vec<u8>,
+        t: &Totals,
+        events: i64,
+        units: i128,
+        latency: f64,
+        bi: i128,
+        bo: i128,
+    ) {
         let mut ints = itoa::Buffer::new();
         let (at, len) = t.head;
-        let mut out = Vec::with_capacity(len as usize + 80);
         out.extend_from_slice(&self.heads[at as usize..(at + len) as usize]);
         out.extend_from_slice(ints.format(events).as_bytes());
         out.push(b',');
@@ -505,7 +500,6 @@ impl Fold {
         let ms = (t.last_us as f64 / 1e6 * 1000.0).trunc() as i64;
         out.extend_from_slice(ints.format(ms).as_bytes());
         out.extend_from_slice(b",0]");
-        out
     }
 }
 
@@ -669,12 +663,28 @@ impl Fold {
     fn bodies<'py>(&self, py: Python<'py>, budget: usize) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut body: Vec<u8> = Vec::with_capacity(budget.min(1 << 20));
-        let mut rows: Vec<Vec<u8>> = Vec::with_capacity(1);
+        let mut row: Vec<u8> = Vec::with_capacity(256);
         let mut count = 0usize;
         for t in &self.rows {
-            rows.clear();
-            self.write_rows(&mut rows, t);
-            for row in &rows {
+            // A sum beyond the store's UInt64 goes out as rows of no events carrying
+            // u64::MAX each, then the rest (processors/deltas.py `split_overflowing`).
+            let (mut units, mut bytes_in, mut bytes_out) = (t.units_micro, t.bytes_in, t.bytes_out);
+            loop {
+                let last = units <= U64_MAX && bytes_in <= U64_MAX && bytes_out <= U64_MAX;
+                row.clear();
+                if last {
+                    self.row(&mut row, t, t.events, units, t.latency, bytes_in, bytes_out);
+                } else {
+                    let part = (
+                        units.min(U64_MAX),
+                        bytes_in.min(U64_MAX),
+                        bytes_out.min(U64_MAX),
+                    );
+                    self.row(&mut row, t, 0, part.0, 0.0, part.1, part.2);
+                    units -= part.0;
+                    bytes_in -= part.1;
+                    bytes_out -= part.2;
+                }
                 if count > 0 && body.len() + 1 + row.len() > budget {
                     out.append((PyBytes::new(py, &body), count))?;
                     body.clear();
@@ -683,8 +693,11 @@ impl Fold {
                 if count > 0 {
                     body.push(b',');
                 }
-                body.extend_from_slice(row);
+                body.extend_from_slice(&row);
                 count += 1;
+                if last {
+                    break;
+                }
             }
         }
         if count > 0 || out.is_empty() {
