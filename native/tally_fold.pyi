@@ -12,8 +12,7 @@ class Fold:
         lo_us: int,
         hi_us: int,
         max_event_bytes: int,
-        admit: Callable[[list[str], list[str]], list[int] | None],
-        first_time: Callable[[str, str], bool],
+        dedup: Dedup,
     ) -> tuple[int, int, int, int] | None: ...
     def add_values(
         self,
@@ -32,3 +31,10 @@ class Fold:
         time_us: int,
     ) -> None: ...
     def bodies(self, budget: int) -> list[tuple[bytes, int]]: ...
+
+class Dedup:
+    window_s: float
+    max_keys: int
+    def __init__(self, window_s: float, max_keys: int, clock: Callable[[], float]) -> None: ...
+    def first_time(self, source: str, event_id: str) -> bool: ...
+    def __len__(self) -> int: ...

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from time import monotonic
+from typing import cast
 
 from processors.decode import (
     NATIVE_MAX_EVENT_BYTES,
@@ -30,9 +32,9 @@ from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 try:
     # The worker's hot path in native code (native/, built by `make setup`): the same
     # fold as the Python tiers below, which it falls back to message by message.
-    from tally_fold import Fold
+    from tally_fold import Dedup, Fold
 except ImportError:  # pragma: no cover - a checkout installed without native/
-    Fold = None  # type: ignore[assignment,misc]
+    Dedup = Fold = None  # type: ignore[assignment,misc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,7 @@ class Pipeline:
         self._dedup_max_keys = dedup_max_keys
         self._clock = clock
         self._resume: dict[int, int] = {}
-        self._dedup: dict[int, Deduplicator] = {}
+        self._dedup: dict[int, Deduplicator | Dedup] = {}
 
     def knows(self, partition: int) -> bool:
         return partition in self._resume
@@ -102,7 +104,11 @@ class Pipeline:
     def resume(self, partition: int, next_offset: int) -> None:
         """Start a partition: offsets below `next_offset` are already counted."""
         self._resume[partition] = next_offset
-        self._dedup[partition] = Deduplicator(self._dedup_window_s, self._dedup_max_keys)
+        window, keys = self._dedup_window_s, self._dedup_max_keys
+        # The native fold dedups natively: no Python string per key.
+        self._dedup[partition] = (
+            Deduplicator(window, keys) if self._fold is None else Dedup(window, keys, monotonic)
+        )
 
     def remember(self, partition: int, value: bytes | None) -> None:
         """Feed an already-counted message to dedup only (rebuilding after a takeover)."""
@@ -155,7 +161,8 @@ class Pipeline:
                 continue
             if fold is not None:
                 counts = (
-                    fold.add_message(value, lo_us, hi_us, max_event, dedup.admit_many, first_time)
+                    # resume() gives every partition a native Dedup when the fold is native.
+                    fold.add_message(value, lo_us, hi_us, max_event, cast(Dedup, dedup))
                     if value is not None and len(value) <= max_message
                     else None
                 )
@@ -201,13 +208,13 @@ class Pipeline:
             result.rows = builder.rows()
         return result
 
-    def _remember(self, dedup: Deduplicator, value: bytes | None, now: datetime) -> None:
+    def _remember(self, dedup: Deduplicator | Dedup, value: bytes | None, now: datetime) -> None:
         """A message below the resume offset: already counted, only remembered."""
         native = decode_native(value, now, self.limits)
         if native is not None:
             sources = [e.source for e in native[0]]
             ids = [e.id for e in native[0]]
-            if dedup.admit_many(sources, ids) is None:
+            if not isinstance(dedup, Deduplicator) or dedup.admit_many(sources, ids) is None:
                 for source, event_id in zip(sources, ids, strict=True):
                     dedup.first_time(source, event_id)
             return
@@ -238,16 +245,18 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def _add_native(
     add_native: Callable[..., tuple[int, int, int, int]],
-    dedup: Deduplicator,
+    dedup: Deduplicator | Dedup,
     value: bytes | None,
     now: datetime,
     limits: Limits,
 ) -> tuple[int, int, int, int] | None:
-    """The msgspec tier (no tally_fold): decode, dedup and fold one message, or None."""
+    """The msgspec tier (no native fold): decode, dedup and fold one message, or None."""
     native = decode_native(value, now, limits)
     if native is None:
         return None
     events, times, minutes = native
+    if not isinstance(dedup, Deduplicator):  # rows in store columns with a native Dedup
+        return add_native(events, times, minutes, dedup.first_time)
     sources = [e.source for e in events]
     ids = [e.id for e in events]
     found = dedup.admit_many(sources, ids)

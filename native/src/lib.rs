@@ -11,12 +11,12 @@
 //! tests/unit/processors/test_native.py compares the two on generated messages,
 //! valid and broken, row for row.
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString};
-use rustc_hash::FxHasher;
+use pyo3::types::{PyBytes, PyList};
 use serde::{Deserialize, Deserializer};
-use std::hash::Hasher;
+use std::hash::BuildHasher;
 
 const REQUEST: &str = "tally.request.v1";
 const STREAM_OPENED: &str = "tally.stream.opened.v1";
@@ -363,6 +363,108 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
+/// processors/dedup.py's Deduplicator in native code, for the native fold: the
+/// same two generations of (source, id) keys, turned by the same rules. The fold
+/// admits a whole message with the clock read once (as `admit_many` does), so no
+/// Python string is made for a key. tests/unit/processors/test_native.py compares
+/// the two call by call.
+#[pyclass(module = "tally_fold")]
+struct Dedup {
+    #[pyo3(get)]
+    window_s: f64,
+    #[pyo3(get)]
+    max_keys: usize,
+    clock: PyObject,
+    current: HashMap<Box<str>, HashSet<Box<str>>>,
+    previous: HashMap<Box<str>, HashSet<Box<str>>>,
+    current_keys: usize,
+    previous_keys: usize,
+    opened: f64,
+}
+
+impl Dedup {
+    fn seen(&self, source: &str, id: &str) -> bool {
+        self.current.get(source).is_some_and(|ids| ids.contains(id))
+            || self.previous.get(source).is_some_and(|ids| ids.contains(id))
+    }
+
+    fn turn(&mut self, now: f64) {
+        self.previous = std::mem::take(&mut self.current);
+        self.previous_keys = self.current_keys;
+        self.current_keys = 0;
+        self.opened = now;
+    }
+
+    fn remember(&mut self, source: &str, id: &str) {
+        match self.current.get_mut(source) {
+            Some(ids) => {
+                ids.insert(id.into());
+            }
+            None => {
+                let mut ids = HashSet::new();
+                ids.insert(id.into());
+                self.current.insert(source.into(), ids);
+            }
+        }
+        self.current_keys += 1;
+    }
+
+    /// `first_time` with the clock already read (once per message).
+    fn admit(&mut self, now: f64, source: &str, id: &str) -> bool {
+        if self.seen(source, id) {
+            return false;
+        }
+        if self.current_keys >= self.max_keys || now - self.opened >= self.window_s {
+            self.turn(now);
+        }
+        self.remember(source, id);
+        true
+    }
+
+    fn now(&self, py: Python<'_>) -> PyResult<f64> {
+        self.clock.call0(py)?.extract(py)
+    }
+}
+
+#[pymethods]
+impl Dedup {
+    #[new]
+    fn new(py: Python<'_>, window_s: f64, max_keys: usize, clock: PyObject) -> PyResult<Self> {
+        if window_s <= 0.0 || max_keys == 0 {
+            return Err(PyValueError::new_err("window_s and max_keys must be positive"));
+        }
+        let opened = clock.call0(py)?.extract(py)?;
+        Ok(Self {
+            window_s,
+            max_keys,
+            clock,
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            current_keys: 0,
+            previous_keys: 0,
+            opened,
+        })
+    }
+
+    /// Remember the key; True when it was not seen within the window (reads the
+    /// clock as Deduplicator.first_time does: to check, and again to open).
+    fn first_time(&mut self, py: Python<'_>, source: &str, event_id: &str) -> PyResult<bool> {
+        if self.seen(source, event_id) {
+            return Ok(false);
+        }
+        if self.current_keys >= self.max_keys || self.now(py)? - self.opened >= self.window_s {
+            let now = self.now(py)?;
+            self.turn(now);
+        }
+        self.remember(source, event_id);
+        Ok(true)
+    }
+
+    fn __len__(&self) -> usize {
+        self.current_keys + self.previous_keys
+    }
+}
+
 /// Delta rows folded from many messages, in first-seen order (as a dict keeps them).
 ///
 /// Keys live in one arena and the table holds row numbers: no allocation per row,
@@ -370,17 +472,15 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 #[pyclass(module = "tally_fold")]
 #[derive(Default)]
 struct Fold {
+    // Seeded per process (foldhash): keys hold what gateways send, so colliding
+    // keys cannot be chosen in advance.
+    hasher: DefaultHashBuilder,
     table: HashTable<u32>,
     heads: Vec<u8>,
     rows: Vec<Totals>,
     scratch: Vec<u8>,
 }
 
-fn hash_of(bytes: &[u8]) -> u64 {
-    let mut h = FxHasher::default();
-    h.write(bytes);
-    h.finish()
-}
 
 impl Fold {
     #[allow(clippy::too_many_arguments)]
@@ -417,7 +517,7 @@ impl Fold {
         head.push(b',');
         push_json_str(head, stream_id);
         head.push(b',');
-        let hash = hash_of(head);
+        let hash = self.hasher.hash_one(&head[..]);
         let (heads, rows) = (&self.heads, &self.rows);
         let same = |&i: &u32| {
             let (at, len) = rows[i as usize].head;
@@ -447,10 +547,10 @@ impl Fold {
             bytes_in,
             bytes_out,
         });
-        let (heads, rows) = (&self.heads, &self.rows);
+        let (heads, rows, hasher) = (&self.heads, &self.rows, &self.hasher);
         self.table.insert_unique(hash, i, |&j| {
             let (at, len) = rows[j as usize].head;
-            hash_of(&heads[at as usize..(at + len) as usize])
+            hasher.hash_one(&heads[at as usize..(at + len) as usize])
         });
     }
 
@@ -522,12 +622,10 @@ impl Fold {
     }
 
     /// Parse, check and fold one events message. None when any of its events is
-    /// not plainly valid and on time (nothing folded, `admit` not called): Python's
-    /// tiers decide then. Otherwise `admit(sources, ids)` (Deduplicator.admit_many)
-    /// names the duplicates, or is None and `first_time(source, id)` is asked per
-    /// event; returns (requests, streams opened, streams closed, duplicates).
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (value, lo_us, hi_us, max_event_bytes, admit, first_time))]
+    /// not plainly valid and on time (nothing folded or remembered): Python's tiers
+    /// decide then. Otherwise `dedup` admits each event (the clock read once);
+    /// returns (requests, streams opened, streams closed, duplicates).
+    #[pyo3(signature = (value, lo_us, hi_us, max_event_bytes, dedup))]
     fn add_message(
         &mut self,
         py: Python<'_>,
@@ -535,8 +633,7 @@ impl Fold {
         lo_us: i64,
         hi_us: i64,
         max_event_bytes: usize,
-        admit: &Bound<'_, PyAny>,
-        first_time: &Bound<'_, PyAny>,
+        mut dedup: PyRefMut<'_, Dedup>,
     ) -> PyResult<Option<(u64, u64, u64, u64)>> {
         let batch = value.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'[');
         let raw = if batch {
@@ -559,46 +656,13 @@ impl Fold {
                 None => return Ok(None),
             }
         }
-        // Dedup stays in Python (processors/dedup.py): it is per partition state
-        // that outlives the batch. Equal consecutive sources share one str.
-        let mut sources: Vec<Bound<'_, PyString>> = Vec::with_capacity(events.len());
-        let mut ids: Vec<Bound<'_, PyString>> = Vec::with_capacity(events.len());
-        let mut last: Option<(&str, Bound<'_, PyString>)> = None;
+        let now = dedup.now(py)?;
+        let (mut requests, mut opened, mut closed, mut duplicates) = (0u64, 0u64, 0u64, 0u64);
         for e in &events {
-            let source = match &last {
-                Some((text, obj)) if *text == e.source => obj.clone(),
-                _ => {
-                    let obj = PyString::new(py, e.source);
-                    last = Some((e.source, obj.clone()));
-                    obj
-                }
-            };
-            sources.push(source);
-            ids.push(PyString::new(py, e.id));
-        }
-        let source_list = PyList::new(py, &sources)?;
-        let id_list = PyList::new(py, &ids)?;
-        let found = admit.call1((source_list, id_list))?;
-        let mut keep = vec![true; events.len()];
-        let mut duplicates = 0u64;
-        if found.is_none() {
-            for (i, (s, id)) in sources.iter().zip(&ids).enumerate() {
-                if !first_time.call1((s, id))?.is_truthy()? {
-                    keep[i] = false;
-                    duplicates += 1;
-                }
+            if !dedup.admit(now, e.source, e.id) {
+                duplicates += 1;
+                continue;
             }
-        } else {
-            for index in found.try_iter()? {
-                let i: usize = index?.extract()?;
-                if keep[i] {
-                    keep[i] = false;
-                    duplicates += 1;
-                }
-            }
-        }
-        let (mut requests, mut opened, mut closed) = (0u64, 0u64, 0u64);
-        for (e, _) in events.iter().zip(&keep).filter(|(_, k)| **k) {
             match e.kind {
                 KIND_REQUEST => requests += 1,
                 KIND_OPENED => opened += 1,
@@ -710,5 +774,6 @@ impl Fold {
 #[pymodule]
 fn tally_fold(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
+    m.add_class::<Dedup>()?;
     Ok(())
 }

@@ -15,8 +15,10 @@ from typing import Any
 
 import orjson
 import pytest
+from tally_fold import Dedup
 
 from processors.decode import Limits
+from processors.dedup import Deduplicator
 from processors.deltas import rows_of
 from processors.pipeline import BatchResult, Message, Pipeline
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
@@ -224,7 +226,9 @@ def _messages(seed: int) -> list[Message]:
         events = []
         for _ in range(rng.choice([1, 2, 20, 60])):
             if sent and rng.random() < 0.05:
-                events.append(dict(rng.choice(sent)))  # re-sent, maybe in the same message
+                # re-sent, maybe in the same message; mostly recent, some long ago
+                recent = sent[-rng.choice([5, 50, 100, len(sent)]) :]
+                events.append(dict(rng.choice(recent)))
             else:
                 doc = _event(rng, len(sent), accounts)
                 sent.append(doc)
@@ -236,12 +240,20 @@ def _messages(seed: int) -> list[Message]:
     return messages
 
 
-def _run(messages: list[Message], native: bool, resume: int = 0) -> BatchResult:
-    pipeline = Pipeline("t", LIMITS, 3_600, 100_000, clock=lambda: NOW, native=native)
+def _run(
+    messages: list[Message], native: bool, resume: int = 0, max_keys: int = 100_000
+) -> BatchResult:
+    pipeline = Pipeline("t", LIMITS, 3_600, max_keys, clock=lambda: NOW, native=native)
     assert (pipeline._fold is not None) is native  # the fold under test really runs
     for partition in range(2):
         pipeline.resume(partition, resume)
-    return pipeline.process(messages, wire=True)
+    result = pipeline.process(messages, wire=True)
+    KEYS_LEFT[native] = pipeline.dedup_keys()
+    return result
+
+
+KEYS_LEFT: dict[bool, int] = {}
+"""Keys each dedup held after the last `_run` of its kind."""
 
 
 def _rows(result: BatchResult) -> list[list[Any]]:
@@ -266,6 +278,33 @@ def _same(native: BatchResult, python: BatchResult) -> None:
 def test_the_native_fold_equals_the_python_tiers(seed: int) -> None:
     messages = _messages(seed)
     _same(_run(messages, native=True), _run(messages, native=False))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dedup_generations_turn_alike_when_keys_run_out(seed: int) -> None:
+    # So few keys per generation that they turn within messages, and a re-sent event
+    # is forgotten or not depending on exactly when: both dedups must agree.
+    messages = _messages(seed)
+    native = _run(messages, native=True, max_keys=37)
+    python = _run(messages, native=False, max_keys=37)
+    _same(native, python)
+    assert KEYS_LEFT[True] == KEYS_LEFT[False]
+    assert python.duplicates  # re-sent events do occur
+
+
+@pytest.mark.parametrize(("max_keys", "ids"), [(7, 30), (400, 60)])  # by keys, by time
+def test_native_dedup_first_time_equals_the_deduplicators(max_keys: int, ids: int) -> None:
+    rng = random.Random(11)
+    now = [0.0]
+    python = Deduplicator(10.0, max_keys, clock=lambda: now[0])
+    native = Dedup(10.0, max_keys, lambda: now[0])
+    keys = [(rng.choice("ab"), str(rng.randrange(ids))) for _ in range(3_000)]
+    for source, event_id in keys:
+        now[0] += rng.choice([0.0, 0.1, 0.7, 2.0])
+        assert native.first_time(source, event_id) == python.first_time(source, event_id)
+        assert len(native) == len(python)
+    with pytest.raises(ValueError, match="must be positive"):
+        Dedup(0.0, 7, lambda: 0.0)
 
 
 def test_every_near_miss_alone_equals_the_python_tiers() -> None:
