@@ -87,6 +87,58 @@ struct RawData<'a> {
     reason: Option<Option<&'a str>>,
 }
 
+// Attribute bits of `RawData::present`, and which of them each type has.
+const UNITS: u16 = 1;
+const ROUTE: u16 = 1 << 1;
+const METHOD: u16 = 1 << 2;
+const STATUS: u16 = 1 << 3;
+const MODEL: u16 = 1 << 4;
+const LATENCY_MS: u16 = 1 << 5;
+const BYTES_IN: u16 = 1 << 6;
+const BYTES_OUT: u16 = 1 << 7;
+const STREAM_ID: u16 = 1 << 8;
+const DURATION_MS: u16 = 1 << 9;
+const REASON: u16 = 1 << 10;
+const REQUEST_ATTRS: u16 =
+    UNITS | ROUTE | METHOD | STATUS | MODEL | LATENCY_MS | BYTES_IN | BYTES_OUT;
+const OPENED_ATTRS: u16 = STREAM_ID | ROUTE | MODEL;
+const CLOSED_ATTRS: u16 = STREAM_ID | UNITS | DURATION_MS | REASON;
+
+impl<'a> RawData<'a> {
+    /// The attributes present, null or not: a type's Struct refuses any it lacks.
+    fn present(&self) -> u16 {
+        let bits = [
+            (self.units.is_some(), UNITS),
+            (self.route.is_some(), ROUTE),
+            (self.method.is_some(), METHOD),
+            (self.status.is_some(), STATUS),
+            (self.model.is_some(), MODEL),
+            (self.latency_ms.is_some(), LATENCY_MS),
+            (self.bytes_in.is_some(), BYTES_IN),
+            (self.bytes_out.is_some(), BYTES_OUT),
+            (self.stream_id.is_some(), STREAM_ID),
+            (self.duration_ms.is_some(), DURATION_MS),
+            (self.reason.is_some(), REASON),
+        ];
+        bits.iter()
+            .filter(|(is, _)| *is)
+            .fold(0, |all, (_, bit)| all | bit)
+    }
+
+    /// Itself, when it has no attribute outside `attrs` (its type's).
+    fn only(&self, attrs: u16) -> Option<&Self> {
+        (self.present() & !attrs == 0).then_some(self)
+    }
+
+    /// A stream's required `stream_id`.
+    fn stream_id(&self) -> Option<&'a str> {
+        match self.stream_id {
+            Some(Some(s)) if chars_within(s, 1, 256) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// One checked event, in the fold's terms (`RollupBuilder.add_native`).
 struct Event<'a> {
     source: &'a str,
@@ -267,9 +319,7 @@ fn check<'a>(e: &RawEvent<'a>, lo_us: i64, hi_us: i64) -> Option<Event<'a>> {
             let Some(d) = &e.data else {
                 return Some(ev);
             };
-            if d.stream_id.is_some() || d.duration_ms.is_some() || d.reason.is_some() {
-                return None;
-            }
+            let d = d.only(REQUEST_ATTRS)?;
             match d.units {
                 None => {}
                 Some(Some(u)) if measure(u) => ev.units = u,
@@ -289,42 +339,15 @@ fn check<'a>(e: &RawEvent<'a>, lo_us: i64, hi_us: i64) -> Option<Event<'a>> {
         }
         STREAM_OPENED => {
             ev.kind = KIND_OPENED;
-            let d = e.data.as_ref()?;
-            if d.units.is_some()
-                || d.method.is_some()
-                || d.status.is_some()
-                || d.latency_ms.is_some()
-                || d.bytes_in.is_some()
-                || d.bytes_out.is_some()
-                || d.duration_ms.is_some()
-                || d.reason.is_some()
-            {
-                return None;
-            }
-            ev.stream_id = match d.stream_id {
-                Some(Some(s)) if chars_within(s, 1, 256) => s,
-                _ => return None,
-            };
+            let d = e.data.as_ref()?.only(OPENED_ATTRS)?;
+            ev.stream_id = d.stream_id()?;
             ev.route = label(d.route, 1, 256)?;
             ev.model = label(d.model, 1, 256)?;
         }
         STREAM_CLOSED => {
             ev.kind = KIND_CLOSED;
-            let d = e.data.as_ref()?;
-            if d.route.is_some()
-                || d.method.is_some()
-                || d.status.is_some()
-                || d.model.is_some()
-                || d.latency_ms.is_some()
-                || d.bytes_in.is_some()
-                || d.bytes_out.is_some()
-            {
-                return None;
-            }
-            ev.stream_id = match d.stream_id {
-                Some(Some(s)) if chars_within(s, 1, 256) => s,
-                _ => return None,
-            };
+            let d = e.data.as_ref()?.only(CLOSED_ATTRS)?;
+            ev.stream_id = d.stream_id()?;
             match d.units {
                 None => {}
                 Some(Some(u)) if measure(u) => ev.units = u,
@@ -385,7 +408,10 @@ struct Dedup {
 impl Dedup {
     fn seen(&self, source: &str, id: &str) -> bool {
         self.current.get(source).is_some_and(|ids| ids.contains(id))
-            || self.previous.get(source).is_some_and(|ids| ids.contains(id))
+            || self
+                .previous
+                .get(source)
+                .is_some_and(|ids| ids.contains(id))
     }
 
     fn turn(&mut self, now: f64) {
@@ -431,7 +457,9 @@ impl Dedup {
     #[new]
     fn new(py: Python<'_>, window_s: f64, max_keys: usize, clock: PyObject) -> PyResult<Self> {
         if window_s <= 0.0 || max_keys == 0 {
-            return Err(PyValueError::new_err("window_s and max_keys must be positive"));
+            return Err(PyValueError::new_err(
+                "window_s and max_keys must be positive",
+            ));
         }
         let opened = clock.call0(py)?.extract(py)?;
         Ok(Self {
@@ -481,41 +509,26 @@ struct Fold {
     scratch: Vec<u8>,
 }
 
-
 impl Fold {
-    #[allow(clippy::too_many_arguments)]
-    fn fold(
-        &mut self,
-        kind: u8,
-        subject: &str,
-        minute: i64,
-        route: &str,
-        method: &str,
-        model: &str,
-        status: i64,
-        stream_id: &str,
-        units_micro: i128,
-        latency: f64,
-        bytes_in: i128,
-        bytes_out: i128,
-        time_us: i64,
-    ) {
+    fn fold(&mut self, e: &Event<'_>) {
+        let (units_micro, latency, time_us) = (to_micro(e.units), e.latency, e.time_us);
+        let (bytes_in, bytes_out) = (i128::from(e.bytes_in), i128::from(e.bytes_out));
         let head = &mut self.scratch;
         head.clear();
         head.push(b'[');
-        push_json_str(head, subject);
+        push_json_str(head, e.subject);
         head.push(b',');
-        head.extend_from_slice(itoa::Buffer::new().format(minute).as_bytes());
+        head.extend_from_slice(itoa::Buffer::new().format(e.minute).as_bytes());
         head.push(b',');
-        push_json_str(head, KIND_NAMES[kind as usize]);
-        for s in [route, method, model] {
+        push_json_str(head, KIND_NAMES[e.kind as usize]);
+        for s in [e.route, e.method, e.model] {
             head.push(b',');
             push_json_str(head, s);
         }
         head.push(b',');
-        head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        head.extend_from_slice(itoa::Buffer::new().format(e.status).as_bytes());
         head.push(b',');
-        push_json_str(head, stream_id);
+        push_json_str(head, e.stream_id);
         head.push(b',');
         let hash = self.hasher.hash_one(&head[..]);
         let (heads, rows) = (&self.heads, &self.rows);
@@ -552,24 +565,6 @@ impl Fold {
             let (at, len) = rows[j as usize].head;
             hasher.hash_one(&heads[at as usize..(at + len) as usize])
         });
-    }
-
-    fn fold_event(&mut self, e: &Event<'_>) {
-        self.fold(
-            e.kind,
-            e.subject,
-            e.minute,
-            e.route,
-            e.method,
-            e.model,
-            e.status,
-            e.stream_id,
-            to_micro(e.units),
-            e.latency,
-            i128::from(e.bytes_in),
-            i128::from(e.bytes_out),
-            e.time_us,
-        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -668,7 +663,7 @@ impl Fold {
                 KIND_OPENED => opened += 1,
                 _ => closed += 1,
             }
-            self.fold_event(e);
+            self.fold(e);
         }
         Ok(Some((requests, opened, closed, duplicates)))
     }
@@ -689,8 +684,8 @@ impl Fold {
         stream_id: &str,
         units: f64,
         latency: f64,
-        bytes_in: i128,
-        bytes_out: i128,
+        bytes_in: u64,
+        bytes_out: u64,
         time_us: i64,
     ) -> PyResult<()> {
         let kind = match kind {
@@ -698,26 +693,29 @@ impl Fold {
             STREAM_OPENED => KIND_OPENED,
             STREAM_CLOSED => KIND_CLOSED,
             other => {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                return Err(PyValueError::new_err(format!(
                     "unknown event type {other:?}"
                 )))
             }
         };
-        self.fold(
+        let (source, id) = ("", ""); // dedup is done: the fold needs neither
+        self.fold(&Event {
+            source,
+            id,
             kind,
             subject,
+            time_us,
             minute,
             route,
             method,
             model,
             status,
             stream_id,
-            to_micro(units),
+            units,
             latency,
             bytes_in,
             bytes_out,
-            time_us,
-        );
+        });
         Ok(())
     }
 
