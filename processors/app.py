@@ -123,9 +123,11 @@ class RollupWorker:
                 Message(m.partition, m.offset, m.value, int((m.timestamp or 0) * 1000))
             )
             keys[(m.partition, m.offset)] = m.key
-        for partition in by_partition:
-            if partition not in self._outputs:
-                await self._take_over(partition)
+        new = [p for p in by_partition if p not in self._outputs]
+        if new:
+            # Side by side: a rebalance hands over many partitions at once, and one
+            # after another each took ~40 ms of round trips (0.3 s at 8 partitions).
+            await asyncio.gather(*(self._take_over(p) for p in new))
         # The outputs this batch is folded against. A partition dropped (fenced, revoked)
         # and taken over again before this batch's commit runs has a new output and a
         # new resume point: rows folded from the old state must not go through it.
@@ -190,18 +192,18 @@ class RollupWorker:
                 stats.dlq_by_reason[reason] = stats.dlq_by_reason.get(reason, 0) + 1
 
     async def _take_over(self, partition: int) -> None:
-        """Fence the previous owner, then learn where counting resumes."""
-        async with self._resumer.lock:
-            output = PartitionOutput(
-                self.settings.bootstrap,
-                self.settings.consumer_group,
-                self.settings.events_topic,
-                partition,
-                COMPRESSION,
-            )
-            await output.start()
-            committed = await self._resumer.committed(partition)
-            self.pipeline.resume(partition, committed)
+        """Fence the previous owner, then learn where counting resumes, in that order."""
+        output = PartitionOutput(
+            self.settings.bootstrap,
+            self.settings.consumer_group,
+            self.settings.events_topic,
+            partition,
+            COMPRESSION,
+        )
+        await output.start()
+        committed = await self._resumer.committed(partition)
+        self.pipeline.resume(partition, committed)
+        async with self._resumer.lock:  # replays take turns with the shared consumer
             remembered = await self._resumer.replay(
                 partition,
                 committed,
@@ -209,16 +211,15 @@ class RollupWorker:
                 self.settings.dedup_replay_max_messages,
                 lambda value: self.pipeline.remember(partition, value),
             )
-            self.stats.remembered += remembered
-            self._outputs[partition] = output
-            self._next_offset[partition] = committed
-            log.info(
-                "partition %d: counting resumes at offset %d (%d earlier messages re-read "
-                "for dedup)",
-                partition,
-                committed,
-                remembered,
-            )
+        self.stats.remembered += remembered
+        self._outputs[partition] = output
+        self._next_offset[partition] = committed
+        log.info(
+            "partition %d: counting resumes at offset %d (%d earlier messages re-read for dedup)",
+            partition,
+            committed,
+            remembered,
+        )
 
     async def _commit(
         self,
@@ -290,8 +291,7 @@ class RollupWorker:
             async with output.lock:
                 await output.stop()
                 await output.start()
-                async with self._resumer.lock:
-                    committed = await self._resumer.committed(partition)
+                committed = await self._resumer.committed(partition)
         except Exception as exc:
             log.error("partition %d: could not learn the commit's outcome (%r)", partition, exc)
             await output.stop()  # the next attempt starts (and fences) afresh

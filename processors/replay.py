@@ -33,24 +33,28 @@ class Resumer:
         self._bootstrap = bootstrap
         self._group = group
         self._consumer: AIOKafkaConsumer | None = None
-        # One shared consumer: resumptions take turns with its assignment.
+        # One shared consumer: `replay` assigns it a partition, so replays take turns
+        # (callers hold `lock`); `committed` only asks, and may run beside anything.
         self.lock = asyncio.Lock()
+        self._creating = asyncio.Lock()
 
     async def _ready(self) -> AIOKafkaConsumer:
-        # Created here, inside the running loop (aiokafka binds to it).
-        if self._consumer is None:
-            # Never joins the group (no subscribe) and never commits: it only
-            # reads the group's committed offsets and re-reads history.
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._bootstrap,
-                group_id=self._group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_partition_fetch_bytes=8 * 1024 * 1024,
-            )
-            await consumer.start()
-            self._consumer = consumer
-        return self._consumer
+        # Created here, inside the running loop (aiokafka binds to it); once, however
+        # many takeovers ask at the same time.
+        async with self._creating:
+            if self._consumer is None:
+                # Never joins the group (no subscribe) and never commits: it only
+                # reads the group's committed offsets and re-reads history.
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self._bootstrap,
+                    group_id=self._group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    max_partition_fetch_bytes=8 * 1024 * 1024,
+                )
+                await consumer.start()
+                self._consumer = consumer
+            return self._consumer
 
     async def committed(self, partition: int) -> int:
         """The next offset to count (see the module docstring)."""
