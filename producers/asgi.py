@@ -63,6 +63,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producers import events
 from producers.events import AnyEvent
+from schemas.events import MAX_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -387,12 +388,13 @@ class MeteringMiddleware:
         if (
             isinstance(units, int | float)
             and not isinstance(units, bool)
-            and math.isfinite(units)
-            and units >= 0
+            and 0 <= units <= MAX_UNITS
         ):
             return float(units)
         self.stats.errors += 1
-        self._report(kind, "%s %r is not a finite number >= 0; charging %s", kind, units, default)
+        self._report(
+            kind, "%s %r is not a number in [0, %g]; charging %s", kind, units, MAX_UNITS, default
+        )
         return default
 
     def model_of(self, call: Call) -> str | None:

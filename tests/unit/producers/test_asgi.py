@@ -257,7 +257,7 @@ async def test_units_from_header_callable_and_defaults(recorder: FakeRecorder) -
     ]
 
 
-@pytest.mark.parametrize("bad", ["-1", "lots", "nan", "inf"])
+@pytest.mark.parametrize("bad", ["-1", "lots", "nan", "inf", "2e13"])
 async def test_a_bad_units_header_charges_the_default(recorder: FakeRecorder, bad: str) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send(
