@@ -214,7 +214,7 @@ class Pipeline:
         if native is not None:
             sources = [e.source for e in native[0]]
             ids = [e.id for e in native[0]]
-            if not isinstance(dedup, Deduplicator) or dedup.admit_many(sources, ids) is None:
+            if dedup.admit_many(sources, ids) is None:
                 for source, event_id in zip(sources, ids, strict=True):
                     dedup.first_time(source, event_id)
             return
@@ -255,8 +255,6 @@ def _add_native(
     if native is None:
         return None
     events, times, minutes = native
-    if not isinstance(dedup, Deduplicator):  # rows in store columns with a native Dedup
-        return add_native(events, times, minutes, dedup.first_time)
     sources = [e.source for e in events]
     ids = [e.id for e in events]
     found = dedup.admit_many(sources, ids)

@@ -307,6 +307,27 @@ def test_native_dedup_first_time_equals_the_deduplicators(max_keys: int, ids: in
         Dedup(0.0, 7, lambda: 0.0)
 
 
+@pytest.mark.parametrize(("max_keys", "ids"), [(7, 30), (400, 60)])  # by keys, by time
+def test_native_dedup_admit_many_equals_the_deduplicators(max_keys: int, ids: int) -> None:
+    # A message at a time, the clock still within it: admit_many, or first_time per key
+    # where the Deduplicator declines (a generation would turn), as the pipeline asks.
+    rng = random.Random(12)
+    now = [0.0]
+    python = Deduplicator(10.0, max_keys, clock=lambda: now[0])
+    native = Dedup(10.0, max_keys, lambda: now[0])
+    for _ in range(300):
+        now[0] += rng.choice([0.0, 0.1, 0.7, 2.0])
+        keys = [(rng.choice("ab"), str(rng.randrange(ids))) for _ in range(rng.randrange(1, 12))]
+        sources, event_ids = [k[0] for k in keys], [k[1] for k in keys]
+        found = python.admit_many(sources, event_ids)
+        if found is None:
+            found = [i for i, k in enumerate(keys) if not python.first_time(*k)]
+        assert native.admit_many(sources, event_ids) == found
+        assert len(native) == len(python)
+    with pytest.raises(ValueError, match="differ in length"):
+        native.admit_many(["a"], [])
+
+
 def test_every_near_miss_alone_equals_the_python_tiers() -> None:
     # Each mutation on its own, in a message of otherwise valid events: the corpus
     # above mixes them, this makes sure every one is met.
