@@ -21,7 +21,6 @@ from processors.decode import (
     Limits,
     Rejection,
     decode_flat,
-    decode_message,
     decode_native,
 )
 from processors.dedup import Deduplicator
@@ -112,10 +111,7 @@ class Pipeline:
 
     def remember(self, partition: int, value: bytes | None) -> None:
         """Feed an already-counted message to dedup only (rebuilding after a takeover)."""
-        events, _ = decode_message(value, self._clock(), self.limits)
-        dedup = self._dedup[partition]
-        for event in events:
-            dedup.first_time(event.source, event.id)
+        self._remember(self._dedup[partition], value, self._clock())
 
     def forget(self, partition: int) -> None:
         """The partition went to another worker; its state is theirs now."""

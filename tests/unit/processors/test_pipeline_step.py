@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 
 from processors.decode import Limits
 from processors.pipeline import Message, Pipeline
@@ -84,6 +85,22 @@ def test_messages_below_the_resume_offset_are_not_counted_again_but_remembered()
         [Message(0, 5, orjson.dumps(_event("e3"))), Message(0, 6, orjson.dumps(_event("new")))]
     )
     assert (result.counted, result.duplicates) == (1, 1)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_remembered_history_makes_its_valid_events_duplicates(native: bool) -> None:
+    # What a takeover re-reads (Resumer.replay feeds Pipeline.remember): a batch
+    # message, a single event with an offset time (not the native fold's), and a
+    # message whose second event is invalid: only valid events are remembered.
+    pipeline = Pipeline("events", Limits(), 60, 100, clock=lambda: NOW, native=native)
+    pipeline.resume(0, 3)
+    pipeline.remember(0, orjson.dumps([_event("a"), _event("b")]))
+    pipeline.remember(0, orjson.dumps(_event("c", time="2026-03-29T13:59:30+02:00")))
+    pipeline.remember(0, orjson.dumps([_event("d"), _event("x", subject="bad subject")]))
+    assert pipeline.dedup_keys() == 4
+    again = [_event(i) for i in ("a", "b", "c", "d", "x", "new")]
+    result = pipeline.process([Message(0, 3, orjson.dumps(again))], wire=True)
+    assert (result.counted, result.duplicates) == (2, 4)
 
 
 def test_dimensions_are_kept_apart() -> None:
