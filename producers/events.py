@@ -28,6 +28,12 @@ from schemas.events import (
     StreamOpenedEvent,
 )
 
+try:
+    # The gateway's hot path in native code (native/src/encode.rs, built by `make setup`).
+    from tally_fold import BatchEncoder
+except ImportError:  # pragma: no cover - a checkout installed without native/
+    BatchEncoder = None  # type: ignore[assignment,misc]
+
 AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
 SPECVERSION = "1.0"
@@ -253,3 +259,21 @@ of the three event classes (not subclasses) built through the models' validation
 without `datacontenttype`: the models bound every other string's length."""
 
 PLAIN_EVENT_TYPES: Final = frozenset({RequestEvent, StreamOpenedEvent, StreamClosedEvent})
+
+_ENCODED_MODELS: Final = (
+    RequestEvent,
+    StreamOpenedEvent,
+    StreamClosedEvent,
+    RequestData,
+    StreamOpenedData,
+    StreamClosedData,
+)
+
+
+def batch_encoder(partitions: int, max_bytes: int) -> BatchEncoder | None:
+    """Native per-partition batch messages (None without native/): `add` writes an event
+    as `encode_event` does (the same JSON, bar how some floats are spelt), at once, so
+    that its model is never read again."""
+    if BatchEncoder is None:
+        return None
+    return BatchEncoder(partitions, max_bytes, _ENCODED_MODELS)

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, NoReturn, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol, Self, TypeVar
 
 import orjson
 from aiokafka import errors as kafka_errors
@@ -65,6 +65,7 @@ from producers.events import (
     MAX_PLAIN_EVENT_BYTES,
     PLAIN_EVENT_TYPES,
     AnyEvent,
+    batch_encoder,
     encode_event,
     encode_events,
 )
@@ -72,6 +73,9 @@ from producers.partitioning import partition_for
 from producers.settings import ProducerSettings
 from producers.spool import FsyncPolicy, Spool, SpoolPosition
 from schemas.events import CONTENT_TYPE_BATCH, CONTENT_TYPE_SINGLE
+
+if TYPE_CHECKING:
+    from tally_fold import BatchEncoder
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +419,7 @@ class Gateway:
         spool_fsync: FsyncPolicy | None = None,
         unreachable_after_s: float | None = None,
         close_timeout_s: float | None = None,
+        native: bool = True,
     ) -> None:
         s = settings if settings is not None else ProducerSettings()
         self.bootstrap: Final = bootstrap if bootstrap is not None else s.bootstrap
@@ -482,6 +487,11 @@ class Gateway:
         # buffers the models and _seal encodes each buffer as one array (a native call,
         # not one per event); otherwise every event is encoded, and measured, as recorded.
         self._deferred = self._max_bytes >= MAX_PLAIN_EVENT_BYTES + 2
+        # Native mode (native/ installed, `native=True`): record() writes each event into
+        # its partition's message at once (producers.events.batch_encoder), measured
+        # exactly, so neither of the two modes above is used.
+        self._native = native
+        self._encoder: BatchEncoder | None = None
         # subject -> partition: one dict lookup instead of murmur2 (pure Python) per event.
         self._placement: dict[str, int] = {}
         # Partitions with buffered events -> when the oldest arrived; insertion
@@ -616,6 +626,7 @@ class Gateway:
         self._producer = producer
         self._partitions = count
         self._buffers = [_Buffer() for _ in range(count)]
+        self._encoder = batch_encoder(count, self._max_bytes) if self._native else None
 
     # `timeout` bounds waiting for acknowledgements *and* spooling what is left when it
     # runs out, which an outer asyncio.timeout could only cancel (hence ASYNC109).
@@ -723,7 +734,8 @@ class Gateway:
     async def record(self, event: AnyEvent) -> None:
         """Buffer `event` for its account's partition; waits while the buffer is full.
 
-        Raises ValueError for an event too large for any message, RuntimeError when
+        Raises ValueError for an event too large for any message (or, with the native
+        encoder, one built without validation that no JSON can carry), RuntimeError when
         the gateway is not open, SpoolFullError when Kafka is unreachable, the spool is
         full and the policy is `reject`. Delivery failures are raised by `flush`/`close`.
         """
@@ -739,6 +751,23 @@ class Gateway:
         p = self._placement.get(subject)
         if p is None:
             p = self._place(subject)
+        encoder = self._encoder
+        if encoder is not None:
+            n = encoder.add(p, event)
+            if n <= 0:
+                n = self._add_slowly(encoder, p, event, n)
+            if n == 1:
+                self._buffers[p].key = subject.encode()
+                if not self._since:
+                    self._wake.set()
+                self._since[p] = asyncio.get_running_loop().time()
+            self._recorded += 1
+            self._unacked += 1
+            if n >= self._max_batch:
+                self._seal(p)
+                # A tight loop of record() never yields otherwise; let the sender run.
+                await asyncio.sleep(0)
+            return
         if self._deferred:
             if event.datacontenttype is not None or type(event) not in PLAIN_EVENT_TYPES:
                 # Not bounded by MAX_PLAIN_EVENT_BYTES: measure it now, so that an event
@@ -799,6 +828,34 @@ class Gateway:
 
     # -- internals: recording --------------------------------------------------
 
+    def _add_slowly(self, encoder: BatchEncoder, p: int, event: AnyEvent, result: int) -> int:
+        """Native mode, when the encoder did not take `event`: seal partition p's full
+        message, or write the event as Python does; how many events p then holds.
+
+        Python spells some floats longer or shorter, so an event too large for the
+        encoder gets a second chance; raises ValueError when it does not fit, or when
+        no encoder can write it.
+        """
+        data: bytes | None = None
+        while True:
+            if result == encoder.FULL:
+                self._seal(p)
+            elif data is None:  # UNSUPPORTED, or TOO_LARGE as the encoder writes it
+                try:
+                    data = encode_event(event)
+                except TypeError as exc:  # orjson.JSONEncodeError
+                    raise ValueError(
+                        f"event {event.id!r} of {event.subject!r} cannot be written as JSON "
+                        f"({exc}), so it was not recorded; build events with "
+                        "producers.events, whose models validate them"
+                    ) from exc
+            else:  # TOO_LARGE as Python writes it too
+                self._check_size(event, data)
+                raise AssertionError(f"the encoder refused {len(data)} bytes within the bound")
+            result = encoder.add(p, event) if data is None else encoder.add_raw(p, data)
+            if result > 0:
+                return result
+
     def _check_size(self, event: AnyEvent, data: bytes) -> None:
         if len(data) + 2 > self._max_bytes:
             raise ValueError(
@@ -846,6 +903,14 @@ class Gateway:
     def _seal(self, p: int) -> None:
         """Hand partition p's buffered events to the sender as one message."""
         buf = self._buffers[p]
+        if self._encoder is not None:
+            value, count = self._encoder.take(p)
+            self._since.pop(p, None)
+            if count == 1:  # a lone event goes out as a single event, as in the other modes
+                self._enqueue(_Batch(p, buf.key, [value[1:-1]]))
+            elif count:
+                self._enqueue(_Batch(p, buf.key, value=value, count=count))
+            return
         if buf.models:
             self._buffers[p] = _Buffer()
             self._since.pop(p, None)
@@ -909,15 +974,19 @@ class Gateway:
         message costs Kafka about as much as a full one); record() resumes at
         `_resume_at`, so the rest may keep filling.
         """
-        sizes = {
-            p: len(self._buffers[p].models) or len(self._buffers[p].events) for p in self._since
-        }
+        sizes = {p: self._buffered(p) for p in self._since}
         unsealed = sum(sizes.values())
         for p in sorted(sizes, key=sizes.__getitem__, reverse=True):
             if unsealed <= self._resume_at:
                 return
             self._seal(p)
             unsealed -= sizes[p]
+
+    def _buffered(self, p: int) -> int:
+        """Events recorded for partition p and not sealed yet."""
+        if self._encoder is not None:
+            return self._encoder.count(p)
+        return len(self._buffers[p].models) or len(self._buffers[p].events)
 
     async def _wait_for_room(self) -> None:
         self._seal_for_room()
@@ -1445,6 +1514,11 @@ class Gateway:
         events += [e for sent in self._inflight.values() for e in sent.batch.events]
         events += [e for buf in self._buffers for e in buf.events]
         events += [encode_event(m) for buf in self._buffers for m in buf.models]
+        if self._encoder is not None:
+            for p in range(self._partitions):
+                value, count = self._encoder.take(p)
+                if count:
+                    events += _Batch(p, b"", value=value, count=count).events
         return events
 
     async def _stop_producer(

@@ -12,9 +12,17 @@ import struct
 from functools import lru_cache
 from typing import Final
 
-# murmur2 is pure Python (~1 µs for a short key); a gateway sees the
-# same few thousand hot accounts over and over, so remember their hashes. Bounded,
-# so a flood of distinct subjects costs CPU but never unbounded memory.
+try:
+    # Kafka's murmur2 in native code (native/src/encode.rs, built by `make setup`): the
+    # pure-Python one below costs ~3 µs a subject, which in the bench (100k subjects
+    # over 1M events) was 0.3 µs of every recorded event.
+    from tally_fold import murmur2 as _native_murmur2
+except ImportError:  # pragma: no cover - a checkout installed without native/
+    _native_murmur2 = None  # type: ignore[assignment]
+
+# A gateway sees the same few thousand hot accounts over and over, so remember
+# their hashes. Bounded, so a flood of distinct subjects costs CPU but never
+# unbounded memory.
 _CACHE_SIZE = 65_536
 
 
@@ -52,10 +60,13 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+_murmur2: Final = _native_murmur2 if _native_murmur2 is not None else murmur2
+
+
 @lru_cache(maxsize=_CACHE_SIZE)
 def subject_hash(subject: str) -> int:
     """Java's `Utils.toPositive(Utils.murmur2(subject.getBytes(UTF_8)))`."""
-    return murmur2(subject.encode("utf-8")) & 0x7FFFFFFF
+    return _murmur2(subject.encode("utf-8")) & 0x7FFFFFFF
 
 
 def partition_for(subject: str, num_partitions: int) -> int:

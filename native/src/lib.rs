@@ -1,5 +1,6 @@
 //! The worker's hot path in native code: parse, check and fold a whole events
-//! message in one call, and encode the folded rows as delta row parts.
+//! message in one call, and encode the folded rows as delta row parts. (The
+//! gateway's, encoding events into batch messages, is in encode.rs.)
 //!
 //! It is the same computation as the Python tiers (processors/decode.py
 //! `decode_native`, processors/rollup.py `RollupBuilder`, processors/deltas.py
@@ -17,6 +18,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use serde::{Deserialize, Deserializer};
 use std::hash::BuildHasher;
+
+mod encode;
 
 const REQUEST: &str = "tally.request.v1";
 const STREAM_OPENED: &str = "tally.stream.opened.v1";
@@ -794,5 +797,7 @@ impl Fold {
 fn tally_fold(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
     m.add_class::<Dedup>()?;
+    m.add_class::<encode::BatchEncoder>()?;
+    m.add_function(wrap_pyfunction!(encode::murmur2, m)?)?;
     Ok(())
 }
