@@ -747,27 +747,22 @@ class Gateway:
             await self._wait_for_room()
             if self._spool_full:
                 self._maybe_reject(event)
+        encoder = self._encoder
+        if encoder is not None:
+            # Places the event as _place does and writes it into that partition's message.
+            n = encoder.add(event)
+            if 1 < n < self._max_batch:
+                self._recorded += 1
+                self._unacked += 1
+                return
+            if self._added(encoder, event, n):
+                # A tight loop of record() never yields otherwise; let the sender run.
+                await asyncio.sleep(0)
+            return
         subject = event.subject
         p = self._placement.get(subject)
         if p is None:
             p = self._place(subject)
-        encoder = self._encoder
-        if encoder is not None:
-            n = encoder.add(p, event)
-            if n <= 0:
-                n = self._add_slowly(encoder, p, event, n)
-            if n == 1:
-                self._buffers[p].key = subject.encode()
-                if not self._since:
-                    self._wake.set()
-                self._since[p] = asyncio.get_running_loop().time()
-            self._recorded += 1
-            self._unacked += 1
-            if n >= self._max_batch:
-                self._seal(p)
-                # A tight loop of record() never yields otherwise; let the sender run.
-                await asyncio.sleep(0)
-            return
         if self._deferred:
             if event.datacontenttype is not None or type(event) not in PLAIN_EVENT_TYPES:
                 # Not bounded by MAX_PLAIN_EVENT_BYTES: measure it now, so that an event
@@ -828,15 +823,37 @@ class Gateway:
 
     # -- internals: recording --------------------------------------------------
 
-    def _add_slowly(self, encoder: BatchEncoder, p: int, event: AnyEvent, result: int) -> int:
-        """Native mode, when the encoder did not take `event`: seal partition p's full
-        message, or write the event as Python does; how many events p then holds.
+    def _added(self, encoder: BatchEncoder, event: AnyEvent, n: int) -> bool:
+        """record() in native mode, one event in a hundred or so: the encoder took the
+        first event of a message (n = 1), filled one, or did not take the event (n <= 0).
+        True when it sealed a message."""
+        if n > 0:
+            p = encoder.last
+        else:
+            p, n = self._add_slowly(encoder, event, n)
+        if n == 1:
+            self._buffers[p].key = event.subject.encode()
+            if not self._since:
+                self._wake.set()
+            self._since[p] = asyncio.get_running_loop().time()
+        self._recorded += 1
+        self._unacked += 1
+        if n >= self._max_batch:
+            self._seal(p)
+            return True
+        return False
+
+    def _add_slowly(self, encoder: BatchEncoder, event: AnyEvent, result: int) -> tuple[int, int]:
+        """Native mode, when the encoder did not take `event`: seal its partition's full
+        message, or write the event as Python does; the partition, and how many events
+        its message then holds.
 
         Python spells some floats longer or shorter, so an event too large for the
         encoder gets a second chance; raises ValueError when it does not fit, or when
         no encoder can write it.
         """
         data: bytes | None = None
+        p = encoder.last if result != encoder.UNSUPPORTED else self._partition_of(event)
         while True:
             if result == encoder.FULL:
                 self._seal(p)
@@ -852,9 +869,9 @@ class Gateway:
             else:  # TOO_LARGE as Python writes it too
                 self._check_size(event, data)
                 raise AssertionError(f"the encoder refused {len(data)} bytes within the bound")
-            result = encoder.add(p, event) if data is None else encoder.add_raw(p, data)
+            result = encoder.add(event) if data is None else encoder.add_raw(p, data)
             if result > 0:
-                return result
+                return p, result
 
     def _check_size(self, event: AnyEvent, data: bytes) -> None:
         if len(data) + 2 > self._max_bytes:
@@ -863,6 +880,10 @@ class Gateway:
                 f"than the largest message ({self._max_bytes} bytes), so it can never be "
                 "sent: shorten its labels or raise TALLY_PRODUCER_MAX_MESSAGE_BYTES"
             )
+
+    def _partition_of(self, event: AnyEvent) -> int:
+        p = self._placement.get(event.subject)
+        return p if p is not None else self._place(event.subject)
 
     def _place(self, subject: str) -> int:
         p = partition_for(subject, self._partitions)

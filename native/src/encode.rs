@@ -25,7 +25,7 @@
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDateTime, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDateTime, PyString, PyTuple, PyType};
 use std::ffi::c_int;
 use std::ptr::addr_of_mut;
 
@@ -51,6 +51,8 @@ pub struct BatchEncoder {
     _classes: Vec<Py<PyType>>,
     datetime: *mut ffi::PyTypeObject,
     utc: *mut ffi::PyObject,
+    subject_key: Py<PyString>,
+    last: usize,
 }
 
 // The raw pointers are to a type and singletons held alive (`_classes`, the
@@ -207,6 +209,29 @@ impl BatchEncoder {
         true
     }
 
+    /// The partition of the event whose fields are `fields`: murmur2 of its subject
+    /// (UTF-8), made positive, modulo the partitions; None without a str subject.
+    ///
+    /// Safety: `fields` is a live object, the GIL is held.
+    unsafe fn place(&self, fields: *mut ffi::PyObject) -> Option<usize> {
+        if ffi::PyDict_CheckExact(fields) == 0 {
+            return None;
+        }
+        let subject = ffi::PyDict_GetItemWithError(fields, self.subject_key.as_ptr());
+        if subject.is_null() || ffi::Py_TYPE(subject) != addr_of_mut!(ffi::PyUnicode_Type) {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let mut size: ffi::Py_ssize_t = 0;
+        let data = ffi::PyUnicode_AsUTF8AndSize(subject, &mut size);
+        if data.is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let bytes = std::slice::from_raw_parts(data.cast::<u8>(), size as usize);
+        Some((murmur2(bytes) & 0x7FFF_FFFF) as usize % self.messages.len())
+    }
+
     /// Appends one encoded event (`write` fills `out` past its end) to partition
     /// p's message, or takes it back out; the protocol of `add`.
     fn append(
@@ -278,6 +303,11 @@ impl BatchEncoder {
         // Imports the datetime C API, which the raw accessors need.
         let datetime = py.get_type::<PyDateTime>().as_ptr().cast();
         let utc = pyo3::types::timezone_utc(py).as_ptr();
+        if partitions == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "partitions must be at least 1: pass the topic's partition count",
+            ));
+        }
         Ok(Self {
             messages: vec![Vec::new(); partitions],
             counts: vec![0; partitions],
@@ -286,22 +316,46 @@ impl BatchEncoder {
             _classes: classes,
             datetime,
             utc,
+            subject_key: PyString::intern(py, "subject").unbind(),
+            last: 0,
         })
     }
 
-    /// Writes `event` into partition p's message. Returns how many events the
-    /// message holds with it; 0 (FULL) when it would take a non-empty message past
-    /// max_bytes; -1 (UNSUPPORTED) when it holds what only Python writes; -2
-    /// (TOO_LARGE) when it is larger than max_bytes alone. Nothing is added
-    /// unless the result is positive.
-    fn add(&mut self, p: usize, event: &Bound<'_, PyAny>) -> PyResult<i64> {
-        let p = self.partition(p)?;
+    /// Writes `event` into the message of its subject's partition (Kafka's default
+    /// partitioner: producers/partitioning.py `partition_for`), which `last` then
+    /// names. Returns how many events the message holds with it; 0 (FULL) when it
+    /// would take a non-empty message past max_bytes; -1 (UNSUPPORTED) when it
+    /// holds what only Python writes (`last` is then not set); -2 (TOO_LARGE) when
+    /// it is larger than max_bytes alone. Nothing is added unless the result is
+    /// positive.
+    fn add(&mut self, event: &Bound<'_, PyAny>) -> PyResult<i64> {
         let event = event.as_ptr();
         // Safety: a live object (borrowed from the call), the GIL is held.
-        if !self.is_model(unsafe { ffi::Py_TYPE(event) }) {
-            return Ok(UNSUPPORTED);
+        unsafe {
+            if !self.is_model(ffi::Py_TYPE(event)) {
+                return Ok(UNSUPPORTED);
+            }
+            let fields = ffi::PyObject_GenericGetDict(event, std::ptr::null_mut());
+            if fields.is_null() {
+                ffi::PyErr_Clear();
+                return Ok(UNSUPPORTED);
+            }
+            let result = match self.place(fields) {
+                Some(p) => {
+                    self.last = p;
+                    self.append(p, |me, out| Ok(me.write_fields(out, fields)))
+                }
+                None => Ok(UNSUPPORTED),
+            };
+            ffi::Py_DECREF(fields);
+            result
         }
-        self.append(p, |me, out| Ok(unsafe { me.write_model(out, event) }))
+    }
+
+    /// The partition of the last event `add` took, or found no room for.
+    #[getter]
+    fn last(&self) -> usize {
+        self.last
     }
 
     /// Appends one event Python encoded (one JSON object); the results of `add`.

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from producers import events
 from producers.events import AnyEvent, batch_encoder, encode_event
-from producers.partitioning import murmur2
+from producers.partitioning import murmur2, partition_for
 from schemas.events import EVENT_ADAPTER, RequestData, RequestEvent
 from tests.unit.producers.test_encode_events import _events
 
@@ -33,7 +33,7 @@ def encode(batch: list[AnyEvent], max_bytes: int = MAX) -> tuple[bytes, int]:
     encoder = batch_encoder(1, max_bytes)
     assert encoder is not None
     for event in batch:
-        assert encoder.add(0, event) > 0
+        assert encoder.add(event) > 0
     return encoder.take(0)
 
 
@@ -124,8 +124,8 @@ def test_what_it_does_not_write_is_declined_and_nothing_is_added(event: Any) -> 
     encoder = batch_encoder(1, MAX)
     assert encoder is not None
     first = events.request("acct-1", "gw", id="first")
-    assert encoder.add(0, first) == 1
-    assert encoder.add(0, event) == BatchEncoder.UNSUPPORTED
+    assert encoder.add(first) == 1
+    assert encoder.add(event) == BatchEncoder.UNSUPPORTED
     assert encoder.count(0) == 1
     value, count = encoder.take(0)
     assert (orjson.loads(value), count) == ([orjson.loads(encode_event(first))], 1)
@@ -141,17 +141,17 @@ def test_a_message_never_exceeds_max_bytes() -> None:
     event = events.request("acct-1", "gw", id="x")
     one = len(encode_event(event))
     max_bytes = 2 + one * 3 + 2  # brackets, three events and two commas
-    encoder = batch_encoder(2, max_bytes)
+    encoder = batch_encoder(1, max_bytes)
     assert encoder is not None
-    assert [encoder.add(1, event) for _ in range(4)] == [1, 2, 3, BatchEncoder.FULL]
-    value, count = encoder.take(1)
+    assert [encoder.add(event) for _ in range(4)] == [1, 2, 3, BatchEncoder.FULL]
+    value, count = encoder.take(0)
     assert (len(value), count) == (max_bytes, 3)
-    assert encoder.take(1) == (b"", 0)
-    assert encoder.count(0) == encoder.count(1) == 0
+    assert encoder.take(0) == (b"", 0)
+    assert encoder.count(0) == 0
     # Alone and still too large: refused whatever the message holds.
     small = batch_encoder(1, one + 1)
     assert small is not None
-    assert small.add(0, event) == BatchEncoder.TOO_LARGE
+    assert small.add(event) == BatchEncoder.TOO_LARGE
     assert small.add_raw(0, encode_event(event)) == BatchEncoder.TOO_LARGE
     assert small.take(0) == (b"", 0)
 
@@ -160,20 +160,39 @@ def test_raw_events_keep_their_place_in_the_message() -> None:
     encoder = batch_encoder(1, MAX)
     assert encoder is not None
     a, b, c = (events.request("acct-1", "gw", id=i) for i in "abc")
-    assert encoder.add(0, a) == 1
+    assert encoder.add(a) == 1
     assert encoder.add_raw(0, encode_event(b)) == 2
-    assert encoder.add(0, c) == 3
+    assert encoder.add(c) == 3
     value, _ = encoder.take(0)
     assert [d["id"] for d in orjson.loads(value)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("partitions", [1, 7, 12])
+def test_each_event_goes_to_its_subjects_partition(partitions: int) -> None:
+    encoder = batch_encoder(partitions, MAX)
+    assert encoder is not None
+    rng = random.Random(partitions)
+    subjects = [f"acct-{rng.randrange(10**6)}" for _ in range(2_000)] + ["a", "Z.9:_-"]
+    for n, subject in enumerate(subjects):
+        assert encoder.add(events.request(subject, "gw", id=str(n))) > 0
+        assert encoder.last == partition_for(subject, partitions)
+    placed = {
+        doc["subject"]: p
+        for p in range(partitions)
+        for doc in orjson.loads(encoder.take(p)[0] or b"[]")
+    }
+    assert placed == {s: partition_for(s, partitions) for s in subjects}
 
 
 def test_a_partition_out_of_range_is_an_index_error() -> None:
     encoder = batch_encoder(3, MAX)
     assert encoder is not None
     with pytest.raises(IndexError, match="partition 3 out of range"):
-        encoder.add(3, events.request("acct-1", "gw"))
+        encoder.add_raw(3, b"{}")
     with pytest.raises(IndexError):
         encoder.take(7)
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_encoder(0, MAX)
 
 
 def test_native_murmur2_is_kafkas() -> None:
