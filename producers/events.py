@@ -186,7 +186,7 @@ def _fields(value: Any) -> Any:
 
 
 def encode_events(events: Sequence[AnyEvent]) -> bytes:
-    """A batch message: the JSON array of `events` in one native call (the gateway's hot path).
+    """A batch message: the JSON array of `events` in one native call (the gateway without native/).
 
     Five times cheaper per event than `encode_event` in a loop, and decodes to the same
     events, but not the same bytes: absent (None) attributes are written as `null`
