@@ -60,18 +60,27 @@ pub struct BatchEncoder {
 unsafe impl Send for BatchEncoder {}
 unsafe impl Sync for BatchEncoder {}
 
-/// Safety: `s` is a str, the GIL is held.
-unsafe fn write_str(out: &mut Vec<u8>, s: *mut ffi::PyObject) -> bool {
+/// The UTF-8 of a str, borrowed from it (Python caches it in the object); None for
+/// lone surrogates, which are not UTF-8, so not JSON: Python then reports them.
+///
+/// Safety: `s` is a str that outlives the slice, the GIL is held.
+unsafe fn utf8<'a>(s: *mut ffi::PyObject) -> Option<&'a str> {
     let mut size: ffi::Py_ssize_t = 0;
     let data = ffi::PyUnicode_AsUTF8AndSize(s, &mut size);
     if data.is_null() {
-        // Lone surrogates: not UTF-8, so not JSON; Python reports it.
         ffi::PyErr_Clear();
-        return false;
+        return None;
     }
     let bytes = std::slice::from_raw_parts(data.cast::<u8>(), size as usize);
     // Python made it from a valid str, so it is UTF-8.
-    let text = std::str::from_utf8_unchecked(bytes);
+    Some(std::str::from_utf8_unchecked(bytes))
+}
+
+/// Safety: `s` is a str, the GIL is held.
+unsafe fn write_str(out: &mut Vec<u8>, s: *mut ffi::PyObject) -> bool {
+    let Some(text) = utf8(s) else {
+        return false;
+    };
     serde_json::to_writer(&mut *out, text).expect("writing to a Vec cannot fail");
     true
 }
@@ -222,13 +231,7 @@ impl BatchEncoder {
             ffi::PyErr_Clear();
             return None;
         }
-        let mut size: ffi::Py_ssize_t = 0;
-        let data = ffi::PyUnicode_AsUTF8AndSize(subject, &mut size);
-        if data.is_null() {
-            ffi::PyErr_Clear();
-            return None;
-        }
-        let bytes = std::slice::from_raw_parts(data.cast::<u8>(), size as usize);
+        let bytes = utf8(subject)?.as_bytes();
         Some((murmur2(bytes) & 0x7FFF_FFFF) as usize % self.messages.len())
     }
 
