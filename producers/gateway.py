@@ -419,7 +419,6 @@ class Gateway:
         spool_fsync: FsyncPolicy | None = None,
         unreachable_after_s: float | None = None,
         close_timeout_s: float | None = None,
-        native: bool = True,
     ) -> None:
         s = settings if settings is not None else ProducerSettings()
         self.bootstrap: Final = bootstrap if bootstrap is not None else s.bootstrap
@@ -487,10 +486,9 @@ class Gateway:
         # buffers the models and _seal encodes each buffer as one array (a native call,
         # not one per event); otherwise every event is encoded, and measured, as recorded.
         self._deferred = self._max_bytes >= MAX_PLAIN_EVENT_BYTES + 2
-        # Native mode (native/ installed, `native=True`): record() writes each event into
-        # its partition's message at once (producers.events.batch_encoder), measured
-        # exactly, so neither of the two modes above is used.
-        self._native = native
+        # Native mode (native/ installed): record() writes each event into its partition's
+        # message at once (producers.events.batch_encoder), measured exactly, so neither
+        # of the two modes above is used.
         self._encoder: BatchEncoder | None = None
         # subject -> partition: one dict lookup instead of murmur2 (pure Python) per event.
         self._placement: dict[str, int] = {}
@@ -626,7 +624,7 @@ class Gateway:
         self._producer = producer
         self._partitions = count
         self._buffers = [_Buffer() for _ in range(count)]
-        self._encoder = batch_encoder(count, self._max_bytes) if self._native else None
+        self._encoder = batch_encoder(count, self._max_bytes)
 
     # `timeout` bounds waiting for acknowledgements *and* spooling what is left when it
     # runs out, which an outer asyncio.timeout could only cancel (hence ASYNC109).
