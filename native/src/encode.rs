@@ -46,17 +46,15 @@ pub struct BatchEncoder {
     counts: Vec<u32>,
     max_bytes: usize,
     /// The classes written as objects: the event models, then the data models.
-    models: Vec<*mut ffi::PyTypeObject>,
-    /// Held so that the pointers in `models` stay valid.
-    _classes: Vec<Py<PyType>>,
+    models: Vec<Py<PyType>>,
     datetime: *mut ffi::PyTypeObject,
     utc: *mut ffi::PyObject,
     subject_key: Py<PyString>,
     last: usize,
 }
 
-// The raw pointers are to a type and singletons held alive (`_classes`, the
-// datetime module), only used with the GIL held.
+// The raw pointers are to the datetime type and the UTC singleton, which the
+// datetime module keeps alive; they are only used with the GIL held.
 unsafe impl Send for BatchEncoder {}
 unsafe impl Sync for BatchEncoder {}
 
@@ -81,7 +79,7 @@ unsafe fn write_str(out: &mut Vec<u8>, s: *mut ffi::PyObject) -> bool {
     let Some(text) = utf8(s) else {
         return false;
     };
-    serde_json::to_writer(&mut *out, text).expect("writing to a Vec cannot fail");
+    crate::push_json_str(out, text);
     true
 }
 
@@ -93,7 +91,7 @@ fn push_2(out: &mut Vec<u8>, v: u8) {
 impl BatchEncoder {
     /// Whether `ty` is one of the model classes.
     fn is_model(&self, ty: *mut ffi::PyTypeObject) -> bool {
-        self.models.contains(&ty)
+        self.models.iter().any(|m| m.as_ptr().cast() == ty)
     }
 
     /// Writes `obj`'s fields (its `__dict__`) as a JSON object; false if a value is
@@ -237,33 +235,24 @@ impl BatchEncoder {
 
     /// Appends one encoded event (`write` fills `out` past its end) to partition
     /// p's message, or takes it back out; the protocol of `add`.
-    fn append(
-        &mut self,
-        p: usize,
-        write: impl FnOnce(&Self, &mut Vec<u8>) -> PyResult<bool>,
-    ) -> PyResult<i64> {
+    fn append(&mut self, p: usize, write: impl FnOnce(&Self, &mut Vec<u8>) -> bool) -> i64 {
         let mut out = std::mem::take(&mut self.messages[p]);
         let before = out.len();
         out.push(if before == 0 { b'[' } else { b',' });
-        let ok = write(self, &mut out);
-        let result = match ok {
-            Ok(true) if out.len() < self.max_bytes => {
-                self.counts[p] += 1;
-                Ok(i64::from(self.counts[p]))
-            }
-            Ok(true) => {
-                out.truncate(before);
-                Ok(if before == 0 { TOO_LARGE } else { FULL })
-            }
-            Ok(false) => {
-                out.truncate(before);
-                Ok(UNSUPPORTED)
-            }
-            Err(e) => {
-                out.truncate(before);
-                Err(e)
-            }
+        let written = write(self, &mut out);
+        let result = if !written {
+            UNSUPPORTED
+        } else if out.len() < self.max_bytes {
+            self.counts[p] += 1;
+            i64::from(self.counts[p])
+        } else if before == 0 {
+            TOO_LARGE
+        } else {
+            FULL
         };
+        if result <= 0 {
+            out.truncate(before);
+        }
         self.messages[p] = out;
         result
     }
@@ -298,11 +287,10 @@ impl BatchEncoder {
         max_bytes: usize,
         models: &Bound<'_, PyTuple>,
     ) -> PyResult<Self> {
-        let classes = models
+        let models = models
             .iter()
             .map(|m| Ok(m.downcast_into::<PyType>()?.unbind()))
             .collect::<PyResult<Vec<_>>>()?;
-        let models = classes.iter().map(|c| c.as_ptr().cast()).collect();
         // Imports the datetime C API, which the raw accessors need.
         let datetime = py.get_type::<PyDateTime>().as_ptr().cast();
         let utc = pyo3::types::timezone_utc(py).as_ptr();
@@ -316,7 +304,6 @@ impl BatchEncoder {
             counts: vec![0; partitions],
             max_bytes,
             models,
-            _classes: classes,
             datetime,
             utc,
             subject_key: PyString::intern(py, "subject").unbind(),
@@ -346,7 +333,7 @@ impl BatchEncoder {
             let result = match self.place(fields) {
                 Some(p) => {
                     self.last = p;
-                    self.append(p, |me, out| Ok(me.write_fields(out, fields)))
+                    Ok(self.append(p, |me, out| me.write_fields(out, fields)))
                 }
                 None => Ok(UNSUPPORTED),
             };
@@ -364,10 +351,10 @@ impl BatchEncoder {
     /// Appends one event Python encoded (one JSON object); the results of `add`.
     fn add_raw(&mut self, p: usize, data: &[u8]) -> PyResult<i64> {
         let p = self.partition(p)?;
-        self.append(p, |_, out| {
+        Ok(self.append(p, |_, out| {
             out.extend_from_slice(data);
-            Ok(true)
-        })
+            true
+        }))
     }
 
     /// Partition p's message (a JSON array) and how many events it holds; the
