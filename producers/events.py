@@ -260,14 +260,8 @@ without `datacontenttype`: the models bound every other string's length."""
 
 PLAIN_EVENT_TYPES: Final = frozenset({RequestEvent, StreamOpenedEvent, StreamClosedEvent})
 
-_ENCODED_MODELS: Final = (
-    RequestEvent,
-    StreamOpenedEvent,
-    StreamClosedEvent,
-    RequestData,
-    StreamOpenedData,
-    StreamClosedData,
-)
+# The plain event classes and their data classes: what the native encoder writes.
+_ENCODED_MODELS: Final = (*PLAIN_EVENT_TYPES, RequestData, StreamOpenedData, StreamClosedData)
 
 
 def batch_encoder(partitions: int, max_bytes: int) -> BatchEncoder | None:

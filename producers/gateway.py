@@ -851,7 +851,13 @@ class Gateway:
         no encoder can write it.
         """
         data: bytes | None = None
-        p = encoder.last if result != encoder.UNSUPPORTED else self._partition_of(event)
+        # UNSUPPORTED may come before the encoder placed it (not a plain model, no str
+        # subject), so place it as the Python modes do.
+        p = (
+            encoder.last
+            if result != encoder.UNSUPPORTED
+            else partition_for(event.subject, self._partitions)
+        )
         while True:
             if result == encoder.FULL:
                 self._seal(p)
@@ -878,10 +884,6 @@ class Gateway:
                 f"than the largest message ({self._max_bytes} bytes), so it can never be "
                 "sent: shorten its labels or raise TALLY_PRODUCER_MAX_MESSAGE_BYTES"
             )
-
-    def _partition_of(self, event: AnyEvent) -> int:
-        p = self._placement.get(event.subject)
-        return p if p is not None else self._place(event.subject)
 
     def _place(self, subject: str) -> int:
         p = partition_for(subject, self._partitions)
