@@ -64,7 +64,7 @@ WIRE_SELECT = (
     "fromUnixTimestamp64Milli(last_time_ms, 'UTC'), offset_end"
 )
 _HUGE = 1 << 40
-ONE_PART_SETTINGS: dict[str, Any] = {
+INSERT_SETTINGS: dict[str, int] = {
     # INSERT ... SELECT reads its input in blocks and writes a part per block it
     # hands on: one reading thread, one inserting thread, and squashing whose
     # row threshold is never reached (and whose byte threshold is off) make the
@@ -80,6 +80,12 @@ ONE_PART_SETTINGS: dict[str, Any] = {
     # The default fast float parser may be off by an ulp; the values must be
     # exactly what the worker summed.
     "precise_float_parsing": 1,
+    # By default an INSERT into an AggregatingMergeTree first folds the rows of
+    # its block that share a key. A worker's delta holds one row per key already,
+    # so in the bench that pass folded 0.3 % of an INSERT's rows for more than
+    # half of its CPU (benchmarks/NOTES.md). Background merges fold them as they
+    # fold separate INSERTs, and every reader sums (0001_rollup_minute.sql).
+    "optimize_on_insert": 0,
 }
 
 
@@ -108,7 +114,7 @@ class RollupStore:
             )
         if count:
             self.store.insert_json_rows(
-                TABLE, COLUMNS, WIRE_STRUCTURE, WIRE_SELECT, body, ONE_PART_SETTINGS
+                TABLE, COLUMNS, WIRE_STRUCTURE, WIRE_SELECT, body, INSERT_SETTINGS
             )
 
     def resume_offsets(self, topic: str) -> dict[int, int]:

@@ -60,7 +60,7 @@ def _deltas() -> list[Delta]:
                 0,
             ]
         )
-    # The same keys again in a second delta: summed on insert by both paths.
+    # The same keys again in a second delta: summed alike by both paths.
     again = [[*row[:8], 1, 2, 0.5, 3, 4, row[13] + timedelta(milliseconds=1), 0] for row in rows]
     return [
         Delta(0, 100, 1_774_000_000_123, rows),
@@ -94,10 +94,15 @@ def _old_path(store: Store, messages: list[bytes], rollups: str, events: str) ->
     RollupStore(store).write(rows + markers + freshness)
 
 
+KEY = "account, minute, type, route, method, model, status, stream_id"
+
+
 def _stored(store: Store) -> list[tuple[Any, ...]]:
+    """The table as every reader sees it: rows of one key summed (merges are eventual)."""
     return store.query(
-        f"SELECT *, toUnixTimestamp64Milli(last_time) FROM {TABLE} "
-        "ORDER BY account, minute, type, route, method, model, status, stream_id, offset_end"
+        f"SELECT {KEY}, sum(events), sum(units_micro), sum(latency_ms_sum), sum(bytes_in), "
+        "sum(bytes_out), max(last_time), toUnixTimestamp64Milli(max(last_time)), "
+        f"max(offset_end) FROM {TABLE} GROUP BY {KEY} ORDER BY {KEY}"
     )
 
 
@@ -176,3 +181,20 @@ async def test_one_insert_of_many_rows_is_one_part(
         {"db": unique_name, "t": TABLE},
     )
     assert parts == [(1, rows + 2)]  # the deltas, one offset marker, one freshness marker
+
+
+async def test_an_insert_leaves_folding_to_merges(store_url: str, unique_name: str) -> None:
+    """The sink's INSERT does not fold rows of one key (optimize_on_insert = 0, the
+    costlier half of an INSERT): it stores them as they came, merges fold them later.
+    Also shows the embedded engine honours the settings written into the statement."""
+    store = _open(store_url, unique_name)
+    store.command(f"SYSTEM STOP MERGES {TABLE}")
+    minute = datetime(2026, 3, 29, 10, 15, tzinfo=UTC)
+    row = ["acct-1", minute, "t", "/r", "GET", "", 200, "", 1, 1, 0.5, 1, 1, minute, 0]
+    messages = encode(Delta(0, 1, 0, [row])) + encode(Delta(0, 2, 0, [row]))
+    sink = Sink(store, "127.0.0.1:9", "r", "e")
+    await sink._apply([(TopicPartition("r", 0), [_Record(i, m) for i, m in enumerate(messages)])])
+    stored = await asyncio.to_thread(
+        store.query, f"SELECT count(), sum(events) FROM {TABLE} WHERE account = 'acct-1'"
+    )
+    assert stored == [(2, 2)]
