@@ -139,6 +139,9 @@ class SinkStats:
     """Time to apply one batch to the store, retries included (for metrics)."""
     reflected_ms: dict[int, int] = field(default_factory=dict)
     """Per events partition, the time up to which the store reflects it."""
+    counted: dict[int, int] = field(default_factory=dict)
+    """Per events partition, the offset up to which this sink stored its events
+    (what the freshness markers it wrote say, known without reading them back)."""
     last_write_unix: float = 0.0
 
 
@@ -264,7 +267,8 @@ class Sink:
     ) -> None:
         markers = _marker_rows(self.rollups_topic, applied, {})
         # Freshness per events partition, for meta.updated_at (see queries.py).
-        markers += _marker_rows(self.events_topic, {p: self._counted[p] for p in fresh}, fresh)
+        counted = {p: self._counted[p] for p in fresh}
+        markers += _marker_rows(self.events_topic, counted, fresh)
         body = b",".join([*rows, orjson.dumps(markers)[1:-1]])
         started = time.perf_counter()
         await self._write_once(body, count + len(markers), applied)
@@ -273,6 +277,7 @@ class Sink:
         for partition, reflected in fresh.items():
             seen = self.stats.reflected_ms.get(partition, 0)
             self.stats.reflected_ms[partition] = max(seen, reflected)
+        self.stats.counted.update(counted)
         self.stats.rows += count
         self.stats.inserts += 1
         wire, self._wire = self._wire, []

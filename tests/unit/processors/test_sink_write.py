@@ -109,3 +109,28 @@ async def test_a_batch_committed_twice_upstream_is_applied_once() -> None:
     assert [r[8] for r in written] == [2, 1]
     assert sink.stats.duplicate_deltas == 2
     assert sink._counted == {3: 170}
+
+
+async def test_stats_say_how_far_each_partition_is_stored_once_written() -> None:
+    from aiokafka.structs import TopicPartition
+
+    from processors.deltas import Delta, encode
+
+    seen: list[dict[int, int]] = []
+
+    class Rollups:
+        def write_json(self, body: bytes, count: int) -> None:
+            seen.append(dict(sink.stats.counted))  # not yet: the INSERT is under way
+
+        def resume_offsets(self, topic: str) -> dict[int, int]:
+            return {}
+
+    sink = sink_with(cast(Any, Rollups()))
+    split = encode(Delta(1, 40, 0, [_row("a", 1)] * 3), max_bytes=200)  # final last
+    assert len(split) > 1
+    values = [*encode(Delta(0, 10, 0, [_row("a", 1)])), *split[:-1]]
+    await sink._apply([(TopicPartition("r", 0), [Record(i, v) for i, v in enumerate(values)])])
+    assert seen == [{}]
+    assert sink.stats.counted == {0: 10}  # partition 1's delta is not all out yet
+    await sink._apply([(TopicPartition("r", 0), [Record(len(values), split[-1])])])
+    assert sink.stats.counted == {0: 10, 1: 40}
