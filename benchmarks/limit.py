@@ -3,7 +3,8 @@
 aiokafka `getmany` over every partition of the dataset topic, `orjson.loads` of
 each message, and a dict sum of units per account: no validation, no dedup, no
 output. Whatever the worker does beyond this is its own overhead; the issue asks
-for processor_vs_limit >= 0.5.
+for processor_vs_limit >= 0.5. An unmeasured read of the first WARM_EVENTS comes
+first, as the processor bench runs its pipeline unmeasured first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def run(bootstrap: str, workdir: Path, scale: float, dataset: Dataset) -> dict[s
     return {k: float(v) for k, v in result.items()}
 
 
-async def _measure(bootstrap: str, ds: Dataset) -> dict[str, Any]:
+WARM_EVENTS = 300_000
+
+
+async def _read(bootstrap: str, ds: Dataset, stop_after: int | None = None) -> dict[str, Any]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -58,6 +62,8 @@ async def _measure(bootstrap: str, ds: Dataset) -> dict[str, Any]:
                         events += 1
                 if records and records[-1].offset + 1 >= ends[tp]:
                     left.discard(tp)
+            if stop_after is not None and events >= stop_after:
+                return {}
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
     finally:
@@ -69,6 +75,13 @@ async def _measure(bootstrap: str, ds: Dataset) -> dict[str, Any]:
         "limit_elapsed_s": elapsed,
         "limit_cpu_us_per_event": cpu / events * 1e6,
     }
+
+
+async def _measure(bootstrap: str, ds: Dataset) -> dict[str, Any]:
+    # Unmeasured first, as the processor bench warms the broker with its pipeline
+    # (benchmarks/processor.py): both then read from a broker that has served them.
+    await _read(bootstrap, ds, stop_after=WARM_EVENTS)
+    return await _read(bootstrap, ds)
 
 
 def child(args: dict[str, Any]) -> dict[str, Any]:
