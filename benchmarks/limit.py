@@ -21,15 +21,13 @@ from benchmarks import _child
 from benchmarks.dataset import Dataset, load
 
 TIMEOUT_S = 600.0
+WARM_EVENTS = 300_000
 
 
 def run(bootstrap: str, workdir: Path, scale: float, dataset: Dataset) -> dict[str, float]:
     args = {"bootstrap": bootstrap, "dataset": dataset.as_dict()}
     result = _child.spawn("benchmarks.limit", args, TIMEOUT_S, profile_name="limit")
     return {k: float(v) for k, v in result.items()}
-
-
-WARM_EVENTS = 300_000
 
 
 async def _read(bootstrap: str, ds: Dataset, stop_after: int | None = None) -> dict[str, Any]:
