@@ -133,26 +133,27 @@ class Store:
         chdb backend applies per-call settings by reading their values from
         system.settings, SETting each and SETting it back, ~9 ms per call here.
         """
-        cols = ", ".join(columns)
+        into = f"INSERT INTO {table} ({', '.join(columns)})"
         with self._lock:
             if not self.embedded:
                 self._client.command(
-                    f"INSERT INTO {table} ({cols}) SELECT {select} FROM "
+                    f"{into} SELECT {select} FROM "
                     f"input({_quote(structure)}) FORMAT JSONCompactEachRow",
                     data=body,
                     settings=dict(settings),
                 )
                 return
+            inline = ", ".join(
+                f"{_setting(name)} = {int(value)}" for name, value in settings.items()
+            )
+            if inline:
+                into += f" SETTINGS {inline}"
             fd, path = tempfile.mkstemp(prefix="tally-insert-", suffix=".json")
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(body)
-                inline = "".join(
-                    f"{', ' if i else ' SETTINGS '}{_setting(name)} = {int(value)}"
-                    for i, (name, value) in enumerate(settings.items())
-                )
                 self._client.command(
-                    f"INSERT INTO {table} ({cols}){inline} SELECT {select} FROM "
+                    f"{into} SELECT {select} FROM "
                     f"file({_quote(path)}, 'JSONCompactEachRow', {_quote(structure)})"
                 )
             finally:
