@@ -93,6 +93,15 @@ def _settings(bootstrap: str, workdir: Path, ds: Dataset) -> WorkerSettings:
     )
 
 
+async def _prepared(bootstrap: str, workdir: Path, ds: Dataset) -> tuple[WorkerSettings, Store]:
+    """A run's own names, its database migrated and its dead-letter topic created."""
+    settings = _settings(bootstrap, workdir, ds)
+    store = Store(settings.store_url, settings.store_database)
+    store.migrate()
+    await ensure_topics(bootstrap, {settings.dlq_topic: 1})
+    return settings, store
+
+
 def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
     """Whether the store's totals are the dataset's; and its rollup row count."""
     total = store.query(
@@ -112,10 +121,7 @@ def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
 
 
 async def _measure_one_loop(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
-    settings = _settings(bootstrap, workdir, ds)
-    store = Store(settings.store_url, settings.store_database)
-    store.migrate()
-    await ensure_topics(bootstrap, {settings.dlq_topic: 1})
+    settings, store = await _prepared(bootstrap, workdir, ds)
     ends = await end_offsets(bootstrap, ds.topic, ds.partitions)
     rollups = RollupStore(store)
     first_at = first_events = None
@@ -187,7 +193,7 @@ def _all_counted(sink: Sink, ends: dict[int, int], since: float) -> bool:
     (~5 ms a query on the embedded engine). `_confirm` reads the store once after.
     """
     done = sink.stats.counted
-    if all(done.get(p, 0) >= end for p, end in ends.items()):
+    if _reaches(done, ends):
         return True
     if time.perf_counter() - since > TIMEOUT_S - 60:
         raise RuntimeError(f"not done after {time.perf_counter() - since:.0f}s: {done} of {ends}")
@@ -197,8 +203,12 @@ def _all_counted(sink: Sink, ends: dict[int, int], since: float) -> bool:
 def _confirm(rollups: RollupStore, topic: str, ends: dict[int, int]) -> None:
     """The store's freshness markers say what the sink said it stored."""
     stored = rollups.resume_offsets(topic)
-    if any(stored.get(p, 0) < end for p, end in ends.items()):
+    if not _reaches(stored, ends):
         raise RuntimeError(f"the store's markers {stored} fall short of {ends}")
+
+
+def _reaches(offsets: dict[int, int], ends: dict[int, int]) -> bool:
+    return all(offsets.get(p, 0) >= end for p, end in ends.items())
 
 
 def _profile_worker(pid: int) -> subprocess.Popen[bytes] | None:
@@ -227,10 +237,7 @@ def _stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
 
 
 async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
-    settings = _settings(bootstrap, workdir, ds)
-    store = Store(settings.store_url, settings.store_database)
-    store.migrate()
-    await ensure_topics(bootstrap, {settings.dlq_topic: 1})
+    settings, store = await _prepared(bootstrap, workdir, ds)
     await ensure_rollups_topic(settings)
     ends = await end_offsets(bootstrap, ds.topic, ds.partitions)
     rollups = RollupStore(store)
@@ -273,7 +280,7 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
                 now = time.perf_counter()
                 if worker_done is None:
                     committed = await _committed(admin, settings.consumer_group, ds.topic)
-                    if all(committed.get(p, 0) >= end for p, end in ends.items()):
+                    if _reaches(committed, ends):
                         worker_done = now
                 if now - traced >= 1.0:
                     traced = now
@@ -359,10 +366,7 @@ async def _warm_pipeline(bootstrap: str, workdir: Path, ds: Dataset) -> None:
     in service has compiled them long before. The faust and quixstreams benches
     run after this one, on the same warm broker.
     """
-    settings = _settings(bootstrap, workdir, ds)
-    store = Store(settings.store_url, settings.store_database)
-    store.migrate()
-    await ensure_topics(bootstrap, {settings.dlq_topic: 1})
+    settings, store = await _prepared(bootstrap, workdir, ds)
     started = time.perf_counter()
     try:
         async with running_pipeline(settings, store) as (worker, sink):
