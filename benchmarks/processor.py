@@ -368,10 +368,11 @@ async def _warm_pipeline(bootstrap: str, workdir: Path, ds: Dataset) -> None:
     """
     settings, store = await _prepared(bootstrap, workdir, ds)
     started = time.perf_counter()
+    warm = min(WARM_EVENTS, ds.unique_events)  # a small dataset holds fewer
     try:
         async with running_pipeline(settings, store) as (worker, sink):
             while time.perf_counter() - started < 30:
-                if worker.stats.counted >= WARM_EVENTS and sink.stats.inserts >= 2:
+                if worker.stats.counted >= warm and sink.stats.inserts >= 2:
                     break
                 await asyncio.sleep(0.1)
     finally:
