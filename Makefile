@@ -23,14 +23,26 @@ browser: ## Install Debian's headless Chromium when missing (for tests/e2e/test_
 	    --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
 	else echo "setup: chromium is missing; run: sudo apt-get install chromium"; fi
 
-$(VENV)/.installed: pyproject.toml native/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
+# Exactly the versions in requirements.lock (hashes checked), dev and bench tools
+# included; Tally and native/ are built with the lock's setuptools and maturin, and
+# native/ with its Cargo.lock (--locked). `make lock` is the one way to change them.
+$(VENV)/.installed: requirements.lock pyproject.toml native/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/*.rs
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@command -v cargo >/dev/null || { echo "setup: cargo is missing: native/ (the worker's \
 	  native fold) builds with Rust; install it with rustup (https://rustup.rs)"; exit 1; }
-	$(BIN)/python -m pip install -q ./native
+	MATURIN_PEP517_ARGS=--locked $(BIN)/python -m pip install -q --no-deps --no-build-isolation ./native
+	$(BIN)/python -m pip check
 	touch $@
+
+lock: ## Re-resolve requirements.lock (every Python dependency, hashed) from pyproject.toml
+	test -x $(BIN)/uv || $(MAKE) --no-print-directory setup
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra setup \
+	  --universal --python-version 3.11 --generate-hashes --no-header --quiet --upgrade \
+	  -o requirements.lock
+	cd native && cargo update
+	@echo "lock: review and commit requirements.lock and native/Cargo.lock, then make setup"
 
 # Kafka runs from Maven Central jars on the machine's JDK: no download outside
 # the package registries, no Docker.
@@ -66,7 +78,6 @@ docs: ## Regenerate the README's configuration table from the settings classes
 	$(BIN)/python -m deploy.readme_sync
 
 bench: setup ## Run the benchmark suite (not tests): a table, and benchmarks/results/latest.json
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
 	  apt-get install -y -qq wrk; else echo "bench: wrk is missing (apt-get install wrk): the API bench needs it"; fi; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
@@ -74,4 +85,4 @@ bench: setup ## Run the benchmark suite (not tests): a table, and benchmarks/res
 clean: ## Remove local data (.tally/data) but keep installed jars and .venv
 	rm -rf .tally/data
 
-.PHONY: help setup browser run test unit lint fmt schema docs clean bench
+.PHONY: help setup lock browser run test unit lint fmt schema docs clean bench

@@ -522,7 +522,7 @@ def decode_native(
         doc = _NATIVE_DECODER.decode(value)
     except msgspec.MsgspecError:
         return None
-    if type(doc) is list:
+    if isinstance(doc, list):
         if not doc:
             return None
         events: list[NativeEvent] = doc
