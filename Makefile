@@ -32,7 +32,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml native/pyproject.toml nativ
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@command -v cargo >/dev/null || { echo "setup: cargo is missing: native/ (the worker's \
 	  native fold) builds with Rust; install it with rustup (https://rustup.rs)"; exit 1; }
-	MATURIN_PEP517_ARGS=--locked $(BIN)/python -m pip install -q --no-deps --no-build-isolation ./native
+	PATH="$(abspath $(BIN)):$$PATH" MATURIN_PEP517_ARGS=--locked $(BIN)/python -m pip install -q --no-deps --no-build-isolation ./native
 	$(BIN)/python -m pip check
 	touch $@
 
