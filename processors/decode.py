@@ -16,8 +16,9 @@ test_decode_flat.py holds the two paths to that.
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,8 @@ from schemas.events import (
 
 AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
+log = logging.getLogger("tally.worker")
+
 # Reasons, as written into the dead-letter record's `tally-reason` header.
 MALFORMED_JSON = "malformed_json"
 NOT_AN_EVENT = "not_an_event"
@@ -54,6 +57,7 @@ UNKNOWN_TYPE = "unknown_type"
 UNSUPPORTED_SPECVERSION = "unsupported_specversion"
 TIME_IN_FUTURE = "time_in_future"
 TOO_LATE = "too_late"
+DECODE_FAILED = "decode_failed"
 REASONS = (
     MALFORMED_JSON,
     NOT_AN_EVENT,
@@ -65,6 +69,7 @@ REASONS = (
     UNSUPPORTED_SPECVERSION,
     TIME_IN_FUTURE,
     TOO_LATE,
+    DECODE_FAILED,
 )
 
 
@@ -153,7 +158,21 @@ def _decode(
 ) -> tuple[list[Any], list[Rejection]]:
     # One body for both shapes (events are models, or Flat values when `flat`), so
     # the rules for messages and batches cannot drift apart.
-    raw = value or b""
+    try:
+        return _decode_checked(value or b"", now, limits, flat)
+    except Exception as exc:
+        # A message this module cannot take apart is a bug here, never a reason to
+        # stop counting every other account: it goes to the dead-letter topic whole,
+        # to be replayed once the bug is fixed.
+        log.exception("a message could not be decoded; it goes to the dead-letter topic")
+        raw = value or b""
+        detail = f"Tally could not decode this message ({exc!r}); please report it"
+        return [], [Rejection(DECODE_FAILED, detail, raw)]
+
+
+def _decode_checked(
+    raw: bytes, now: datetime, limits: Limits, flat: bool
+) -> tuple[list[Any], list[Rejection]]:
     if len(raw) > limits.max_message_bytes:
         detail = f"message is {len(raw)} bytes, the limit is {limits.max_message_bytes}"
         return [], [Rejection(OVERSIZED, detail, raw)]
@@ -179,28 +198,96 @@ def _decode(
     rejections: list[Rejection] = []
     lo, hi = now - limits.max_lateness, now + limits.max_future
     max_bytes = limits.max_event_bytes
-    dumps = orjson.dumps
+    elements = _Elements(raw)
     for index, item in enumerate(doc):
-        element = dumps(item)
         if not isinstance(item, dict):
             detail = f"batch element is a {type(item).__name__}, not a CloudEvent object"
-            rejections.append(Rejection(NOT_AN_EVENT, detail, element, index))
+            rejections.append(Rejection(NOT_AN_EVENT, detail, elements.original(index), index))
             continue
-        if len(element) > max_bytes:
-            detail = f"event is {len(element)} bytes, the limit is {max_bytes}"
-            rejections.append(Rejection(OVERSIZED, detail, element, index))
+        size = elements.size(index, item)
+        if size > max_bytes:
+            detail = f"event is {size} bytes, the limit is {max_bytes}"
+            rejections.append(Rejection(OVERSIZED, detail, elements.original(index), index))
             continue
         if flat:
             fast = _fast(item, lo, hi)
             if fast is not None:
                 events.append(fast)
                 continue
-        event, rejection = _check(item, element, now, limits, index)
+        event, rejection = _check(item, b"", now, limits, index)
         if event:
             events.append(flatten(event) if flat else event)
         if rejection:
-            rejections.append(rejection)
+            rejections.append(replace(rejection, raw=elements.original(index)))
     return events, rejections
+
+
+# A JSON string, or one of the characters that delimit an element at depth 1.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+
+
+class _Elements:
+    """The batch elements of one message as bytes: their size and their original text.
+
+    An element's size is its length as orjson re-encodes it, the measure the native
+    tiers bound theirs by (NATIVE_MAX_EVENT_BYTES). A dead letter carries the
+    element's original bytes, whatever they hold: re-encoding would not be them (a
+    huge integer becomes a float) and can fail (orjson nests at most 255 deep
+    when encoding, 1024 when parsing). Both are computed only when asked for.
+    """
+
+    __slots__ = ("_raw", "_spans")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._spans: list[tuple[int, int]] | None = None
+
+    def size(self, index: int, item: Any) -> int:
+        try:
+            return len(orjson.dumps(item))
+        except orjson.JSONEncodeError:  # nested deeper than orjson encodes
+            start, end = self._span(index)
+            return end - start
+
+    def original(self, index: int) -> bytes:
+        start, end = self._span(index)
+        return self._raw[start:end]
+
+    def _span(self, index: int) -> tuple[int, int]:
+        if self._spans is None:
+            self._spans = _element_spans(self._raw)
+        return self._spans[index]
+
+
+def _element_spans(raw: bytes) -> list[tuple[int, int]]:
+    """[start, end) of each element of a JSON array that orjson parsed, blanks trimmed."""
+    spans: list[tuple[int, int]] = []
+    depth = 0
+    start = -1
+    for token in _TOKEN.finditer(raw):
+        char = raw[token.start()]
+        if char == 0x22:  # a string: its brackets and commas are not structure
+            continue
+        if char in b"[{":
+            depth += 1
+            if depth == 1:
+                start = token.end()
+            continue
+        if depth == 1:  # "," or the array's "]" closes an element
+            spans.append((start, token.start()))
+            start = token.end()
+        if char in b"]}":
+            depth -= 1
+    ws = b" \t\r\n"
+    return [_trim(raw, s, e, ws) for s, e in spans]
+
+
+def _trim(raw: bytes, start: int, end: int, ws: bytes) -> tuple[int, int]:
+    while start < end and raw[start] in ws:
+        start += 1
+    while end > start and raw[end - 1] in ws:
+        end -= 1
+    return start, end
 
 
 # The hand check mirrors schemas/events.py field by field; keep them in step (the
@@ -520,7 +607,7 @@ def decode_native(
         return None
     try:
         doc = _NATIVE_DECODER.decode(value)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError):  # msgspec recurses per nesting level
         return None
     if isinstance(doc, list):
         if not doc:

@@ -65,6 +65,10 @@ class BatchResult:
     duplicates: int = 0
     replayed: int = 0
     """Messages below the resume offset: already counted before a restart."""
+    fast_messages: int = 0
+    """Messages the fast tier took whole (the native fold, or without it decode_native);
+    the others went through decode_flat. The parity tests read it to prove that the
+    fast tier they compare really ran."""
     by_type: dict[str, int] = field(default_factory=dict)
     bodies: list[tuple[bytes, int]] = field(default_factory=list)
     """With `process(wire=True)`: the rows as delta row parts and their row counts,
@@ -165,6 +169,7 @@ class Pipeline:
             else:
                 counts = _add_native(add_native, dedup, value, now, limits)
             if counts is not None:
+                result.fast_messages += 1
                 r, o, c, d = counts
                 requests += r
                 opened += o

@@ -16,7 +16,11 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::marker::PhantomData;
 use std::hash::BuildHasher;
 
 mod encode;
@@ -43,6 +47,34 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Optio
     T::deserialize(d).map(Some)
 }
 
+/// `present` for an object: `data` must be a JSON object, as for the models.
+fn present_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Object::<T>::deserialize(d).map(|o| Some(o.0))
+}
+
+/// A struct read only from a JSON object. serde's derived structs also read a JSON
+/// array, as their fields in order (`"data": [5]` would be 5 units); the models take
+/// objects only, so an array sends the message to Python, which rejects it.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(PhantomData)).map(Object)
+    }
+}
+
 // Borrowed strings only: a string with an escape fails to borrow, so the message
 // goes to Python (rare: ids, sources and subjects need none).
 #[derive(Deserialize)]
@@ -57,7 +89,7 @@ struct RawEvent<'a> {
     time: &'a str,
     #[serde(default, borrow)]
     datacontenttype: Option<&'a str>,
-    #[serde(default, borrow, deserialize_with = "present")]
+    #[serde(default, borrow, deserialize_with = "present_object")]
     data: Option<RawData<'a>>,
 }
 
@@ -656,20 +688,20 @@ impl Fold {
     ) -> PyResult<Option<(u64, u64, u64, u64)>> {
         let batch = value.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'[');
         let raw = if batch {
-            match serde_json::from_slice::<Vec<RawEvent<'_>>>(value) {
+            match serde_json::from_slice::<Vec<Object<RawEvent<'_>>>>(value) {
                 Ok(events) if !events.is_empty() => events,
                 _ => return Ok(None),
             }
         } else if value.len() > max_event_bytes {
             return Ok(None); // a single event's limit counts the message's own bytes
         } else {
-            match serde_json::from_slice::<RawEvent<'_>>(value) {
+            match serde_json::from_slice::<Object<RawEvent<'_>>>(value) {
                 Ok(event) => vec![event],
                 Err(_) => return Ok(None),
             }
         };
         let mut events = Vec::with_capacity(raw.len());
-        for e in &raw {
+        for Object(e) in &raw {
             match check(e, lo_us, hi_us) {
                 Some(ev) => events.push(ev),
                 None => return Ok(None),

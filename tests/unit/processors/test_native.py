@@ -263,6 +263,11 @@ def _rows(result: BatchResult) -> list[list[Any]]:
 
 
 def _same(native: BatchResult, python: BatchResult) -> None:
+    # The comparison proves nothing unless the native fold took messages itself: one
+    # that declined everything would hand all of them to the very Python tiers it is
+    # compared with.
+    assert native.fast_messages > 0 or python.fast_messages == 0
+    assert native.fast_messages <= python.fast_messages  # a strict subset of decode_native
     # Row parts may be cut at other places; the rows, in order, are the same.
     assert _rows(native) == _rows(python)
     assert native.counted == python.counted
@@ -278,6 +283,29 @@ def _same(native: BatchResult, python: BatchResult) -> None:
 def test_the_native_fold_equals_the_python_tiers(seed: int) -> None:
     messages = _messages(seed)
     _same(_run(messages, native=True), _run(messages, native=False))
+
+
+def test_the_native_fold_takes_nearly_every_message_decode_native_takes() -> None:
+    # It declines only what it cannot borrow or read alike (escaped strings, repeated
+    # attributes): over the whole corpus, 781 of 841 messages. A fold that declined
+    # more than it must would still agree with the Python tiers, message by message.
+    native = python = 0
+    for seed in range(60):
+        messages = _messages(seed)
+        native += _run(messages, native=True).fast_messages
+        python += _run(messages, native=False).fast_messages
+    assert native >= 0.9 * python > 0
+
+
+def test_every_plain_message_takes_the_native_fold() -> None:
+    rng = random.Random(5)
+    messages = []
+    for offset in range(30):
+        events = [_event(rng, offset * 100 + i, 20) for i in range(rng.choice([1, 5, 40]))]
+        messages.append(Message(offset % 2, offset, orjson.dumps(events), 0))
+    native, python = _run(messages, native=True), _run(messages, native=False)
+    assert native.fast_messages == python.fast_messages == len(messages)
+    _same(native, python)
 
 
 @pytest.mark.parametrize("seed", range(20))
