@@ -16,7 +16,9 @@ help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed $(KUSTOMIZE).$(KUSTOMIZE_VERSION) browser ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+
+test-tools: setup $(KUSTOMIZE).$(KUSTOMIZE_VERSION) browser ## What only the tests need: kustomize (Go) and headless Chromium
 
 browser: ## Install Debian's headless Chromium when missing (for tests/e2e/test_dashboard.py)
 	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
@@ -66,11 +68,11 @@ $(KUSTOMIZE).$(KUSTOMIZE_VERSION):
 run: setup ## Bootstrap and run the whole stack with demo gateways (Ctrl-C stops it)
 	$(BIN)/tally up --demo
 
-test: setup ## Bootstrap and run lint, types and every test tier
+test: test-tools ## Bootstrap and run lint, types and every test tier
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-unit: setup ## Run only the unit tests (no Kafka, no ClickHouse)
+unit: test-tools ## Run only the unit tests (no Kafka, no ClickHouse)
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: ## ruff (lint + format check) and mypy strict
@@ -96,4 +98,4 @@ bench: setup ## Run the benchmark suite (not tests): a table, and benchmarks/res
 clean: ## Remove local data (.tally/data) but keep installed jars and .venv
 	rm -rf .tally/data
 
-.PHONY: help setup lock browser run test unit lint fmt schema docs clean bench
+.PHONY: help setup test-tools lock browser run test unit lint fmt schema docs clean bench
