@@ -105,6 +105,24 @@ async def test_the_corpus_never_stops_the_worker_and_ordinary_traffic_counts_exa
     assert len(letters) == stats.dead_letters > len(corpus) // 2
     reasons = Counter(dict(r.headers)["tally-reason"].decode() for r in letters)
     assert reasons == Counter(stats.dlq_by_reason)
-    # Each dead letter's bytes stand in the message it came from.
+    # Each dead letter names the message it came from, and holds its bytes: the whole
+    # message's, or for one element of a batch, that element's.
+    sources = {
+        (r.partition, r.offset): r.value
+        for r in await consume_all(kafka_bootstrap, settings.events_topic, 8)
+    }
+    elements = 0
     for letter in letters:
-        assert any(letter.value in value for value in corpus)
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert headers["tally-reason"] in stats.dlq_by_reason
+        assert headers["tally-detail"]
+        assert headers["tally-source-topic"] == settings.events_topic
+        source = sources[int(headers["tally-source-partition"]), int(headers["tally-source-offset"])]
+        if "tally-batch-index" in headers:
+            elements += 1
+            assert letter.value in source
+            index = int(headers["tally-batch-index"])
+            assert orjson.loads(letter.value) == orjson.loads(source)[index]
+        else:
+            assert letter.value == source
+    assert 0 < elements < len(letters)  # both kinds were met
