@@ -117,7 +117,8 @@ async def test_the_corpus_never_stops_the_worker_and_ordinary_traffic_counts_exa
         assert headers["tally-reason"] in stats.dlq_by_reason
         assert headers["tally-detail"]
         assert headers["tally-source-topic"] == settings.events_topic
-        source = sources[int(headers["tally-source-partition"]), int(headers["tally-source-offset"])]
+        where = int(headers["tally-source-partition"]), int(headers["tally-source-offset"])
+        source = sources[where]
         if "tally-batch-index" in headers:
             elements += 1
             assert letter.value in source
