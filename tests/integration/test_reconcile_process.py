@@ -7,6 +7,7 @@ as its own process against a real broker and an embedded store of its own path
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -19,12 +20,18 @@ from deploy.kafka_local import ensure_topics, free_port
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-m", "deploy.cli"]
+CLI = [sys.executable]
 
 
-def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+async def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*CLI, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -41,16 +48,17 @@ async def test_reconcile_exits_0_1_and_2(
         "TALLY_API_URL": f"http://127.0.0.1:{free_port()}",
     }
     env.pop("TALLY_ADMIN_KEY", None)
-    assert _run(env, "migrate").returncode == 0
+    migrated = await _run(env, "-m", "deploy.cli", "migrate")
+    assert migrated.returncode == 0, migrated.stderr
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     span = ["--from", (now - timedelta(hours=1)).isoformat(), "--to", now.isoformat(), "--quiet"]
 
-    missing = _run(env, "reconcile", *span)
+    missing = await _run(env, "-m", "deploy.cli", "reconcile", *span)
     assert missing.returncode == 2, missing.stderr
     assert "has no topic" in missing.stderr
 
     await ensure_topics(kafka_bootstrap, {env["TALLY_EVENTS_TOPIC"]: 2})
-    clean = _run(env, "reconcile", *span)
+    clean = await _run(env, "-m", "deploy.cli", "reconcile", *span)
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.startswith("no drift")
 
@@ -65,7 +73,8 @@ async def test_reconcile_exits_0_1_and_2(
         "store.insert('rollup_minute', [['acct-drift', at, 'tally.request.v1', '', '', '', 0,"
         " '', 1, 1000000, 0.0, 0, 0, at, 0]], COLUMNS)\n"
     )
-    subprocess.run([sys.executable, "-c", insert], env=env, check=True, timeout=60)
-    drift = _run(env, "reconcile", *span, "--json")
+    inserted = await _run(env, "-c", insert)
+    assert inserted.returncode == 0, inserted.stderr
+    drift = await _run(env, "-m", "deploy.cli", "reconcile", *span, "--json")
     assert drift.returncode == 1, drift.stderr
     assert '"acct-drift"' in drift.stdout
