@@ -2,12 +2,12 @@
 //! message in one call, and encode the folded rows as delta row parts. (The
 //! gateway's, encoding events into batch messages, is in encode.rs.)
 //!
-//! It is the same computation as the Python tiers (processors/decode.py
-//! `decode_native`, processors/rollup.py `RollupBuilder`, processors/deltas.py
-//! `_bodies`), which stay the reference: `add_message` accepts a strict subset of
-//! what `decode_native` accepts and returns None for anything else, so that Python
-//! decides, and reports why, exactly as before. Nothing is folded or remembered
-//! for a message it returns None for.
+//! It is the same computation as the Python reference (the models of
+//! schemas/events.py through processors/decode.py, processors/rollup.py
+//! `RollupBuilder`, processors/deltas.py `_bodies`): `add_message` accepts a strict
+//! subset of what the models accept, with their values, and returns None for
+//! anything else, so that Python decides, and reports why. Nothing is folded or
+//! remembered for a message it returns None for.
 //!
 //! tests/unit/processors/test_native.py compares the two on generated messages,
 //! valid and broken, row for row.
@@ -37,11 +37,11 @@ const MAX_UNITS: f64 = 1e12;
 /// The store's sums are UInt64: a row's larger sum goes out as several rows.
 const U64_MAX: i128 = u64::MAX as i128;
 /// Times are taken only in [1970, 2106): there the rollup minute of a UTC time is
-/// the minute its text names (decode.py `_MINUTE_SAFE_LO/HI`).
+/// the minute its text names (a float timestamp keeps whole seconds exact there).
 const MIN_YEAR: i64 = 1970;
 const MAX_YEAR: i64 = 2105;
 
-/// Absent stays None; present (null included) is Some: the Structs refuse some
+/// Absent stays None; present (null included) is Some: `check` refuses some
 /// attributes even when null, so presence must be told apart from null.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
@@ -94,7 +94,7 @@ struct RawEvent<'a> {
 }
 
 /// Every attribute of the three types' data; `check` refuses those a type lacks.
-/// serde refuses a repeated attribute (msgspec keeps the last): to Python.
+/// serde refuses a repeated attribute (the models keep the last): to Python.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawData<'a> {
@@ -174,7 +174,7 @@ impl<'a> RawData<'a> {
     }
 }
 
-/// One checked event, in the fold's terms (`RollupBuilder.add_native`).
+/// One checked event, in the fold's terms (`RollupBuilder.add_flat`).
 struct Event<'a> {
     source: &'a str,
     id: &'a str,
@@ -193,7 +193,7 @@ struct Event<'a> {
     bytes_out: u64,
 }
 
-/// msgspec's min/max_length, in characters. `lo` is 0 or 1 here, so a byte length
+/// The models' min/max_length, in characters. `lo` is 0 or 1 here, so a byte length
 /// within the bounds is a character length within them.
 fn chars_within(s: &str, lo: usize, hi: usize) -> bool {
     let n = s.len();
@@ -313,7 +313,9 @@ fn subject_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
 }
 
-/// The checks of decode.py's Native Structs and `decode_native`, for one event.
+/// The models' rules (schemas/events.py) for one event, and the clock's bounds;
+/// stricter where reading alike would cost (UTC times, no escapes, no unknown
+/// attributes, the size bound of decode.py `NATIVE_MAX_EVENT_BYTES`).
 fn check<'a>(e: &RawEvent<'a>, lo_us: i64, hi_us: i64) -> Option<Event<'a>> {
     if e.specversion != "1.0"
         || !chars_within(e.id, 1, 128)
@@ -724,7 +726,7 @@ impl Fold {
         Ok(Some((requests, opened, closed, duplicates)))
     }
 
-    /// Fold one event the Python tiers decoded (`processors.decode.Flat` values):
+    /// Fold one event the Python reference decoded (`processors.decode.Flat` values):
     /// `minute` as RollupBuilder computes it, `time_us` its time since the epoch.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (kind, subject, minute, route, method, model, status, stream_id, units, latency, bytes_in, bytes_out, time_us))]

@@ -1,7 +1,7 @@
 """Hostile input is data: whatever bytes a message holds, the worker counts or dead-letters.
 
 A fuzzing harness over decode -> fold -> dead-letter record, on the native fold and
-on the Python tiers. Every message must end as counted events (or duplicates) and
+on the Python reference. Every message must end as counted events (or duplicates) and
 dead letters with a reason, never as an exception: one exception stops the worker,
 which restarts, reads the same message and stops again, for every account.
 
@@ -245,7 +245,7 @@ def test_a_bug_in_decoding_is_a_dead_letter_not_a_stopped_worker(monkeypatch: An
     def broken(*_: Any) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(decode, "_decode_checked", broken)
+    monkeypatch.setattr(decode, "_decode", broken)
     value = b'[{"id": 1}]'
     events, rejections = decode_flat(value, NOW, LIMITS)
     assert events == []

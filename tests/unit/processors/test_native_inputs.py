@@ -1,12 +1,12 @@
-"""The native (msgspec) path must never accept what the models would not, nor differ.
+"""The native fold must never accept what the models would not, nor count differently.
 
-`decode_native` either declines a message (None: `decode_flat` and the models decide,
-as before) or returns its events; then `decode_flat` must accept every one of them,
-reject nothing, and give the very same values (types included), times and rollup
-minutes. The inputs are those of test_decode_flat.py (one attribute changed to an
-awkward value, hypothesis combinations and batches) plus raw JSON that only a byte
-level parser sees (invalid UTF-8, lone surrogates, huge numbers, repeated keys).
-`Pipeline.process` with and without the native path is compared end to end.
+`Fold.add_message` either declines a message (decode_flat and the models decide
+alone) or folds it; then the Python reference must accept every event of it, reject
+nothing, and fold the very same rows. The inputs are those of test_decode_flat.py
+(one attribute changed to an awkward value, hypothesis combinations and batches) plus
+raw JSON that only a byte level parser sees (invalid UTF-8, lone surrogates, huge
+numbers, repeated keys). Where a case names whether the fold takes it, agreement is
+not left to a decline.
 """
 
 from __future__ import annotations
@@ -20,23 +20,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors import decode, pipeline
-from processors.decode import (
-    NATIVE_MAX_EVENT_BYTES,
-    Limits,
-    decode_flat,
-    decode_native,
-    flatten_native,
-)
-from processors.pipeline import Message, Pipeline
+from processors.decode import NATIVE_MAX_EVENT_BYTES, Limits, decode_flat
+from processors.deltas import rows_of
+from processors.pipeline import BatchResult, Message, Pipeline
 from schemas.events import MAX_UNITS
 from tests.unit.processors.test_decode_flat import AWKWARD_VALUES, BASES, FIELDS_LIST, _mutate
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)
 LIMITS = Limits()
 
-# The bases without unknown attributes (the native path refuses those), and one in
-# each time form the native path takes.
+# The bases without unknown attributes (the native fold refuses those), and one in
+# each time form it takes.
 PLAIN: dict[str, dict[str, Any]] = {
     name: {k: v for k, v in base.items() if k != "ext"} for name, base in BASES.items()
 }
@@ -82,33 +76,47 @@ EXTRA_VALUES: list[Any] = [
 VALUES = [*AWKWARD_VALUES, *EXTRA_VALUES, "<delete>"]
 
 
-def _flat_repr(values: list[Any]) -> list[str]:
-    # repr tells -0.0 from 0.0 and 1 from 1.0, which == does not.
-    return [repr(v) for v in values]
+def _rows(result: BatchResult) -> list[list[Any]]:
+    return [row for body, _ in result.bodies for row in rows_of(body)]
+
+
+def _fold(
+    messages: list[Message], native: bool, limits: Limits = LIMITS, now: datetime = NOW
+) -> BatchResult:
+    p = Pipeline("t", limits, 3_600, 100_000, clock=lambda: now, native=native)
+    assert (p._fold is not None) is native  # the fold under test really runs
+    p.resume(0, 0)
+    return p.process(messages, wire=True)
 
 
 def _agree(raw: bytes, limits: Limits = LIMITS, now: datetime = NOW) -> bool:
-    """Assert the two paths agree; True when the native path took the message."""
-    native = decode_native(raw, now, limits)
-    if native is None:
-        return False
-    events, times, minutes = native
-    flat, rejections = decode_flat(raw, now, limits)
-    assert rejections == []
-    assert _flat_repr([flatten_native(e, t) for e, t in zip(events, times, strict=True)]) == (
-        _flat_repr(flat)
+    """Assert the fold and the reference agree on a message; True when the fold took it."""
+    message = [Message(0, 0, raw, 0)]
+    native, python = _fold(message, True, limits, now), _fold(message, False, limits, now)
+    assert _rows(native) == _rows(python)
+    assert (native.counted, native.duplicates, native.by_type) == (
+        python.counted,
+        python.duplicates,
+        python.by_type,
     )
-    assert minutes == [int(f[4].timestamp()) // 60 * 60 for f in flat]
-    return True
+    assert native.dead_letters == python.dead_letters
+    if native.fast_messages:
+        assert python.dead_letters == []
+        assert python.counted + python.duplicates > 0
+    return native.fast_messages == 1
 
 
-def test_the_plain_bases_take_the_native_path() -> None:
-    for base in PLAIN.values():
-        assert _agree(orjson.dumps(base)), base
-    assert _agree(orjson.dumps(list(PLAIN.values())))
+def test_the_plain_bases_take_the_native_fold() -> None:
+    # It reads UTC times ("...Z") only; a zone offset sends the message to Python.
+    utc = {name: base for name, base in PLAIN.items() if base["time"].endswith("Z")}
+    assert len(utc) == len(PLAIN) - 2
+    for name, base in PLAIN.items():
+        assert _agree(orjson.dumps(base)) is (name in utc), name
+    assert _agree(orjson.dumps(list(utc.values())))
+    assert not _agree(orjson.dumps(list(PLAIN.values())))
 
 
-def test_native_path_agrees_with_the_models_on_every_single_change() -> None:
+def test_the_native_fold_agrees_with_the_models_on_every_single_change() -> None:
     taken = 0
     for base in PLAIN.values():
         for path in FIELDS_LIST:
@@ -116,7 +124,7 @@ def test_native_path_agrees_with_the_models_on_every_single_change() -> None:
                 doc = _mutate(base, [(path, value)])
                 taken += _agree(orjson.dumps(doc))
                 taken += _agree(orjson.dumps([PLAIN["opened"], doc]))
-    assert taken > 1_000  # the native path was exercised, not only declined
+    assert taken > 1_000  # the native fold was exercised, not only declined
 
 
 @settings(max_examples=400)
@@ -130,7 +138,7 @@ def test_native_path_agrees_with_the_models_on_every_single_change() -> None:
         max_size=6,
     )
 )
-def test_native_path_agrees_with_the_models_on_batches(
+def test_the_native_fold_agrees_with_the_models_on_batches(
     items: list[tuple[str, list[tuple[tuple[str, ...], Any]]]],
 ) -> None:
     _agree(orjson.dumps([_mutate(PLAIN[base], changes) for base, changes in items]))
@@ -151,7 +159,7 @@ def test_native_path_agrees_with_the_models_on_batches(
     ],
 )
 def test_malformed_messages_are_declined(raw: bytes) -> None:
-    assert decode_native(raw, NOW, LIMITS) is None
+    assert not _agree(raw)
 
 
 def _raw_request(**replace: str) -> bytes:
@@ -175,22 +183,22 @@ def _raw_request(**replace: str) -> bytes:
     [
         ({"id": '"\\ud800"'}, False),
         ({"id": '"\\udc00x"'}, False),
-        ({"id": '"\\ud83d\\ude00"'}, True),
-        ({"id": '"a\\u0000"'}, True),
-        ({"id": '"a\\/b"'}, True),
+        ({"id": '"\\ud83d\\ude00"'}, False),
+        ({"id": '"a\\u0000"'}, False),
+        ({"id": '"a\\/b"'}, False),
         ({"data": '{"units":1e400}'}, False),
         ({"data": '{"units":1E2}'}, True),
         ({"data": '{"units":-0}'}, True),
         ({"data": '{"units":-0.0}'}, True),
-        ({"data": '{"units":2,"units":3}'}, True),
-        ({"data": '{"units":2},"data":{"route":"r"}'}, True),
+        ({"data": '{"units":2,"units":3}'}, False),
+        ({"data": '{"units":2},"data":{"route":"r"}'}, False),
         ({"data": '{"bytes_in":123456789012345678901234567890}'}, False),
         ({"data": '{"bytes_in":18446744073709551615}'}, False),
         ({"data": '{"bytes_in":9223372036854775807}'}, True),
         ({"data": '{"status":200.0}'}, False),
         ({"data": '{"status":2e2}'}, False),
         ({"data": '{"units":9007199254740993}'}, False),
-        ({"id": '"a","id":"b"'}, True),
+        ({"id": '"a","id":"b"'}, False),
         ({"id": '1,"id":"b"'}, False),
         ({"id": '"b","id":1'}, False),
         ({"type": '"tally.stream.opened.v1","type":"tally.request.v1"'}, False),
@@ -206,7 +214,7 @@ def _raw_request(**replace: str) -> bytes:
     ],
 )
 def test_byte_level_json_agrees(replace: dict[str, str], taken: bool) -> None:
-    # `taken`: whether the native path decodes the message itself. Where it declines,
+    # `taken`: whether the native fold takes the message itself. Where it declines,
     # decode_flat decides alone and agreement is trivial; naming which is which keeps
     # the comparisons that matter from turning into declines unnoticed.
     raw = _raw_request(**replace)
@@ -217,22 +225,25 @@ def test_byte_level_json_agrees(replace: dict[str, str], taken: bool) -> None:
 def test_message_and_event_size_limits() -> None:
     one = orjson.dumps(PLAIN["request"])
     assert _agree(one, Limits(max_event_bytes=NATIVE_MAX_EVENT_BYTES))
-    # Below the worst case the native path cannot vouch for element sizes.
-    assert decode_native(one, NOW, Limits(max_event_bytes=NATIVE_MAX_EVENT_BYTES - 1)) is None
-    assert decode_native(one, NOW, Limits(max_message_bytes=len(one) - 1)) is None
+    # Below the worst case the fold cannot vouch for element sizes: it is not used.
+    smaller = Limits(max_event_bytes=NATIVE_MAX_EVENT_BYTES - 1)
+    assert Pipeline("t", smaller, 60, 10)._fold is None
+    assert not _agree(one, Limits(max_message_bytes=len(one) - 1))
     # A single event's limit counts the message's own bytes, whitespace included.
     padded = one + b" " * (LIMITS.max_event_bytes - len(one) + 1)
-    assert decode_native(padded, NOW, LIMITS) is None
+    assert not _agree(padded)
     assert decode_flat(padded, NOW, LIMITS)[1][0].reason == "oversized"
 
 
 @settings(max_examples=200)
 @given(st.text(max_size=300), st.text(max_size=300), st.floats(min_value=0, max_value=MAX_UNITS))
 def test_no_accepted_element_reencodes_beyond_the_bound(a: str, b: str, units: float) -> None:
-    doc = {**PLAIN["closed"], "id": a[:128] or "x", "source": b[:256] or "y"}
+    doc = {**PLAIN["whole"], "id": a[:128] or "x", "source": b[:256] or "y"}
     doc["data"] = {"stream_id": b[:256] or "s", "reason": a[:256], "units": units}
     raw = orjson.dumps([doc])
-    assert decode_native(raw, NOW, LIMITS) is not None  # every such element is valid
+    taken = _agree(raw)
+    # Every such element is valid; the fold takes it unless a string needs an escape.
+    assert taken or b"\\" in raw
     assert len(orjson.dumps(orjson.loads(raw)[0])) <= NATIVE_MAX_EVENT_BYTES
 
 
@@ -247,13 +258,15 @@ def test_no_accepted_element_reencodes_beyond_the_bound(a: str, b: str, units: f
     ],
 )
 def test_minutes_agree_at_the_edges_of_time(now: datetime) -> None:
-    # One message per form: an all-"Z" message takes the per-minute lookup.
+    # The fold reads UTC ("Z") times in [1970, 2106) only; others go to Python.
     for form in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%S.%f+00:00", "%Y-%m-%dT%H:%M:%SZ"):
-        docs = []
+        docs, years = [], set()
         for delta in (-61, -60, -59.5, -0.5, -0.000001, 0, 59.999999, 60, 299.999999):
             when = now + timedelta(seconds=delta)
             docs.append({**PLAIN["opened"], "time": when.strftime(form)})
-        assert _agree(orjson.dumps(docs), now=now)
+            years.add(when.year)
+        taken = form.endswith("Z") and all(1970 <= year < 2106 for year in years)
+        assert _agree(orjson.dumps(docs), now=now) is taken
 
 
 def _messages(seed: int, n: int) -> list[Message]:
@@ -274,10 +287,11 @@ def _messages(seed: int, n: int) -> list[Message]:
             doc["time"] = rng.choice(
                 [
                     when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                    when.astimezone(UTC).isoformat(),
                     when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 ]
             )
+            if rng.random() < 0.01:  # a zone offset: the fold declines the message
+                doc["time"] = when.astimezone(UTC).isoformat()
             if rng.random() < 0.02:
                 path = rng.choice(FIELDS_LIST)
                 doc = _mutate(doc, [(path, rng.choice(VALUES))])
@@ -293,49 +307,38 @@ def _messages(seed: int, n: int) -> list[Message]:
     return messages
 
 
-def _run(messages: list[Message], native: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
-    with monkeypatch.context() as patch:
-        if not native:
-            patch.setattr(pipeline, "decode_native", lambda *args: None)
-        else:
-
-            def counting(*args: Any) -> Any:
-                out = decode.decode_native(*args)
-                taken.append(out is not None)
-                return out
-
-            patch.setattr(pipeline, "decode_native", counting)
-        taken: list[bool] = []
-        steps: list[Any] = []
-        p = Pipeline("t", LIMITS, 60, 800, clock=lambda: NOW)
-        p.resume(0, 5)  # offsets 0..4 of partition 0 were counted before a restart
-        p.resume(1, 0)
-        for start in range(0, len(messages), 40):
-            r = p.process(messages[start : start + 40])
-            steps.append(
-                (
-                    repr(sorted(r.rows, key=repr)),
-                    r.dead_letters,
-                    r.next_offsets,
-                    r.published_until_ms,
-                    r.counted,
-                    r.duplicates,
-                    r.replayed,
-                    r.by_type,
-                    p.dedup_keys(),
-                )
+def _run(messages: list[Message], native: bool) -> Any:
+    steps: list[Any] = []
+    p = Pipeline("t", LIMITS, 60, 800, clock=lambda: NOW, native=native)
+    assert (p._fold is not None) is native
+    p.resume(0, 5)  # offsets 0..4 of partition 0 were counted before a restart
+    p.resume(1, 0)
+    taken = 0
+    for start in range(0, len(messages), 40):
+        r = p.process(messages[start : start + 40], wire=True)
+        taken += r.fast_messages
+        steps.append(
+            (
+                repr(sorted(_rows(r), key=repr)),
+                r.dead_letters,
+                r.next_offsets,
+                r.published_until_ms,
+                r.counted,
+                r.duplicates,
+                r.replayed,
+                r.by_type,
+                p.dedup_keys(),
             )
-        assert not native or sum(taken) > len(messages) // 2
-        return steps
+        )
+    assert taken > len(messages) // 2 if native else taken == 0
+    return steps
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_pipeline_results_are_identical_with_and_without_the_native_path(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pipeline_results_are_identical_with_and_without_the_native_fold(seed: int) -> None:
     messages = _messages(seed, 600)
-    native = _run(messages, True, monkeypatch)
-    assert native == _run(messages, False, monkeypatch)
+    native = _run(messages, True)
+    assert native == _run(messages, False)
     assert sum(step[4] for step in native) > 1_000
     assert sum(step[5] for step in native) > 100
     assert sum(len(step[1]) for step in native) > 10
