@@ -15,7 +15,7 @@ settings, several processes writing and reading at once. Everything it owns live
 Quirks of this server: only the user `default`, without a password; HTTP only (no native
 protocol, no `::1`); a query without FORMAT answers TabSeparated, as clickhouse-server does.
 
-Run it standalone with `python -m deploy.clickhouse_local --port 8123 --data .tally`.
+Run it standalone with `python -m deploy.clickhouse_local --port 8123 [--data DIR]`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from deploy.kafka_local import (
     process_exited,
     tail,
 )
+from schemas.settings import DEFAULT_DATA_DIR
 
 __all__ = ["LocalClickHouse", "kill_stale_server", "main", "render_config"]
 
@@ -328,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data",
         type=pathlib.Path,
-        default=REPO_ROOT / ".tally",
-        help="directory for its state; the server keeps it in DATA/clickhouse-server "
-        "(default: the repository's .tally)",
+        # Tally's own data directory, so `tally up` and this find the same server data.
+        default=pathlib.Path(os.environ.get("TALLY_DATA_DIR") or DEFAULT_DATA_DIR),
+        help="directory for its state, kept in DATA/clickhouse-server "
+        f"(default: TALLY_DATA_DIR, else {DEFAULT_DATA_DIR})",
     )
     args = parser.parse_args(argv)
     server = LocalClickHouse(args.data, port=args.port)
