@@ -2,15 +2,15 @@
 
 The chdb-core wheel holds clickhouse-local, which serves ClickHouse's HTTP interface while
 one query runs: `SYSTEM START LISTEN HTTP`, then a SELECT that sleeps row by row for ever.
-clickhouse-local reads `config.xml` from the working directory (listen address, port,
-logger), so this process runs in the directory `LocalClickHouse` renders it into.
+clickhouse-local reads `config.xml` (listen address, port) from the working directory, so
+this process enters the directory `LocalClickHouse` renders it into.
 
-The engine blocks the thread that calls it, and Python runs signal handlers only on the
-main thread, so the query runs on a thread of its own and the main thread waits for
-SIGTERM or SIGINT, or for its parent to go away (PR_SET_PDEATHSIG covers Linux; the poll
-covers the rest). A stop is clean: it waits (bounded) for the queries clients still run,
-then cancels the listener query with KILL QUERY over the server's own port; the engine
-returns, and the process exits 0. Exit code 1: the listener query ended by itself, e.g.
+The engine blocks the thread that calls it, so the query runs on a thread of its own and
+the main thread waits for SIGTERM or SIGINT, or for its parent to go away
+(PR_SET_PDEATHSIG covers Linux; the poll covers the rest). A stop is clean: it waits
+(bounded) for the queries clients still run, then cancels the listener query with KILL
+QUERY over the server's own port, and the process exits 0 once the engine returned (or
+after ENGINE_EXIT_S: see `serve`). Exit code 1: the listener query ended by itself, e.g.
 the port was taken or another server holds the data directory (the engine printed why).
 
 Imports only chdb and the standard library: the launcher waits for this start-up.
@@ -82,15 +82,16 @@ def _stop_listener(port: int, token: str) -> None:
 def serve(data: str, config_dir: str, port: int, token: str, parent: int) -> int:
     """Serve until told to stop; the process's exit code."""
     # `import chdb` runs a throw-away engine (it asks for the version) that reads
-    # config.xml from the working directory too: it would take over the log file and
-    # the real engine would log nothing. So the config is only found after the import.
+    # config.xml from the working directory too; this server's config is for the real
+    # engine only (a <logger> in it went to the throw-away one), so it is entered after.
     from chdb import _chdb
 
     os.chdir(config_dir)
 
-    # The engine handles SIGTERM and SIGINT itself (it cancels its query, and shuts
-    # down without draining). Blocked in every thread, engine threads included (they
-    # inherit the mask), they stay pending until the main thread takes them below.
+    # SIGTERM's default action would end the process at once, cutting running INSERTs
+    # short, and a Python handler would run only when the main thread runs Python.
+    # Blocked in every thread, engine threads included (they inherit the mask), the
+    # signals stay pending until the main thread takes them below.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     query: Any = _chdb.query  # type: ignore[attr-defined]  # a C extension without stubs
