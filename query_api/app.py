@@ -46,8 +46,16 @@ valid key count against the client's address, and once that is spent the address
 gets 429 before any key it sends is checked. Over the limit: 429 `rate_limited` with
 `Retry-After` (seconds). The limit is per API process (with M replicas a caller may make
 M times as many requests) and is separate from the plan's `per_minute` limit, which
-`/api/v1/account/usage` reports in its `X-RateLimit-*` headers. `/healthz`, `/readyz`,
+both usage endpoints report in their `X-RateLimit-*` headers. `/healthz`, `/readyz`,
 `/docs` and `/openapi.json` are not limited.
+
+**Standard rate-limit fields.** Besides `X-RateLimit-*`, both usage endpoints and every
+429 carry `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers,
+RFC 9651 lists). On a usage answer they describe the plan: `"minute";q=<per_minute>;w=60`
+and `"streams";q=<max_streams>;qu="concurrent-requests"` (q=0 on a plan without
+streaming), with `r` what is left (never below 0) and `t` the seconds until the minute
+resets, rounded up. On a 429 they describe the limit that refused the request:
+`"api";q=<burst>;w=<seconds an empty bucket takes to refill>`.
 
 **Times** are UTC, RFC 3339 with milliseconds and `Z`.
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from query_api.limits import api_limit_headers
 from query_api.ratelimit import Decision
 
 log = logging.getLogger("tally.api")
@@ -55,24 +55,23 @@ def unauthorized() -> ApiError:
 
 
 def rate_limited(decision: Decision, now_epoch: float) -> ApiError:
-    """429 for a caller over the API's own limit; the headers describe that limit."""
+    """429 for a caller over the API's own limit; the headers (X-RateLimit-* and the
+    CONTRACT §7 fields) describe that limit, the one that refused the request."""
     return ApiError(
         429,
         "rate_limited",
         f"too many requests: at most {decision.limit} at once, then refilling over time; "
         f"retry in {decision.retry_after_s}s",
-        {
-            "Retry-After": str(decision.retry_after_s),
-            "X-RateLimit-Limit": str(decision.limit),
-            "X-RateLimit-Remaining": str(decision.remaining),
-            # Rounded up: at that second the whole burst is available again.
-            "X-RateLimit-Reset": str(math.ceil(now_epoch + decision.reset_after)),
-        },
+        {"Retry-After": str(decision.retry_after_s), **api_limit_headers(decision, now_epoch)},
     )
 
 
 def _int_header(description: str) -> dict[str, object]:
     return {"description": description, "schema": {"type": "integer"}}
+
+
+def _sf_header(description: str) -> dict[str, object]:
+    return {"description": description, "schema": {"type": "string"}}
 
 
 RATE_LIMITED_RESPONSE: dict[int | str, dict[str, object]] = {
@@ -87,6 +86,14 @@ RATE_LIMITED_RESPONSE: dict[int | str, dict[str, object]] = {
             "X-RateLimit-Remaining": _int_header("Requests left in the burst now (0)."),
             "X-RateLimit-Reset": _int_header(
                 "Epoch seconds at which the whole burst is available again."
+            ),
+            "RateLimit-Policy": _sf_header(
+                "The limit that refused the request (draft-ietf-httpapi-ratelimit-headers, "
+                'an RFC 9651 List): `"api";q=<burst>;w=<seconds an empty bucket takes to '
+                "refill>`."
+            ),
+            "RateLimit": _sf_header(
+                '`"api";r=<X-RateLimit-Remaining>;t=<seconds until X-RateLimit-Reset, rounded up>`.'
             ),
         },
     }

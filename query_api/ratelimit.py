@@ -45,6 +45,9 @@ class Decision:
     """Seconds until the next request would be allowed (0 when one would be now)."""
     reset_after: float
     """Seconds until the bucket is full again."""
+    refill_s: float
+    """Seconds an empty bucket takes to fill: `limit` requests per `refill_s` is the
+    policy's window (query_api/limits.py reports it as RateLimit-Policy's `w`)."""
 
     @property
     def retry_after_s(self) -> int:
@@ -84,6 +87,7 @@ class TokenBucket:
             remaining=math.floor(self.tokens + 1e-9),
             retry_after=missing / self.rate,
             reset_after=(self.capacity - self.tokens) / self.rate,
+            refill_s=self.capacity / self.rate,
         )
 
     def take(self, now: float, cost: float = 1.0) -> Decision:

@@ -254,6 +254,8 @@ async def test_openapi_documents_the_429_on_authenticated_routes_only(api: Api) 
                 "X-RateLimit-Limit",
                 "X-RateLimit-Remaining",
                 "X-RateLimit-Reset",
+                "RateLimit-Policy",
+                "RateLimit",
             }
     assert {USAGE, "/api/account/usage", "/api/v1/admin/plans"} <= limited
     description = spec["info"]["description"]

@@ -109,7 +109,7 @@ def test_the_injected_clock_drives_recovery() -> None:
     assert drain(limiter, "k") == 2
     refused = limiter.hit("k")
     assert refused == Decision(
-        allowed=False, limit=2, remaining=0, retry_after=0.25, reset_after=0.5
+        allowed=False, limit=2, remaining=0, retry_after=0.25, reset_after=0.5, refill_s=0.5
     )
     clock.advance(0.25)
     assert limiter.hit("k").allowed
