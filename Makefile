@@ -40,13 +40,15 @@ $(VENV)/.installed: requirements.lock pyproject.toml native/pyproject.toml nativ
 	$(BIN)/python -m pip check
 	touch $@
 
-lock: ## Re-resolve requirements.lock (every Python dependency, hashed) from pyproject.toml
+lock: ## Re-resolve requirements.lock (every Python dependency, hashed) and the image's deploy/requirements.lock
 	test -x $(BIN)/uv || $(MAKE) --no-print-directory setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra setup \
 	  --universal --python-version 3.11 --generate-hashes --no-header --quiet --upgrade \
 	  -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	  --no-header --quiet -c requirements.lock -o deploy/requirements.lock
 	cd native && cargo update
-	@echo "lock: review and commit requirements.lock and native/Cargo.lock, then make setup"
+	@echo "lock: review and commit requirements.lock, deploy/requirements.lock and native/Cargo.lock, then make setup"
 
 # Kafka runs from Maven Central jars on the machine's JDK: no download outside
 # the package registries, no Docker.
