@@ -199,7 +199,8 @@ def main() -> None:
                 json.dumps(run(args.bootstrap, pathlib.Path(tmp), args.scale, overrides), indent=2)
             )
             return
-        from deploy.kafka_local import LocalKafka, free_port
+        from deploy.kafka_local import LocalKafka
+        from deploy.processes import free_port
 
         broker = LocalKafka(pathlib.Path(tmp), REPO_ROOT / ".tally/kafka/libs", port=free_port())
         broker.start()

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import dataset as datasets
-from deploy.kafka_local import LocalKafka, free_port
+from deploy.kafka_local import LocalKafka
+from deploy.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_LIBS = REPO / ".tally" / "kafka" / "libs"

@@ -21,32 +21,19 @@ Run it standalone with `python -m deploy.clickhouse_local --port 8123 [--data DI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pathlib
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
-import weakref
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final
 
 from deploy.clickhouse_serve import HOST, LISTENER_MARK
-from deploy.kafka_local import (
-    _SPAWNER,
-    _pid_alive,
-    _proc_cmdline,
-    _proc_ppid,
-    die_with_parent_hook,
-    port_is_free,
-    process_exited,
-    tail,
-)
+from deploy.processes import ChildServer, kill_stale, port_is_free, tail
 from schemas.settings import DEFAULT_DATA_DIR
 
 __all__ = ["LocalClickHouse", "kill_stale_server", "main", "render_config"]
@@ -68,50 +55,18 @@ def render_config(*, port: int) -> str:
 
 
 def kill_stale_server(server_dir: pathlib.Path) -> int | None:
-    """SIGKILL a server that a crashed earlier run left on this directory; return its pid.
-
-    PR_SET_PDEATHSIG makes this rare (a non-Linux host), but a leftover server holds the
-    port and the data directory's lock for ever. One whose owner is still its parent and
-    alive belongs to a running stack (or to this process): an error, not garbage.
-    """
-    pid_file = server_dir / "server.pid"
-    try:
-        pid, owner = (int(part) for part in pid_file.read_text().split()[:2])
-    except (OSError, ValueError):
-        return None
-    cmdline = _proc_cmdline(pid)
-    if SERVE_MODULE not in cmdline or str(server_dir / "data") not in cmdline:
-        pid_file.unlink(missing_ok=True)  # gone, or the pid belongs to another process now
-        return None
-    if _proc_ppid(pid) == owner and _pid_alive(owner):
-        raise RuntimeError(
+    """SIGKILL a server that a crashed earlier run left on this directory; return its pid."""
+    return kill_stale(
+        server_dir / "server.pid",
+        [SERVE_MODULE, str(server_dir / "data")],
+        lambda pid, owner: (
             f"A local ClickHouse server (pid {pid}) started by process {owner} still runs on "
             f"{server_dir}. Stop that process first, or give this one another data directory."
-        )
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while not process_exited(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
-    return pid
+        ),
+    )
 
 
-def _shutdown(proc: subprocess.Popen[bytes], timeout: float, pid_file: pathlib.Path) -> None:
-    """SIGTERM (the server drains and exits), SIGKILL after `timeout` seconds; reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-    pid_file.unlink(missing_ok=True)
-
-
-class LocalClickHouse:
+class LocalClickHouse(ChildServer):
     """One ClickHouse HTTP server on 127.0.0.1, its data under ``data_dir/clickhouse-server``.
 
     Usable as a context manager. `start()` reuses the data of a previous run, stopped or
@@ -121,9 +76,8 @@ class LocalClickHouse:
     def __init__(self, data_dir: pathlib.Path, port: int = 8123) -> None:
         self.data_dir = pathlib.Path(data_dir).resolve()
         self.port = port
-        self._proc: subprocess.Popen[bytes] | None = None
         self._token = ""
-        self._finalizer: weakref.finalize[Any, LocalClickHouse] | None = None
+        super().__init__()
 
     @property
     def server_dir(self) -> pathlib.Path:
@@ -149,13 +103,6 @@ class LocalClickHouse:
     def url(self) -> str:
         """What TALLY_CLICKHOUSE_URL takes."""
         return f"http://{HOST}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The server process id while it runs."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server; return once it answers /ping as this launch's server.
@@ -183,40 +130,6 @@ class LocalClickHouse:
         self._launch()
         self._wait_ready(timeout)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop cleanly (SIGTERM: running queries finish, bounded), SIGKILL after `timeout`."""
-        proc, self._proc = self._proc, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if proc is not None:
-            _shutdown(proc, timeout, self.pid_file)
-
-    def kill(self) -> None:
-        """SIGKILL the server now, as a crash would, and reap it."""
-        proc, self._proc = self._proc, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            proc.wait()
-            self.pid_file.unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"LocalClickHouse({self.url}, data={self.server_dir}, pid={self.pid})"
 
@@ -241,30 +154,7 @@ class LocalClickHouse:
         env["PYTHONPATH"] = os.pathsep.join(
             part for part in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if part
         )
-        preexec = die_with_parent_hook()
-
-        def spawn() -> subprocess.Popen[bytes]:
-            with self.stdout_file.open("ab") as out:
-                out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting server\n".encode())
-                out.flush()
-                return subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_path,
-                    env=env,
-                    # Own session: a Ctrl-C in the terminal reaches only the owner, which
-                    # stops its writers before the server they write to.
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                )
-
-        proc = _SPAWNER.call(spawn)
-        self._proc = proc
-        self.pid_file.write_text(f"{proc.pid} {os.getpid()}\n", encoding="utf-8")
-        # Stop cleanly at interpreter exit if the owner forgot; PDEATHSIG covers crashes.
-        self._finalizer = weakref.finalize(self, _shutdown, proc, 15.0, self.pid_file)
+        self._spawn(cmd, cwd=self.data_path, env=env)
 
     def _ours(self) -> str | None:
         """None once this launch's server answers; else why not.

@@ -24,7 +24,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from deploy.clickhouse_local import LocalClickHouse
-from deploy.kafka_local import LocalKafka, ensure_topics, free_port
+from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.processes import free_port
 from processors.settings import WorkerSettings
 from schemas.store import Store
 

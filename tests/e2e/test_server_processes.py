@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.kafka_local import ensure_topics, free_port
+from deploy.kafka_local import ensure_topics
+from deploy.processes import free_port
 from deploy.settings import REPO_ROOT
 from tests.e2e.test_faults import ADMIN_KEY, TALLY, Stack, _publish, _traffic, _wait_totals
 

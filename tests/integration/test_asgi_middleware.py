@@ -27,7 +27,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deploy.kafka_local import ensure_topics, free_port
+from deploy.kafka_local import ensure_topics
+from deploy.processes import free_port
 from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
 from producers.asgi import MeteringMiddleware, MeteringStats, from_header, from_state

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from deploy.clickhouse_local import LocalClickHouse, kill_stale_server, render_config
-from deploy.kafka_local import free_port, port_is_free, process_exited
+from deploy.processes import free_port, port_is_free, process_exited
 
 pytestmark = pytest.mark.integration
 

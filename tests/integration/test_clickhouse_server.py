@@ -23,7 +23,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 
 from deploy.clickhouse_local import LocalClickHouse
-from deploy.kafka_local import free_port
+from deploy.processes import free_port
 from processors.deltas import Delta, encode
 from processors.sink import INSERT_SETTINGS, MAX_ROWS_PER_INSERT, TABLE, RollupStore, Sink
 from query_api.accounts import AccountStore

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.kafka_local import ensure_topics, free_port
+from deploy.kafka_local import ensure_topics
+from deploy.processes import free_port
 
 pytestmark = pytest.mark.integration
 
