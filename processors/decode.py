@@ -1,6 +1,6 @@
 """Turn one Kafka message value into valid events and rejections (pure, no I/O).
 
-A message holds one CloudEvent or a JSON array of them (CONTRACT §1). Each
+A message holds one CloudEvent or a JSON array of them (docs/api.md#events). Each
 rejection keeps the bytes it came from and a machine-readable reason, so the
 worker can route it to the dead-letter topic: nothing is dropped silently, and a
 bad event in a batch never takes its valid neighbours down with it.
@@ -423,7 +423,7 @@ def _check(
 
 
 def check_time(time: datetime, now: datetime, limits: Limits) -> tuple[str, str] | None:
-    """The clock-dependent rules of CONTRACT §1; None when the time is acceptable."""
+    """The clock-dependent rules of docs/api.md#validity; None when the time is acceptable."""
     if time > now + limits.max_future:
         return TIME_IN_FUTURE, (
             f"time {time.isoformat()} is more than {limits.max_future} ahead of {now.isoformat()}"

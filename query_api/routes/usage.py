@@ -1,4 +1,4 @@
-"""The two usage endpoints (CONTRACT §3): the product's face."""
+"""The two usage endpoints (docs/api.md#usage): the product's face."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ _PLAN_LIMIT_HEADERS: dict[int | str, dict[str, object]] = {
 }
 """On 200 these describe the account's plan limit (gateways enforce it), not the API's
 own limit, whose X-RateLimit-* headers come only with a 429."""
-# Events may be up to 5 minutes ahead of the clock (CONTRACT §1).
+# Events may be up to 5 minutes ahead of the clock (docs/api.md#validity).
 AHEAD = timedelta(minutes=6)
 
 
