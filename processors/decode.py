@@ -265,7 +265,7 @@ def _check(
 
 
 def check_time(time: datetime, now: datetime, limits: Limits) -> tuple[str, str] | None:
-    """The clock-dependent rules of CONTRACT §1; None when the time is acceptable."""
+    """The clock-dependent rules of docs/api.md#validity; None when the time is acceptable."""
     if time > now + limits.max_future:
         return TIME_IN_FUTURE, (
             f"time {time.isoformat()} is more than {limits.max_future} ahead of {now.isoformat()}"

@@ -17,7 +17,7 @@ A pure ASGI middleware (not BaseHTTPMiddleware, which buffers and breaks streami
         account=from_header("x-account-id"),     # or from_state("account_id")
     )
 
-What each call records (CONTRACT §1):
+What each call records (docs/api.md#event-types):
 
 * `tally.request.v1` with `subject` = the account the `account` resolver returns,
   `route` = the matched route template (`/v1/items/{item_id}`), else the raw path (or

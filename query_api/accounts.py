@@ -1,4 +1,4 @@
-"""Accounts and API keys in the store (CONTRACT §2): the adapter, kept thin.
+"""Accounts and API keys in the store (docs/api.md#plans-and-accounts): the adapter, kept thin.
 
 Blocking calls (ClickHouse); the API runs them with `asyncio.to_thread`.
 """

@@ -1,4 +1,4 @@
-"""One error body for every failure (CONTRACT §3):
+"""One error body for every failure (docs/api.md#errors):
 `{"error": {"code": "...", "message": "...", "docs": "..."}}`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The events gateways publish to Kafka (CONTRACT §1), as pydantic v2 models.
+"""The events gateways publish to Kafka (docs/api.md#events), as pydantic v2 models.
 
 These models are the single source of truth: the processors validate with them,
 the producer library builds them, and `schemas/event.schema.json` is generated

@@ -1,4 +1,4 @@
-"""Administration (CONTRACT §3): plans, accounts, API keys and rollup totals. Admin keys only.
+"""Administration (docs/api.md#administration): plans, accounts, keys, totals. Admin keys only.
 
 Each route is a thin async wrapper around a blocking operation below; the
 operations are also what `tally accounts|keys` runs when it opens the store

@@ -1,4 +1,4 @@
-"""Analytics routes (CONTRACT §3): usage time series and the top accounts.
+"""Analytics routes (docs/api.md#analytics): usage time series and the top accounts.
 
 Both read `rollup_minute` and aggregate with sum() ... GROUP BY, because merges are
 eventual (see migration 0001); the reserved account '' (offset markers) is never

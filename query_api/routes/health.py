@@ -1,4 +1,4 @@
-"""Liveness and readiness (CONTRACT §3)."""
+"""Liveness and readiness (docs/api.md#health-and-metrics)."""
 
 from __future__ import annotations
 

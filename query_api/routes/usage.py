@@ -1,4 +1,4 @@
-"""The two usage endpoints (CONTRACT §3): the product's face."""
+"""The two usage endpoints (docs/api.md#usage): the product's face."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ _V1_RESPONSES: dict[int | str, dict[str, object]] = {
         }
     }
 }
-# Events may be up to 5 minutes ahead of the clock (CONTRACT §1).
+# Events may be up to 5 minutes ahead of the clock (docs/api.md#validity).
 AHEAD = timedelta(minutes=6)
 
 
