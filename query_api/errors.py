@@ -55,8 +55,9 @@ def unauthorized() -> ApiError:
 
 
 def rate_limited(decision: Decision, now_epoch: float) -> ApiError:
-    """429 for a caller over the API's own limit; the headers (X-RateLimit-* and the
-    CONTRACT §7 fields) describe that limit, the one that refused the request."""
+    """429 for a caller over the API's own limit; its headers (X-RateLimit-* and the
+    fields of docs/api.md#rate-limit-headers) describe that limit, the one that refused
+    the request."""
     return ApiError(
         429,
         "rate_limited",

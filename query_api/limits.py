@@ -2,13 +2,14 @@
 
 Two limits are reported:
 
-- The plan's (CONTRACT §3, §7): `per_minute` requests per UTC minute and
+- The plan's (docs/api.md#usage, #rate-limit-headers): `per_minute` requests per UTC minute and
   `max_streams` concurrent streams, on both usage endpoints. `PlanLimits` is computed
   once per answer from the same `AccountUsage` (query_api/usage.py) the body shows;
   the body's `limit` object, `X-RateLimit-*` and the §7 fields are all read from it,
   so they cannot disagree. Its minute is `processors.windows.minute_window` and its
   count the requests rolled up for that minute: the window and count an enforcer of
-  the plan (CONTRACT §8) must use for what an account is shown to be what it is held to.
+  the plan (not yet: docs/api.md#not-yet-implemented) must use for what an account
+  is shown to be what it is held to.
 - The API's own per-caller token bucket (query_api/ratelimit.py), reported only on
   the 429 it causes, as the limit that refused the request.
 
@@ -119,7 +120,7 @@ def _plan_state(remaining: int, reset_in: int, streams_remaining: int) -> str:
 
 
 def plan_headers(limits: PlanLimits) -> dict[str, str]:
-    """X-RateLimit-* (CONTRACT §3) and the §7 fields of a usage answer."""
+    """X-RateLimit-* and the RateLimit fields of a usage answer (docs/api.md#usage)."""
     return {
         "X-RateLimit-Limit": str(limits.per_minute),
         "X-RateLimit-Remaining": str(limits.remaining),

@@ -1,6 +1,6 @@
-"""CONTRACT §7 on the real app and a real store: the IETF RateLimit-Policy / RateLimit
-fields of both usage endpoints and of every 429 the API returns, read with the tests'
-own RFC 9651 parser (tests/structured_fields.py, not the library that writes them)
+"""docs/api.md#rate-limit-headers on the real app and a real store: the IETF
+RateLimit-Policy / RateLimit fields of both usage endpoints and of every 429 the API
+returns, read with the tests' own RFC 9651 parser (tests/structured_fields.py, not the library that writes them)
 and checked against X-RateLimit-* and the body.
 
 Rollup rows are written to the store as the sink writes them, around a pinned clock:
@@ -122,7 +122,7 @@ def policies(response: httpx.Response, field: str) -> dict[str, dict[str, object
 
 
 def reset_in(reset_epoch: int) -> int:
-    """`t` for a reset at `reset_epoch`, seen at NOW: rounded up, as CONTRACT §7 asks."""
+    """`t` for a reset at `reset_epoch`, seen at NOW: rounded up (docs/api.md says so)."""
     return math.ceil(reset_epoch - NOW.timestamp())
 
 
