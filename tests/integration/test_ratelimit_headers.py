@@ -1,7 +1,7 @@
 """docs/api.md#rate-limit-headers on the real app and a real store: the IETF
-RateLimit-Policy / RateLimit fields of both usage endpoints and of every 429 the API
-returns, read with the tests' own RFC 9651 parser (tests/structured_fields.py, not the library that writes them)
-and checked against X-RateLimit-* and the body.
+RateLimit-Policy / RateLimit fields of both usage endpoints and of every 429 the API returns, read
+with the tests' own RFC 9651 parser (tests/structured_fields.py, not the library that
+writes them) and checked against X-RateLimit-* and the body.
 
 Rollup rows are written to the store as the sink writes them, around a pinned clock:
 requests in the current minute count, those of the minute before and of a minute ahead
