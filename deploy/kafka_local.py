@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -46,6 +47,7 @@ from deploy.processes import (
 __all__ = [
     "LOG4J2_CONFIG",
     "LocalKafka",
+    "Quorum",
     "TopicSetupError",
     "ensure_topics",
     "is_formatted",
@@ -68,15 +70,49 @@ class TopicSetupError(RuntimeError):
 # --------------------------------------------------------------------------- pure helpers
 
 
+@dataclass(frozen=True, slots=True)
+class Quorum:
+    """The KRaft cluster one broker+controller node belongs to (deploy/kafka_cluster.py).
+
+    Every node is a voter; `replication` is the cluster's replication factor (internal
+    topics included), with `min.insync.replicas` 2 from three nodes on, so that an
+    acknowledged write survives the loss of any one broker.
+    """
+
+    node_id: int
+    voters: Mapping[int, int]
+    """node id -> its controller port on HOST."""
+    cluster_id: str
+
+    @property
+    def replication(self) -> int:
+        return min(3, len(self.voters))
+
+    @property
+    def min_insync(self) -> int:
+        return 2 if self.replication >= 3 else 1
+
+
 def render_server_properties(
-    *, port: int, controller_port: int, log_dir: pathlib.Path, num_partitions: int = 8
+    *,
+    port: int,
+    controller_port: int,
+    log_dir: pathlib.Path,
+    num_partitions: int = 8,
+    quorum: Quorum | None = None,
 ) -> str:
-    """The broker+controller configuration of a one-node KRaft cluster on loopback."""
+    """The broker+controller configuration of a KRaft node on loopback (alone by default)."""
+    node_id = quorum.node_id if quorum else NODE_ID
+    voters = quorum.voters if quorum else {NODE_ID: controller_port}
+    replication = str(quorum.replication if quorum else 1)
+    min_insync = str(quorum.min_insync if quorum else 1)
     settings = {
         "process.roles": "broker,controller",
-        "node.id": str(NODE_ID),
+        "node.id": str(node_id),
         # A static voter set: `--standalone` formatting would conflict with it.
-        "controller.quorum.voters": f"{NODE_ID}@{HOST}:{controller_port}",
+        "controller.quorum.voters": ",".join(
+            f"{voter}@{HOST}:{voter_port}" for voter, voter_port in sorted(voters.items())
+        ),
         "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
         "controller.listener.names": "CONTROLLER",
@@ -84,12 +120,14 @@ def render_server_properties(
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(log_dir),
         "num.partitions": str(num_partitions),
-        # One broker: every internal topic must accept a single replica.
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        # Every topic, internal ones included, as replicated as the cluster allows.
+        "default.replication.factor": replication,
+        "min.insync.replicas": min_insync,
+        "offsets.topic.replication.factor": replication,
+        "transaction.state.log.replication.factor": replication,
+        "transaction.state.log.min.isr": min_insync,
+        "share.coordinator.state.topic.replication.factor": replication,
+        "share.coordinator.state.topic.min.isr": min_insync,
         # The defaults (50 each) cost seconds of startup and hundreds of files for nothing.
         "offsets.topic.num.partitions": str(num_partitions),
         "transaction.state.log.num.partitions": str(num_partitions),
@@ -97,7 +135,7 @@ def render_server_properties(
         "group.initial.rebalance.delay.ms": "0",
         # After a kill the restarted broker cannot register until the controller expired
         # the dead one's session (default 9 s, then 13 s to restart). Heartbeats never leave
-        # the process here, so a shorter session only fails on multi-second JVM stalls.
+        # the machine here, so a shorter session only fails on multi-second JVM stalls.
         "broker.heartbeat.interval.ms": "1000",
         "broker.session.timeout.ms": "5000",
     }
@@ -203,8 +241,8 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     return future.result()
 
 
-async def _broker_ready(bootstrap: str, request_timeout: float) -> str | None:
-    """None once the broker answers metadata requests as a registered broker, else why not.
+async def _broker_ready(bootstrap: str, request_timeout: float, brokers: int = 1) -> str | None:
+    """None once the broker answers metadata listing `brokers` registered brokers, else why.
 
     An open port proves little: the listener binds long before the broker has joined the
     quorum and can create a topic.
@@ -223,8 +261,9 @@ async def _broker_ready(bootstrap: str, request_timeout: float) -> str | None:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
-    if not cluster.get("brokers"):
-        return "metadata lists no registered broker yet"
+    registered = len(cluster.get("brokers") or [])
+    if registered < brokers:
+        return f"metadata lists {registered} of {brokers} brokers yet"
     if cluster.get("controller_id", -1) < 0:
         return "metadata names no active controller yet"
     return None
@@ -249,11 +288,15 @@ class LocalKafka(ChildServer):
         port: int = 9092,
         controller_port: int | None = None,
         heap: str = "512m",
+        quorum: Quorum | None = None,
     ) -> None:
         self.data_dir = pathlib.Path(data_dir).resolve()
         self.libs_dir = pathlib.Path(libs_dir).resolve()
         self.port = port
         self.heap = heap
+        self.quorum = quorum
+        if quorum is not None:
+            controller_port = quorum.voters[quorum.node_id]
         self._requested_controller_port = controller_port
         self.controller_port: int | None = controller_port
         super().__init__()
@@ -262,7 +305,9 @@ class LocalKafka(ChildServer):
 
     @property
     def kafka_dir(self) -> pathlib.Path:
-        return self.data_dir / "kafka"
+        if self.quorum is None:
+            return self.data_dir / "kafka"
+        return self.data_dir / f"kafka-{self.quorum.node_id}"
 
     @property
     def log_dir(self) -> pathlib.Path:
@@ -290,11 +335,13 @@ class LocalKafka(ChildServer):
 
     # Lifecycle --------------------------------------------------------------------------
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, wait: bool = True) -> None:
         """Start the broker and return once it serves metadata as a registered broker.
 
         Blocks for a few seconds. Async callers may use `await asyncio.to_thread(b.start)`:
         the broker does not die with that worker thread (see deploy.processes.Spawner).
+        `wait=False` returns once it runs: a node of a cluster cannot be ready before a
+        majority of its quorum runs too (`wait_ready`).
         """
         if self.pid is not None:
             return
@@ -308,14 +355,18 @@ class LocalKafka(ChildServer):
         self.controller_port = self._pick_controller_port()
         self.properties_file.write_text(
             render_server_properties(
-                port=self.port, controller_port=self.controller_port, log_dir=self.log_dir
+                port=self.port,
+                controller_port=self.controller_port,
+                log_dir=self.log_dir,
+                quorum=self.quorum,
             ),
             encoding="utf-8",
         )
         if not is_formatted(self.log_dir):
             self._format(java, timeout)
         self._launch(java)
-        self._wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
 
     def __repr__(self) -> str:
         return f"LocalKafka({self.bootstrap}, data={self.kafka_dir}, pid={self.pid})"
@@ -371,7 +422,7 @@ class LocalKafka(ChildServer):
             "format",
             "--ignore-formatted",
             "-t",
-            new_cluster_id(),
+            self.quorum.cluster_id if self.quorum else new_cluster_id(),
             "-c",
             str(self.properties_file),
         ]
@@ -396,7 +447,8 @@ class LocalKafka(ChildServer):
         self._spawn([*self._java_args(java), "kafka.Kafka", str(self.properties_file)],
                     cwd=self.kafka_dir)  # fmt: skip
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, brokers: int = 1) -> None:
+        """Return once this broker serves metadata listing `brokers` registered brokers."""
         deadline = time.monotonic() + timeout
         why = "not probed yet"
         while True:
@@ -408,7 +460,7 @@ class LocalKafka(ChildServer):
                 raise RuntimeError(self._failure(f"The Kafka broker exited with code {code}"))
             if accepts_connections(self.port):
                 # Only ask Kafka once something listens: aiokafka logs every refused connect.
-                why = _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0)) or ""
+                why = _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0, brokers)) or ""
                 if not why:
                     return
             else:
