@@ -20,11 +20,13 @@ A pure ASGI middleware (not BaseHTTPMiddleware, which buffers and breaks streami
 What each call records (CONTRACT §1):
 
 * `tally.request.v1` with `subject` = the account the `account` resolver returns,
-  `route` = the matched route template (`/v1/items/{item_id}`), else the raw path (or
-  `unmatched_route`), `method`, `status`, `latency_ms`, `bytes_in`, `bytes_out`,
-  `units` (the `units` callable, else the `units_header` response header, else 1) and
-  `model` (the `model` callable). An exception before the response started is recorded
-  as status 500 and re-raised; a client gone before any response as 499.
+  `route` = the matched route template (`/v1/items/{item_id}`), else `unmatched_route`
+  (default "unmatched", never the raw path: it may hold tokens or e-mail addresses,
+  and scanners' random paths would make the dimension unbounded), `method`, `status`,
+  `latency_ms`, `bytes_in`, `bytes_out`, `units` (the `units` callable, else the
+  `units_header` response header, else 1) and `model` (the `model` callable). An
+  exception before the response started is recorded as status 500 and re-raised; a
+  client gone before any response as 499.
 * For a streaming response (`is_stream(call)` true when the response starts, by default
   `Content-Type: text/event-stream`; or, with `chunked_streams`, a first body message with
   `more_body=True`): the request event as the stream opens (its latency is time to first
@@ -74,6 +76,8 @@ STREAM_CONTENT_TYPES: Final = ("text/event-stream",)
 # Contract limits of the optional request dimensions: a value outside them is left out
 # rather than making the whole event invalid.
 _LABEL_MAX: Final = 256
+UNMATCHED_ROUTE: Final = "unmatched"
+"""The `route` of calls no route template matched: one constant label."""
 _METHOD_MAX: Final = 16
 
 _T = TypeVar("_T")
@@ -195,7 +199,7 @@ class MeteringMiddleware:
         is_stream: Callable[[Call], bool] | None = event_stream,
         chunked_streams: bool = True,
         unmetered_paths: Iterable[str] = DEFAULT_UNMETERED_PATHS,
-        unmatched_route: str | None = None,
+        unmatched_route: str = UNMATCHED_ROUTE,
         max_pending: int = 10_000,
         drain_timeout_s: float = 10.0,
         log_every_s: float = 10.0,
@@ -205,6 +209,11 @@ class MeteringMiddleware:
             raise ValueError(
                 f"source must be 1-{_LABEL_MAX} characters naming this gateway instance "
                 f"(e.g. 'gw-eu-1'), got {source!r}"
+            )
+        if not 1 <= len(unmatched_route) <= _LABEL_MAX:
+            raise ValueError(
+                f"unmatched_route must be 1-{_LABEL_MAX} characters (a constant label such "
+                f"as {UNMATCHED_ROUTE!r}), got {unmatched_route!r}"
             )
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
@@ -417,9 +426,7 @@ class MeteringMiddleware:
             if isinstance(mounted, str) and mounted.startswith(root_path):
                 template = mounted[len(root_path) :] + template
             return template[:_LABEL_MAX]
-        if self._unmatched_route is not None:
-            return self._unmatched_route
-        return (scope.get("path") or "/")[:_LABEL_MAX]
+        return self._unmatched_route
 
     def report(self, kind: str, message: str, *args: object, exc: bool = False) -> None:
         self.stats.errors += 1
