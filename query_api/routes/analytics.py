@@ -6,10 +6,12 @@ read. Every user input reaches ClickHouse as a bound parameter; the only SQL tex
 chosen by a request (the bucket expression, the group-by columns, the sort column)
 is picked from the fixed tables below, never built from the input.
 
-Cost per query is bounded twice: the range may span at most `analytics_max_buckets`
-buckets (TALLY_ANALYTICS_MAX_BUCKETS), and a series may have at most `MAX_ROWS`
-rows (buckets x groups); a larger result is refused with 422 rather than truncated,
-so a series is never silently incomplete.
+Cost per query is bounded: the range may span at most `analytics_max_buckets`
+buckets (TALLY_ANALYTICS_MAX_BUCKETS), and query_api/analytics_cost.py bounds the
+rows (a larger result is refused with 422 rather than truncated, so a series is
+never silently incomplete) and the store time, and charges big answers to the
+caller's rate limit. The query and the answer's serialisation run in a worker
+thread, so a big answer never holds the event loop.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from processors.rollup import MARKER_ACCOUNT
 from processors.windows import format_time
 from query_api import queries
-from query_api.deps import AdminDep, CallerDep, ServicesDep
+from query_api.analytics_cost import QueryBounds, run
+from query_api.deps import AdminDep, CallerDep, Services, ServicesDep, key_bucket
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from schemas.events import REQUEST, STREAM_CLOSED, SUBJECT_PATTERN, Rfc3339
 from schemas.store import Store
@@ -60,13 +63,11 @@ _DIMENSION_SQL: dict[str, str] = {
 DIMENSIONS: tuple[str, ...] = tuple(_DIMENSION_SQL)
 _METRIC_SQL: dict[str, str] = {"units": "units", "requests": "requests"}
 
-MAX_ROWS = 100_000
-"""Most rows (buckets x groups) one usage series may have; more is a 422."""
-
 NOT_FOUND_MESSAGE = "account not found"
 """The same for an account that does not exist and one the key may not see."""
 
 _SUBJECT = re.compile(SUBJECT_PATTERN)
+JSON = "application/json"
 # "+02:00" sent unencoded in a query string arrives as " 02:00".
 _SPACE_OFFSET = re.compile(r"(:\d{2}(?:\.\d+)?) (\d{2}:\d{2})$")
 
@@ -318,17 +319,20 @@ def usage_series(
     until: datetime,
     window: str,
     dimensions: list[Dimension],
-    limit: int,
+    bounds: QueryBounds,
 ) -> list[SeriesRow]:
     """Buckets x groups with data, for one account or (None) every real account.
 
-    Blocking; `since`/`until` are minute-aligned. At most `limit` rows come back.
+    Blocking; `since`/`until` are minute-aligned. At most `bounds.max_rows` + 1 rows
+    come back (one more than allowed: the caller refuses that many).
     """
+    limit = bounds.max_rows + 1
     bucket = _BUCKET_SQL[window]
     columns = [_DIMENSION_SQL[d] for d in dimensions]
     select = "".join(f", {c}" for c in columns)
     where_account = "account = {a:String}" if account is not None else "account != {a:String}"
-    rows = store.query(
+    rows = run(
+        store,
         f"SELECT {bucket} AS window_start{select}, "
         "sumIf(events, type = {req:String}) AS requests, sum(units_micro) AS units "
         f"FROM rollup_minute WHERE {where_account} "
@@ -346,6 +350,8 @@ def usage_series(
             "closed": STREAM_CLOSED,
             "limit": limit,
         },
+        bounds,
+        limit,
     )
     n = len(columns)
     return [
@@ -354,11 +360,12 @@ def usage_series(
 
 
 def top_accounts(
-    store: Store, since: datetime, until: datetime, metric: str, limit: int
+    store: Store, since: datetime, until: datetime, metric: str, limit: int, bounds: QueryBounds
 ) -> list[tuple[str, int, int]]:
     """(account, requests, units in millionths), by `metric` descending then account."""
     order = _METRIC_SQL[metric]
-    rows = store.query(
+    rows = run(
+        store,
         "SELECT account, sumIf(events, type = {req:String}) AS requests, "
         "sum(units_micro) AS units FROM rollup_minute "
         "WHERE account != {m:String} "
@@ -374,6 +381,8 @@ def top_accounts(
             "closed": STREAM_CLOSED,
             "limit": limit,
         },
+        bounds,
+        limit,
     )
     return [(str(a), int(r), int(u)) for a, r, u in rows]
 
@@ -384,7 +393,7 @@ def _units(micro: int) -> float:
 
 # --- routes ---------------------------------------------------------------------------
 
-USAGE_DESCRIPTION = f"""
+USAGE_DESCRIPTION = """
 A time series of one account's usage (or, for an admin key, of every account).
 
 - **Range**: `[from, to)`. Usage is stored per minute, so a minute counts when its
@@ -405,9 +414,13 @@ A time series of one account's usage (or, for an admin key, of every account).
   `null` (a request without route, model or status). Stream-closed events carry no
   route, model or status, so their units appear under `null` for those dimensions
   and under `type` `tally.stream.closed.v1` (with `requests` 0).
-- **Result size**: at most {MAX_ROWS:,} rows (buckets x groups); a larger result is
-  refused with 422 (never truncated): use a coarser window, a shorter range or fewer
-  dimensions.
+- **Result size**: at most `TALLY_ANALYTICS_MAX_ROWS` rows (buckets x groups, default
+  10,000); a larger result is refused with 422 (never truncated): use a coarser
+  window, a shorter range or fewer dimensions. A query running longer than
+  `TALLY_ANALYTICS_MAX_SECONDS` (default 5) in the store is refused the same way.
+- **Cost**: an answer counts against the key's API rate limit as one request plus one
+  per `TALLY_ANALYTICS_ROWS_PER_TOKEN` rows (default 500): big answers leave fewer
+  requests in the key's budget.
 - **Who sees what**: an account key sees its own account only; `account` may be
   omitted or be its own id, any other id gives 404 `not_found`, the same answer
   whether or not that account exists. An admin key may name any account id (an id
@@ -456,7 +469,7 @@ async def analytics_usage(
             examples=["acme"],
         ),
     ] = None,
-) -> UsageSeriesOut:
+) -> Response:
     start, end = from_.astimezone(UTC), to.astimezone(UTC)
     check_range(start, end)
     dimensions = parse_group_by(group_by)
@@ -477,7 +490,7 @@ async def analytics_usage(
         )
 
     target = account or None
-    if target is not None and not _SUBJECT.match(target):
+    if target is not None and not _SUBJECT.fullmatch(target):
         raise ApiError(422, "validation_error", "account: not a valid account id")
     if not caller.admin:
         if target is not None and target != caller.account:
@@ -486,24 +499,47 @@ async def analytics_usage(
         if target is None:  # a non-admin key always has an account; be safe anyway
             raise ApiError(404, "not_found", NOT_FOUND_MESSAGE)
 
-    since, until = minute_range(start, end)
+    query = SeriesQuery(target, start, end, window, dimensions, buckets)
+    answer = await asyncio.to_thread(series_answer, svc, query, QueryBounds.of(svc.settings))
+    svc.limiter.charge(key_bucket(caller), answer.extra_tokens)
+    return Response(answer.body, media_type=JSON)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesQuery:
+    """One validated analytics/usage request."""
+
+    account: str | None
+    start: datetime
+    end: datetime
+    window: WindowName
+    dimensions: list[Dimension]
+    buckets: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    body: bytes
+    """The JSON answer, serialised."""
+    extra_tokens: int
+    """What the answer costs the caller beyond its request (analytics_cost.py)."""
+
+
+def series_answer(svc: Services, query: SeriesQuery, bounds: QueryBounds) -> Answer:
+    """The series' JSON body. Blocking, and run in a worker thread as a whole: the
+    query, the row check and the serialisation of up to `max_rows` rows, so none of
+    it holds the event loop."""
+    since, until = minute_range(query.start, query.end)
     rows: list[SeriesRow] = []
     if since < until:
-        rows = await asyncio.to_thread(
-            usage_series, svc.store, target, since, until, window, dimensions, MAX_ROWS + 1
+        rows = usage_series(
+            svc.store, query.account, since, until, query.window, query.dimensions, bounds
         )
-    if len(rows) > MAX_ROWS:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"the result has more than {MAX_ROWS} rows (buckets x groups): use a coarser "
-            "window, a shorter range or fewer group_by dimensions",
-        )
-    reflected = await asyncio.to_thread(
-        queries.reflected_until, svc.store, svc.settings.events_topic
-    )
+    bounds.check_rows(len(rows))
+    reflected = queries.reflected_until(svc.store, svc.settings.events_topic)
     now = svc.now()
-
+    step = WINDOWS[query.window]
+    dimensions = query.dimensions
     data = [
         UsageBucketOut(
             window_start=format_time(row.window_start),
@@ -514,18 +550,19 @@ async def analytics_usage(
         )
         for row in rows
     ]
-    return UsageSeriesOut(
+    series = UsageSeriesOut(
         data=data,
         meta=UsageMetaOut(
-            from_=format_time(start),
-            to=format_time(end),
-            window=window,
+            from_=format_time(query.start),
+            to=format_time(query.end),
+            window=query.window,
             group_by=dimensions,
-            account=target,
-            buckets=buckets,
+            account=query.account,
+            buckets=query.buckets,
             updated_at=format_time(min(reflected, now)) if reflected else None,
         ),
     )
+    return Answer(series.model_dump_json().encode(), bounds.extra_tokens(len(rows)))
 
 
 @router.get(
@@ -548,7 +585,8 @@ async def analytics_top_accounts(
     since, until = minute_range(start, end)
     rows: list[tuple[str, int, int]] = []
     if since < until:
-        rows = await asyncio.to_thread(top_accounts, svc.store, since, until, metric, limit)
+        bounds = QueryBounds.of(svc.settings)
+        rows = await asyncio.to_thread(top_accounts, svc.store, since, until, metric, limit, bounds)
     return TopAccountsOut(
         data=[TopAccountOut(account=a, requests=r, units=_units(u)) for a, r, u in rows],
         meta=TopMetaOut(from_=format_time(start), to=format_time(end), metric=metric, limit=limit),
