@@ -538,3 +538,29 @@ async def test_a_query_over_the_time_bound_is_refused_with_how_to_narrow_it(
     message = body["error"]["message"]
     assert "ran longer than 0.001s (TALLY_ANALYTICS_MAX_SECONDS)" in message
     assert "use a coarser window, a shorter range or fewer group_by dimensions" in message
+
+
+async def test_big_answers_are_charged_to_the_caller_s_rate_limit(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Burst 100 at 50/s (the defaults); charged one token per row, an answer of more
+    # than 200 rows leaves the key a whole bucket in debt: two seconds of refill.
+    api.configure(monkeypatch, analytics_rows_per_token=1)
+    params = {"from": z(FROM), "to": z(TO), "window": "minute", "group_by": "route"}
+    key = api.keys["admin-stored"]
+    big = await api.client.get(USAGE, params=params, headers=key)
+    assert big.status_code == 200, big.text
+    assert len(big.json()["data"]) > 200
+    assert_error(await api.client.get(USAGE, params=params, headers=key), 429, "rate_limited")
+    # The debt is the key's own: another key is served.
+    assert (await api.client.get(USAGE, params=params, headers=api.keys["admin"])).is_success
+
+
+async def test_an_account_id_with_a_trailing_newline_is_refused(api: Api) -> None:
+    params = {"from": z(FROM), "to": z(TO), "account": "acme\n"}
+    body = assert_error(
+        await api.client.get(USAGE, params=params, headers=api.keys["admin"]),
+        422,
+        "validation_error",
+    )
+    assert "account" in body["error"]["message"]
