@@ -11,8 +11,10 @@ row per bucket and group, serialised to JSON). Both are bounded per query:
   server's side; a query stopped for time is a 422 asking for a narrower one.
 
 The caller is charged by size: one request, plus one token of their API rate limit
-per `rows_per_token` rows returned (TALLY_ANALYTICS_ROWS_PER_TOKEN), so a caller
-asking for big answers gets fewer of them per second than one asking for small ones.
+per `rows_per_token` rows read (TALLY_ANALYTICS_ROWS_PER_TOKEN, default 100), served
+or refused, so a caller asking for big answers gets fewer of them per second than
+one asking for small ones. The default prices a 10,000-row answer at about one
+full burst: building it costs this process ~100-200x the CPU of a usage request.
 """
 
 from __future__ import annotations

@@ -43,10 +43,10 @@ class ApiSettings(TallySettings):
         "a slower one is refused with 422 asking for a narrower query.",
     )
     analytics_rows_per_token: int = Field(
-        500,
+        100,
         ge=1,
         description="Analytics answers are charged to the caller's API rate limit by size: "
-        "one request, plus one more token per this many rows returned.",
+        "one request, plus one more token per this many rows read (served or refused).",
     )
     api_max_body_bytes: int = Field(
         1_048_576,

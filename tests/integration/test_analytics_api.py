@@ -564,3 +564,12 @@ async def test_an_account_id_with_a_trailing_newline_is_refused(api: Api) -> Non
         "validation_error",
     )
     assert "account" in body["error"]["message"]
+
+
+async def test_refused_answers_are_charged_too(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store read, and this process parsed, max_rows + 1 rows before refusing.
+    api.configure(monkeypatch, analytics_rows_per_token=1, analytics_max_rows=150)
+    params = {"from": z(FROM), "to": z(TO), "window": "minute", "group_by": "route"}
+    key = api.keys["admin-stored"]
+    assert_error(await api.client.get(USAGE, params=params, headers=key), 422, "validation_error")
+    assert_error(await api.client.get(USAGE, params=params, headers=key), 429, "rate_limited")

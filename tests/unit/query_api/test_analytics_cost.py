@@ -41,7 +41,7 @@ def test_bounds_come_from_the_settings() -> None:
     )
     assert QueryBounds.of(settings) == QueryBounds(7, 0.25, 3)
     defaults = QueryBounds.of(ApiSettings())
-    assert defaults == QueryBounds(10_000, 5.0, 500)
+    assert defaults == QueryBounds(10_000, 5.0, 100)
 
 
 class FailingStore:
