@@ -106,10 +106,13 @@ PAYLOAD_TOO_LARGE_RESPONSE: dict[int | str, dict[str, object]] = {
 
 
 def payload_too_large(limit: int) -> ApiError:
+    """413, closing the connection: the rest of the body is never read, and draining
+    it to keep the connection alive would receive what the limit refuses."""
     return ApiError(
         413,
         "payload_too_large",
         f"the request body is over {limit} bytes (TALLY_API_MAX_BODY_BYTES); send a smaller one",
+        {"Connection": "close"},
     )
 
 

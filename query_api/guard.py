@@ -37,7 +37,8 @@ class BodyTooLargeError(HTTPException):
     handler answers it with the error envelope."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, payload_too_large(limit).message)
+        refused = payload_too_large(limit)
+        super().__init__(413, refused.message, refused.headers)
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -81,6 +82,8 @@ class RequestGuard:
             try:
                 await admin_principal(await principal(Request(scope), self.services))
             except ApiError as refused:
+                # The body stays unread: closing beats draining it to keep the connection.
+                refused.headers = {**refused.headers, "Connection": "close"}
                 await _answer(send, refused)
                 return
         started = False

@@ -155,6 +155,7 @@ async def test_a_declared_length_over_the_limit_is_413_before_a_byte_is_read(api
         call = await api.call(ACCOUNTS, who, [account_body("big", 100 * LIMIT)], 100 * LIMIT)
         message = assert_envelope(call, 413, "payload_too_large")
         assert f"over {LIMIT} bytes (TALLY_API_MAX_BODY_BYTES)" in message
+        assert call.headers["connection"] == "close"
         assert call.reads == 0
 
 
@@ -163,6 +164,7 @@ async def test_a_chunked_body_is_counted_and_refused_once_it_passes_the_limit(ap
     chunks[-1] = account_body("chunked")
     call = await api.call(ACCOUNTS, {"x-api-key": ADMIN_KEY}, chunks)
     assert_envelope(call, 413, "payload_too_large")
+    assert call.headers["connection"] == "close"
     # Read up to the first chunk past the limit, not one more.
     assert call.reads == LIMIT // 1024 + 1
     # An under-declared length is counted the same way.
@@ -198,6 +200,7 @@ async def test_admin_routes_refuse_bad_keys_without_reading_the_body(api: Api) -
             call = await api.call(path, headers, body, content_length=2000, method=method)
             assert_envelope(call, status, code)
             assert call.reads == 0, (path, headers)
+            assert call.headers["connection"] == "close"
     assert AccountStore(api.store).get("nope") is None
 
 
