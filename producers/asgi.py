@@ -21,12 +21,10 @@ What each call records (CONTRACT §1):
 
 * `tally.request.v1` with `subject` = the account the `account` resolver returns,
   `route` = the matched route template (`/v1/items/{item_id}`), else `unmatched_route`
-  (default "unmatched", never the raw path: it may hold tokens or e-mail addresses,
-  and scanners' random paths would make the dimension unbounded), `method`, `status`,
-  `latency_ms`, `bytes_in`, `bytes_out`, `units` (the `units` callable, else the
-  `units_header` response header, else 1) and `model` (the `model` callable). An
-  exception before the response started is recorded as status 500 and re-raised; a
-  client gone before any response as 499.
+  ("unmatched"; never the raw path: it may hold tokens), `method`, `status`, `latency_ms`,
+  `bytes_in`, `bytes_out`, `units` (the `units` callable, else the `units_header` header,
+  else 1) and `model` (the `model` callable). An exception before the response started
+  is recorded as status 500 and re-raised; a client gone before any response as 499.
 * For a streaming response (`is_stream(call)` true when the response starts, by default
   `Content-Type: text/event-stream`; or, with `chunked_streams`, a first body message with
   `more_body=True`): the request event as the stream opens (its latency is time to first
@@ -210,11 +208,6 @@ class MeteringMiddleware:
                 f"source must be 1-{_LABEL_MAX} characters naming this gateway instance "
                 f"(e.g. 'gw-eu-1'), got {source!r}"
             )
-        if not 1 <= len(unmatched_route) <= _LABEL_MAX:
-            raise ValueError(
-                f"unmatched_route must be 1-{_LABEL_MAX} characters (a constant label such "
-                f"as {UNMATCHED_ROUTE!r}), got {unmatched_route!r}"
-            )
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         if drain_timeout_s < 0:
@@ -233,7 +226,7 @@ class MeteringMiddleware:
         paths = list(unmetered_paths)
         self._skip_exact = frozenset(p for p in paths if not p.endswith("*"))
         self._skip_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
-        self._unmatched_route = unmatched_route
+        self._unmatched_route = unmatched_route[:_LABEL_MAX] or UNMATCHED_ROUTE
         self._max_pending = max_pending
         self._drain_timeout_s = drain_timeout_s
         self._report = _RateLimitedLog(log_every_s)
