@@ -51,7 +51,9 @@ class QueryBounds:
         the embedded engine only honours per-call settings slowly (schemas/store.py)."""
         return (
             f" SETTINGS max_execution_time = {self.max_seconds:.3f}, "
-            f"max_result_rows = {int(limit)}, result_overflow_mode = 'throw'"
+            f"max_result_rows = {int(limit)}, result_overflow_mode = 'throw', "
+            # Routes as they are: "/v1/chat", not "\\/v1\\/chat" (both valid JSON).
+            "output_format_json_escape_forward_slashes = 0"
         )
 
     def check_rows(self, rows: int) -> None:

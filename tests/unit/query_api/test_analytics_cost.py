@@ -31,7 +31,7 @@ def test_bigger_answers_cost_more_tokens(rows: int, extra: int) -> None:
 def test_the_settings_clause_bounds_time_and_rows_on_the_server() -> None:
     assert BOUNDS.settings_clause(101) == (
         " SETTINGS max_execution_time = 2.500, max_result_rows = 101, "
-        "result_overflow_mode = 'throw'"
+        "result_overflow_mode = 'throw', output_format_json_escape_forward_slashes = 0"
     )
 
 
