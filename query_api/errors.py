@@ -23,6 +23,7 @@ ERROR_CODES = {
     "forbidden": "403: the key is valid but may not do this (an account key on an admin route).",
     "not_found": "404: no such resource, or not one this key may see.",
     "conflict": "409: the resource exists already.",
+    "payload_too_large": "413: the request body is over TALLY_API_MAX_BODY_BYTES; send less.",
     "validation_error": "422: a parameter or body field is invalid; the message names it.",
     "rate_limited": "429: too many calls; retry after the time in Retry-After.",
     "internal_error": "500: a fault on our side; the X-Request-Id header identifies it.",
@@ -102,6 +103,27 @@ RATE_LIMITED_RESPONSE: dict[int | str, dict[str, object]] = {
 """For `responses=` of every route that authenticates (they are the limited ones)."""
 
 
+PAYLOAD_TOO_LARGE_RESPONSE: dict[int | str, dict[str, object]] = {
+    413: {
+        "model": ErrorBody,
+        "description": "The request body is larger than TALLY_API_MAX_BODY_BYTES (default "
+        "1 MiB), by its Content-Length or as it streams in; it is not read further.",
+    }
+}
+"""For `responses=` of every route that takes a body."""
+
+
+def payload_too_large(limit: int) -> ApiError:
+    """413, closing the connection: the rest of the body is never read, and draining
+    it to keep the connection alive would receive what the limit refuses."""
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the request body is over {limit} bytes (TALLY_API_MAX_BODY_BYTES); send a smaller one",
+        {"Connection": "close"},
+    )
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -115,6 +137,7 @@ _STATUS_CODES = {
     404: "not_found",
     405: "not_found",
     409: "conflict",
+    413: "payload_too_large",
     422: "validation_error",
     429: "rate_limited",
 }

@@ -64,6 +64,31 @@ class ApiSettings(TallySettings):
     analytics_max_buckets: int = Field(
         10_000, ge=1, description="Most time buckets one analytics query may ask for."
     )
+    analytics_max_rows: int = Field(
+        10_000,
+        ge=1,
+        description="Most rows (buckets x groups) one analytics series may have; a larger "
+        "result is refused with 422 (never truncated), naming how to narrow the query.",
+    )
+    analytics_max_seconds: float = Field(
+        5.0,
+        ge=0.001,
+        allow_inf_nan=False,
+        description="Longest an analytics query may run in ClickHouse (max_execution_time); "
+        "a slower one is refused with 422 asking for a narrower query.",
+    )
+    analytics_rows_per_token: int = Field(
+        100,
+        ge=1,
+        description="Analytics answers are charged to the caller's API rate limit by size: "
+        "one request, plus one more token per this many rows read (served or refused).",
+    )
+    api_max_body_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest request body the API reads (by Content-Length, or counted as a "
+        "chunked body streams in); over it the answer is 413 payload_too_large.",
+    )
     processors_stale_s: float = Field(
         30.0, gt=0, description="/readyz fails when no worker has reported for this long."
     )

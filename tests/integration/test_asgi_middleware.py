@@ -173,7 +173,7 @@ async def make_calls(base: str) -> Expected:
             want.requests[(account, "/v1/crash", 500)] += 1
             want.units[account] += 1
             assert (await client.get("/no/such/path", headers=who)).status_code == 404
-            want.requests[(account, "/no/such/path", 404)] += 1
+            want.requests[(account, "unmatched", 404)] += 1
             want.units[account] += 1
             # Neither of these is metered.
             assert (await client.get("/healthz", headers=who)).status_code == 200
