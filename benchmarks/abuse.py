@@ -241,7 +241,7 @@ def p99(values: list[float]) -> float:
 def run(bootstrap: str, workdir: pathlib.Path, scale: float) -> dict[str, float]:
     """The API needs no Kafka: `bootstrap` is unused (the shared bench signature)."""
     del bootstrap
-    from deploy.kafka_local import free_port
+    from deploy.processes import free_port
 
     workdir = pathlib.Path(workdir) / "abuse"
     workdir.mkdir(parents=True, exist_ok=True)
