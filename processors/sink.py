@@ -156,7 +156,7 @@ class SinkStats:
     last_write_unix: float = 0.0
     fenced: int = 0
     """Batches dropped because a newer sink took this one's partitions over (its
-    successor applies them); each also makes this sink rejoin its group."""
+    successor applies them); this sink then writes nothing until its next assignment."""
     partitions: tuple[int, ...] = ()
     """The rollups partitions this sink writes now."""
 
@@ -184,6 +184,7 @@ class Sink:
         self.stats = SinkStats()
         self._bootstrap = bootstrap
         self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
         # The gate this sink writes through; None while it holds no partitions.
         self._gate: Gate | None = None
         # Held while a batch is applied, so that a rebalance waits for the INSERT
