@@ -171,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(run=_worker)
 
     sink = sub.add_parser(
-        "sink", help="apply the workers' rollup deltas to the store (one per store)"
+        "sink",
+        help="apply the workers' rollup deltas to the store (several split the partitions)",
     )
     sink.add_argument("--json", action="store_true", help="print a JSON status line")
     sink.set_defaults(run=_sink)

@@ -193,7 +193,15 @@ class SinkService(Service):
 def new_sink(settings: WorkerSettings, store: Store) -> Sink:
     from processors.sink import Sink
 
-    return Sink(store, settings.bootstrap, settings.rollups_topic, settings.events_topic)
+    return Sink(
+        store,
+        settings.bootstrap,
+        settings.rollups_topic,
+        settings.events_topic,
+        # The embedded store admits one process, so one sink: it needs no group.
+        group=None if store.embedded else settings.sink_group or f"{settings.rollups_topic}.sinks",
+        session_timeout_ms=settings.sink_session_timeout_ms,
+    )
 
 
 async def ensure_rollups_topic(settings: WorkerSettings) -> None:

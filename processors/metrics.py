@@ -105,6 +105,11 @@ class PipelineCollector(Collector):
                 "Deltas skipped: their events were already counted (alert if above 0)",
                 value=sink.duplicate_deltas,
             )
+            yield CounterMetricFamily(
+                "tally_sink_fenced",
+                "Batches dropped because another sink took this one's partitions over",
+                value=sink.fenced,
+            )
             yield _histogram(
                 "tally_sink_write_seconds",
                 "Time to apply one batch of deltas to the store (one INSERT)",

@@ -9,6 +9,19 @@ from schemas.settings import TallySettings
 
 class WorkerSettings(TallySettings):
     consumer_group: str = Field("tally-worker", min_length=1, description="Kafka consumer group.")
+    sink_group: str = Field(
+        "",
+        description="Kafka consumer group of the sinks writing one store: they split the "
+        "rollups partitions between them. Empty: `<rollups topic>.sinks`. Sinks writing "
+        "another store from the same topic need a group of their own.",
+    )
+    sink_session_timeout_ms: int = Field(
+        10_000,
+        ge=1_000,
+        le=300_000,
+        description="A sink silent this long loses its rollups partitions to the others "
+        "(the broker's group.min.session.timeout.ms, 6 s by default, is the floor).",
+    )
     worker_batch_messages: int = Field(
         1_000, ge=1, le=100_000, description="Messages per flush at most (each may hold a batch)."
     )

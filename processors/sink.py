@@ -1,4 +1,4 @@
-"""The sink: the one writer of rollups into ClickHouse.
+"""The sink: the writer of rollups into ClickHouse.
 
 Workers publish rollup deltas to the rollups topic in Kafka transactions; the
 sink reads only committed messages (read_committed) and appends them to
@@ -8,8 +8,13 @@ INSERT into one unpartitioned MergeTree table is one atomic part, so after any
 crash the markers say exactly which messages are in the store, and the sink
 resumes right after them: every committed delta is applied once.
 
-One sink per database: the embedded store admits one process anyway; with a
-ClickHouse server, run exactly one `tally sink` (or one `tally up`).
+Sinks form a Kafka consumer group and split the rollups partitions between them
+(processors/sink_group.py). Every INSERT goes through the sink's write gate
+(processors/sink_fence.py): a sink taking partitions over first fences off the
+gates of their previous writers, then reads the markers, so a sink that was
+paused or cut off can never apply a delta its successor applies too. The
+embedded store admits one process, so there it is one sink; with a ClickHouse
+server, any number of `tally sink` processes may write one database.
 """
 
 from __future__ import annotations
@@ -20,19 +25,24 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from processors.deltas import Frame, read
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
+from processors.sink_fence import Gate, Gates, SinkFencedError
+from processors.sink_group import SinkRebalance
 from processors.timing import Timings
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
+
+T = TypeVar("T")
 
 Listener = Callable[[Sequence[Sequence[Any]], Mapping[int, int]], None]
 """Called after each INSERT that succeeded with the delta rows it stored, in the
@@ -105,8 +115,9 @@ class RollupStore:
         if rows:
             self.store.insert(TABLE, rows, COLUMNS)
 
-    def write_json(self, body: bytes, count: int) -> None:
-        """`write` for `count` rows already encoded as the deltas' wire rows (version 2)."""
+    def write_json(self, body: bytes, count: int, table: str = TABLE) -> None:
+        """`write` for `count` rows already encoded as the deltas' wire rows (version 2),
+        into `table`: `rollup_minute` itself or a sink's write gate onto it."""
         if count > MAX_ROWS_PER_INSERT:
             raise ValueError(
                 f"{count} rows in one INSERT would be split into several parts and "
@@ -114,7 +125,7 @@ class RollupStore:
             )
         if count:
             self.store.insert_json_rows(
-                TABLE, COLUMNS, WIRE_STRUCTURE, WIRE_SELECT, body, INSERT_SETTINGS
+                table, COLUMNS, WIRE_STRUCTURE, WIRE_SELECT, body, INSERT_SETTINGS
             )
 
     def resume_offsets(self, topic: str) -> dict[int, int]:
@@ -143,16 +154,47 @@ class SinkStats:
     """Per events partition, the offset up to which this sink stored its events
     (what the freshness markers it wrote say, known without reading them back)."""
     last_write_unix: float = 0.0
+    fenced: int = 0
+    """Batches dropped because a newer sink took this one's partitions over (its
+    successor applies them); this sink then writes nothing until its next assignment."""
+    partitions: tuple[int, ...] = ()
+    """The rollups partitions this sink writes now."""
 
 
 class Sink:
-    def __init__(self, store: Store, bootstrap: str, rollups_topic: str, events_topic: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bootstrap: str,
+        rollups_topic: str,
+        events_topic: str,
+        group: str | None = None,
+        session_timeout_ms: int = 10_000,
+    ) -> None:
+        """`group` None: this sink takes every partition, with no group (the embedded
+        store admits one process, so one sink, which then resumes at once after a
+        crash instead of waiting out its predecessor's session); it writes through
+        a gate all the same."""
         self.rollups = RollupStore(store)
+        self.gates = Gates(store)
         self.rollups_topic = rollups_topic
         self.events_topic = events_topic
+        self.group = group
+        self.session_timeout_ms = session_timeout_ms
         self.stats = SinkStats()
         self._bootstrap = bootstrap
         self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        # The gate this sink writes through; None while it holds no partitions.
+        self._gate: Gate | None = None
+        # Held while a batch is applied, so that a rebalance waits for the INSERT
+        # in flight rather than handing partitions over under it.
+        self._applying = asyncio.Lock()
+        # Per rollups partition held, the next offset to apply. A batch fetched
+        # while an assignment was being taken over (from the group's reset point,
+        # before the seek to the store's marker) holds records below it: already
+        # in the store, never applied again.
+        self._next: dict[int, int] = {}
         # Per events partition, the offset up to which its events are in the store.
         self._counted: dict[int, int] = {}
         self._listeners: list[Listener] = []
@@ -173,37 +215,98 @@ class Sink:
             os._exit(EXIT_UNSAFE)
 
     async def _run(self) -> None:
-        # Created here, inside the running loop (aiokafka binds to it).
+        # Created here, inside the running loop (aiokafka binds to it). Offsets are
+        # never committed to Kafka: the store's markers say where to resume.
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
+            group_id=self.group,  # None: no group, partitions assigned below
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.session_timeout_ms // 4),
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         await consumer.start()
+        self._consumer = consumer
         try:
             partitions = await self._partitions(consumer)
-            tps = [TopicPartition(self.rollups_topic, p) for p in partitions]
-            consumer.assign(tps)
-            stored = await self._retry(
-                "read offset markers", self.rollups.resume_offsets, self.rollups_topic
-            )
-            for tp in tps:
-                if tp.partition in stored:
-                    consumer.seek(tp, stored[tp.partition])
-                else:
-                    await consumer.seek_to_beginning(tp)
-            log.info("sink applies %s from %s", self.rollups_topic, stored or "the beginning")
-            self._counted = await self._retry(
-                "read offset markers", self.rollups.resume_offsets, self.events_topic
-            )
+            if self.group is None:
+                tps = [TopicPartition(self.rollups_topic, p) for p in partitions]
+                consumer.assign(tps)
+                await self.assign(tps)
+            else:
+                consumer.subscribe([self.rollups_topic], listener=SinkRebalance(self))
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
                 if batches:
-                    await self._apply(batches.items())
+                    async with self._applying:
+                        await self._apply_owned(batches.items())
         finally:
             await consumer.stop()
+            await self._release()
+
+    async def revoke(self) -> None:
+        """The group takes this sink's partitions: stop writing them (after the
+        INSERT in flight, if any) and drop the gate."""
+        async with self._applying:
+            await self._release()
+
+    async def assign(self, assigned: Iterable[TopicPartition]) -> None:
+        """The group gives this sink `assigned`: fence off their previous writers,
+        then resume each right after the store's marker (or at the beginning)."""
+        mine = sorted(tp.partition for tp in assigned if tp.topic == self.rollups_topic)
+        async with self._applying:
+            await self._release()
+            if not mine:
+                log.info("sink holds no %s partitions", self.rollups_topic)
+                return
+            gate = await self._retry("take over partitions", self.gates.take, mine)
+            stored = await self._retry(
+                "read offset markers", self.rollups.resume_offsets, self.rollups_topic
+            )
+            consumer = self._consumer
+            assert consumer is not None
+            tps = [TopicPartition(self.rollups_topic, p) for p in mine]
+            if not set(tps) <= consumer.assignment():
+                # Another rebalance began while the gate was taken; it calls
+                # assign again. Without a gate nothing fetched meanwhile is written.
+                await asyncio.to_thread(self.gates.release, gate)
+                return
+            try:
+                for tp in tps:
+                    if tp.partition in stored:
+                        consumer.seek(tp, stored[tp.partition])
+                    else:
+                        await consumer.seek_to_beginning(tp)
+            except IllegalStateError:  # the same, noticed while seeking
+                await asyncio.to_thread(self.gates.release, gate)
+                return
+            self._counted = await self._retry(
+                "read offset markers", self.rollups.resume_offsets, self.events_topic
+            )
+            self._wire = []
+            self._next = {p: stored.get(p, 0) for p in mine}
+            self._gate = gate
+            self.stats.partitions = tuple(sorted(gate.writable))
+            log.info(
+                "sink writes %s partitions %s through %s from %s",
+                self.rollups_topic,
+                list(self.stats.partitions),
+                gate.table,
+                {p: stored.get(p, "the beginning") for p in self.stats.partitions},
+            )
+
+    async def _release(self) -> None:
+        gate, self._gate = self._gate, None
+        self.stats.partitions = ()
+        if gate is not None:
+            try:
+                await asyncio.to_thread(self.gates.release, gate)
+            except Exception as exc:
+                # Left behind, it is harmless: the next sink taking any of its
+                # partitions drops it.
+                log.warning("sink could not drop its gate %s (%s)", gate.table, exc)
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[int]:
         for _ in range(60):
@@ -216,6 +319,37 @@ class Sink:
             f"topic {self.rollups_topic} does not exist; start a worker (it creates it) "
             "or create it with as many partitions as the events topic"
         )
+
+    async def _apply_owned(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
+        """Apply the records of the partitions this sink's gate may write; a fenced
+        sink drops its batch (its successor resumes from the store's markers)."""
+        gate = self._gate
+        if gate is None:
+            return
+        owned: list[tuple[TopicPartition, list[object]]] = []
+        for tp, records in batches:
+            if tp.partition not in gate.writable:
+                continue
+            start = self._next.get(tp.partition, 0)
+            fresh = [r for r in records if r.offset >= start]  # type: ignore[attr-defined]
+            if fresh:
+                owned.append((tp, fresh))
+                self._next[tp.partition] = fresh[-1].offset + 1  # type: ignore[attr-defined]
+        try:
+            await self._apply(owned)
+        except SinkFencedError:
+            self.stats.fenced += 1
+            self._gate = None
+            self.stats.partitions = ()
+            self._wire = []
+            log.error(
+                "sink: %s was dropped by a sink that took partitions %s over (this one "
+                "was paused or cut off); its batch is left to that sink; this one writes again "
+                "once the group %s assigns it partitions",
+                gate.table,
+                sorted(gate.writable),
+                self.group,
+            )
 
     async def _apply(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
         # The deltas' rows stay bytes (see deltas.py): parts joined into one INSERT.
@@ -289,14 +423,21 @@ class Sink:
 
         A failed INSERT may have landed anyway (a server that committed the part
         but whose reply was lost): the markers written in the same INSERT say
-        whether it did, so a retry first reads them back.
+        whether it did, so a retry first reads them back. A failure because the
+        gate is gone is no failure to retry: another sink has taken over, and
+        resumed after whatever this one managed to write (SinkFencedError).
         """
+        gate = self._gate
+        if gate is None:
+            raise SinkFencedError("no write gate: this sink holds no partitions")
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self.rollups.write_json, body, count)
+                await asyncio.to_thread(self.rollups.write_json, body, count, gate.table)
                 return
             except Exception as exc:
+                if not await self._alive(gate):
+                    raise SinkFencedError(f"{gate.table} was dropped") from exc
                 delay = retry_delay(attempt)
                 log.error("sink could not write rollups (%s); retrying in %.1fs", exc, delay)
                 attempt += 1
@@ -310,11 +451,19 @@ class Sink:
                 log.warning("sink: the failed write had landed; not writing it again")
                 return
 
-    async def _retry(self, what: str, fn: object, *args: object) -> dict[int, int]:
+    async def _alive(self, gate: Gate) -> bool:
+        """Whether `gate` still exists; an unanswered question is not a fence."""
+        try:
+            return await asyncio.to_thread(self.gates.alive, gate)
+        except Exception as exc:
+            log.error("sink could not check its gate %s (%s)", gate.table, exc)
+            return True
+
+    async def _retry(self, what: str, fn: Callable[..., T], *args: object) -> T:
         attempt = 0
         while True:
             try:
-                return await asyncio.to_thread(fn, *args)  # type: ignore[arg-type]
+                return await asyncio.to_thread(fn, *args)
             except Exception as exc:
                 delay = retry_delay(attempt)
                 log.error("sink could not %s (%s); retrying in %.1fs", what, exc, delay)

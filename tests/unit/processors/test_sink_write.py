@@ -9,6 +9,7 @@ import pytest
 
 from processors import sink as sink_module
 from processors.sink import Sink
+from processors.sink_fence import Gate, SinkFencedError
 
 
 class FakeRollups:
@@ -18,7 +19,7 @@ class FakeRollups:
         self.inserts: list[bytes] = []
         self.offsets: dict[int, int] = {}
 
-    def write_json(self, body: bytes, count: int) -> None:
+    def write_json(self, body: bytes, count: int, table: str) -> None:
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
         if outcome in ("ok", "lost-reply"):
             self.inserts.append(body)
@@ -30,9 +31,18 @@ class FakeRollups:
         return dict(self.offsets)
 
 
+class OpenGates:
+    """Gates no other sink drops: these tests are about one sink's own writes."""
+
+    def alive(self, gate: Gate) -> bool:
+        return True
+
+
 def sink_with(rollups: FakeRollups) -> Sink:
     sink = Sink(cast(Any, None), "127.0.0.1:9", "r", "e")
     sink.rollups = cast(Any, rollups)
+    sink.gates = cast(Any, OpenGates())
+    sink._gate = Gate(1, frozenset({0, 3}))
     return sink
 
 
@@ -88,7 +98,7 @@ async def test_a_batch_committed_twice_upstream_is_applied_once() -> None:
     written: list[list[object]] = []
 
     class Rollups:
-        def write_json(self, body: bytes, count: int) -> None:
+        def write_json(self, body: bytes, count: int, table: str) -> None:
             rows = orjson.loads(b"[" + body + b"]")
             assert len(rows) == count
             written.extend(r for r in rows if r[0] != "")  # data rows, not markers
@@ -119,7 +129,7 @@ async def test_stats_say_how_far_each_partition_is_stored_once_written() -> None
     seen: list[dict[int, int]] = []
 
     class Rollups:
-        def write_json(self, body: bytes, count: int) -> None:
+        def write_json(self, body: bytes, count: int, table: str) -> None:
             seen.append(dict(sink.stats.counted))  # not yet: the INSERT is under way
 
         def resume_offsets(self, topic: str) -> dict[int, int]:
@@ -134,3 +144,40 @@ async def test_stats_say_how_far_each_partition_is_stored_once_written() -> None
     assert sink.stats.counted == {0: 10}  # partition 1's delta is not all out yet
     await sink._apply([(TopicPartition("r", 0), [Record(len(values), split[-1])])])
     assert sink.stats.counted == {0: 10, 1: 40}
+
+
+async def test_a_write_refused_because_the_gate_is_gone_is_not_retried() -> None:
+    """Another sink dropped this one's gate: the batch is its successor's now."""
+
+    class DroppedGates:
+        def alive(self, gate: Gate) -> bool:
+            return False
+
+    rollups = FakeRollups(["fail", "fail", "fail"], {0: 10})
+    sink = sink_with(rollups)
+    sink.gates = cast(Any, DroppedGates())
+    with pytest.raises(SinkFencedError):
+        await sink._write_once(b'["row"]', 1, {0: 10})
+    assert rollups.outcomes == ["fail", "fail"]  # one attempt, no retry
+    assert rollups.inserts == []
+
+
+async def test_a_fenced_sink_drops_its_batch_and_writes_nothing_more() -> None:
+    from aiokafka.structs import TopicPartition
+
+    from processors.deltas import Delta, encode
+
+    class DroppedGates:
+        def alive(self, gate: Gate) -> bool:
+            return False
+
+    rollups = FakeRollups(["fail"], {0: 1})
+    sink = sink_with(rollups)
+    sink.gates = cast(Any, DroppedGates())
+    values = encode(Delta(0, 10, 0, [_row("a", 1)]))
+    await sink._apply_owned([(TopicPartition("r", 0), [Record(0, v) for v in values])])
+    assert sink.stats.fenced == 1
+    assert sink.stats.partitions == ()
+    await sink._apply_owned([(TopicPartition("r", 0), [Record(1, v) for v in values])])
+    assert rollups.inserts == []
+    assert rollups.outcomes == []  # the second batch was not even tried
