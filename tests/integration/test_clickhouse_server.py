@@ -143,6 +143,7 @@ async def _usage_answers(url: str, database: str) -> tuple[list[Any], bool]:
         keys[account], _ = accounts.create_key(account, admin=False)
     messages = encode(Delta(0, 40, int(NOW.timestamp() * 1000) - 2_000, _usage_rows()))
     sink = Sink(store, "127.0.0.1:9", "r", "e")
+    sink._gate = sink.gates.take([0])  # as after an assignment of partition 0
     await sink._apply([(TopicPartition("r", 0), [_Record(i, m) for i, m in enumerate(messages)])])
 
     settings = ApiSettings(clickhouse_url=url, clickhouse_database=database, events_topic="e")
@@ -260,6 +261,7 @@ async def test_the_sinks_writes_survive_a_server_restart(tmp_path: Path) -> None
         store.migrate()
         messages = [m for delta in _deltas() for m in encode(delta)]
         sink = Sink(store, "127.0.0.1:9", "r", "e")
+        sink._gate = sink.gates.take([0])  # as after an assignment of partition 0
         await sink._apply(
             [(TopicPartition("r", 0), [_Record(i, m) for i, m in enumerate(messages)])]
         )
