@@ -17,8 +17,14 @@ if TYPE_CHECKING:
 def _up(args: argparse.Namespace) -> int:
     from deploy.settings import StackSettings
     from deploy.stack import up
+    from deploy.topology import Topology
 
-    up(load_service(StackSettings), demo=args.demo, as_json=args.json)
+    topology = Topology(args.brokers, args.store, args.workers, args.sinks, args.api_replicas)
+    problems = topology.problems()
+    if problems:
+        print("tally: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    up(load_service(StackSettings), demo=args.demo, as_json=args.json, topology=topology)
     return 0
 
 
@@ -161,6 +167,21 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack on this machine in the foreground")
     up.add_argument("--demo", action="store_true", help="add simulated gateways")
+    up.add_argument(
+        "--brokers", type=int, default=1, help="local Kafka brokers, one KRaft cluster (1..9)"
+    )
+    up.add_argument(
+        "--store",
+        choices=("embedded", "server"),
+        default="embedded",
+        help="embedded: chdb in this process; server: a ClickHouse server, every piece a "
+        "process of its own",
+    )
+    up.add_argument("--workers", type=int, default=1, help="worker processes (1: in this one)")
+    up.add_argument("--sinks", type=int, default=1, help="sink processes (--store server)")
+    up.add_argument(
+        "--api-replicas", type=int, default=1, help="API processes on ports TALLY_API_PORT, +1, ..."
+    )
     up.add_argument(
         "--json", action="store_true", help="print the addresses (and demo keys) as one JSON line"
     )

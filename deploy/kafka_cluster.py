@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 from deploy.kafka_local import LocalKafka, Quorum, new_cluster_id, read_properties
@@ -79,8 +80,10 @@ class LocalKafkaCluster:
             raise
 
     def stop(self, timeout: float = 30.0) -> None:
-        for node in reversed(self.nodes):
-            node.stop(timeout)
+        """Stop every node at once: one by one, the last would wait out `timeout` for a
+        quorum that its stopped peers can no longer form."""
+        with ThreadPoolExecutor(max(1, len(self.nodes))) as pool:
+            list(pool.map(lambda node: node.stop(timeout), self.nodes))
 
     def kill(self) -> None:
         for node in self.nodes:

@@ -17,7 +17,19 @@ class StackSettings(WorkerSettings, ApiSettings):
         REPO_ROOT / ".tally" / "kafka" / "libs",
         description="Kafka broker jars, installed by `make setup`.",
     )
-    kafka_port: int = Field(9092, ge=1, le=65535, description="Port of the local broker.")
+    kafka_port: int = Field(
+        9092,
+        ge=1,
+        le=65535,
+        description="Port of the local broker (the first of --brokers N: N ports from it).",
+    )
+    clickhouse_port: int = Field(
+        8123,
+        ge=1,
+        le=65535,
+        description="Port of the local ClickHouse server of `tally up --store server` "
+        "(unless TALLY_CLICKHOUSE_URL names a server).",
+    )
     events_partitions: int = Field(
         8, ge=1, le=1024, description="Partitions of the events topic when Tally creates it."
     )

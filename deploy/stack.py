@@ -15,8 +15,8 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -28,11 +28,10 @@ from mode import Service
 from prometheus_client import REGISTRY
 
 from deploy.cli_support import redact
-from deploy.kafka_local import LocalKafka, ensure_topics
-from deploy.processes import die_with_parent_hook
+from deploy.kafka_local import ensure_topics
 from deploy.settings import StackSettings
+from deploy.topology import Child, Supervisor, Topology, brokers_for, up_server
 from processors.app import RollupWorker, build_app
-from processors.failure import EXIT_UNSAFE
 from processors.gc_tuning import tune_gc
 from processors.metrics import PipelineCollector
 from processors.settings import WorkerSettings
@@ -105,74 +104,41 @@ class DemoGateways(Service):
 
 
 @contextmanager
-def kafka_for(settings: StackSettings) -> Iterator[str]:
-    """The broker to use: the configured one, or a local one for the duration."""
-    if settings.kafka_bootstrap:
-        yield settings.kafka_bootstrap
-        return
-    # LocalKafka keeps its log in <data_dir>/kafka.
-    broker = LocalKafka(settings.data_dir, settings.kafka_libs_dir, port=settings.kafka_port)
-    broker.start()
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
+def kafka_for(settings: StackSettings, brokers: int = 1) -> Iterator[str]:
+    """The broker to use: the configured one, or a local broker or cluster for the duration."""
+    with brokers_for(settings, brokers) as bootstrap:
+        yield bootstrap
 
 
 class WorkerProcesses(Service):
-    """`tally worker` child processes of `tally up` (TALLY_UP_WORKER_PROCESSES).
+    """`tally worker` child processes of `tally up` (--workers N, TALLY_UP_WORKER_PROCESSES).
 
     Workers never touch the store, so they may run beside the process that holds
     it; each gets a core of its own instead of sharing one with the sink and the
     API. They read the same TALLY_* environment (the broker `tally up` found or
-    started included), die with this process (PDEATHSIG: a kill -9 of `tally up`
-    leaves no orphan), and a worker that exits takes the stack down, as a worker
-    failing inside `tally up` does.
+    started included) and die with this process (PDEATHSIG: a kill -9 of `tally up`
+    leaves no orphan). One that exits is started again (deploy/topology.py
+    `Supervisor`): it resumes at its partitions' committed offsets, as any worker does.
     """
 
     def __init__(self, count: int, bootstrap: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.count = count
         env = {k: v for k, v in os.environ.items() if k != "TALLY_METRICS_PORT"}
         env["TALLY_KAFKA_BOOTSTRAP"] = bootstrap
-        self._env = env
-        self._procs: list[subprocess.Popen[bytes]] = []
+        tally = [sys.executable, "-m", "deploy.cli", "worker"]
+        self.processes = Supervisor([Child(f"worker-{i + 1}", tally, env) for i in range(count)])
 
     async def on_start(self) -> None:
-        self._procs = [self._spawn() for _ in range(self.count)]
-        log.info("tally up: %d worker processes %s", self.count, [p.pid for p in self._procs])
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "worker"],
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent_hook(),
-        )
+        await asyncio.to_thread(self.processes.start)
 
     @Service.task
     async def _watch(self) -> None:
         while not self.should_stop:
-            for proc in self._procs:
-                if proc.poll() is not None and not self.should_stop:
-                    log.error(
-                        "worker process %d exited with %s; stopping tally up (run it again "
-                        "to resume where the store left off)",
-                        proc.pid,
-                        proc.returncode,
-                    )
-                    os._exit(EXIT_UNSAFE)
+            self.processes.check(time.monotonic())
             await self.sleep(0.5)
 
     async def on_stop(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        await asyncio.to_thread(self.processes.stop)
 
 
 class SinkService(Service):
@@ -360,19 +326,29 @@ def demo_account_id(index: int) -> str:
     return f"demo-{index:04d}"
 
 
-def up(settings: StackSettings, demo: bool, as_json: bool = False) -> None:
+def up(
+    settings: StackSettings, demo: bool, as_json: bool = False, topology: Topology | None = None
+) -> None:
     """`tally up`: broker (unless one is named), worker, sink and API in this process.
 
     With `as_json` the banner is one JSON line on stdout (keys included), for
-    scripts that start a stack and need its addresses.
+    scripts that start a stack and need its addresses. A `topology` with a server
+    store runs every piece as a process of its own (deploy/topology.py); with the
+    embedded store it may run more brokers and worker processes beside this one.
     """
+    topology = topology or Topology()
+    if topology.store == "server":
+        up_server(topology, settings, demo, as_json)
+        return
+    if topology.workers > 1:
+        settings = settings.model_copy(update={"up_worker_processes": topology.workers})
     # Here, not at the top: `tally worker` and `tally sink` import this module
     # too, and the API's imports (FastAPI, pydantic models) cost each of them
     # about a second of CPU at start.
     from deploy.serve import ApiService
     from query_api.app import attach_sink, create_app
 
-    with kafka_for(settings) as bootstrap:
+    with kafka_for(settings, topology.brokers) as bootstrap:
         asyncio.run(
             ensure_topics(
                 bootstrap,

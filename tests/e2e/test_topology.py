@@ -1,0 +1,162 @@
+"""`tally up --brokers 3 --store server --workers 2 --sinks 2 --api-replicas 2`, for real.
+
+Three KRaft brokers, a ClickHouse server, two workers, two fenced sinks and two API
+processes, all children of one `tally up`. A key made on one API works on the other;
+events published to the cluster (re-sent copies included) are counted exactly on both
+replicas; a SIGKILLed worker and a SIGKILLed sink are started again by `tally up` and
+the totals stay exact; SIGTERM stops every child and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deploy.processes import free_port, port_is_free, process_exited
+from producers import events as build
+from producers.gateway import Gateway
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = "topology-admin-Qm7vX2kP9wL4rT8z"
+ACCOUNTS = 20
+
+
+def _consecutive_free_ports(n: int) -> int:
+    for _ in range(50):
+        base = free_port()
+        if all(port_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+async def _totals(client: httpx.AsyncClient, urls: list[str], keys: dict[str, str]) -> list[int]:
+    found = []
+    for url in urls:
+        total = 0
+        for key in keys.values():
+            r = await client.get(f"{url}/api/v1/account/usage", headers={"X-API-Key": key})
+            total += r.json()["data"]["requests"]["today"] if r.status_code == 200 else -1
+        found.append(total)
+    return found
+
+
+async def _until_exact(
+    client: httpx.AsyncClient, urls: list[str], keys: dict[str, str], want: int
+) -> float:
+    started = time.monotonic()
+    got: list[int] = []
+    while time.monotonic() - started < 120:
+        got = await _totals(client, urls, keys)
+        if got == [want] * len(urls):
+            return time.monotonic() - started
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"replicas answer {got}, {want} were sent")
+
+
+async def _publish(bootstrap: str, start: int, count: int) -> None:
+    async with Gateway(bootstrap) as gateway:
+        for i in range(start, start + count):
+            event = build.request(f"acct-{i % ACCOUNTS}", "gw-topology", id=f"e-{i}")
+            await gateway.record(event)
+            if i % 10 == 0:
+                await gateway.record(event)  # a re-sent copy: counted once
+
+
+def _restarted(log: Path, name: str) -> bool:
+    return f"tally up: {name} started again" in log.read_text(errors="replace")
+
+
+async def test_the_production_topology_counts_exactly_through_faults(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TALLY_DATA_DIR": str(tmp_path / "data"),
+        "TALLY_KAFKA_PORT": str(_consecutive_free_ports(3)),
+        "TALLY_CLICKHOUSE_PORT": str(free_port()),
+        "TALLY_API_PORT": str(_consecutive_free_ports(2)),
+        "TALLY_ADMIN_KEY": ADMIN,
+        "TALLY_SINK_SESSION_TIMEOUT_MS": "6000",
+    }
+    for name in ("TALLY_KAFKA_BOOTSTRAP", "TALLY_CLICKHOUSE_URL"):
+        env.pop(name, None)
+    log = tmp_path / "up.log"
+    args = ["--brokers", "3", "--store", "server", "--workers", "2", "--sinks", "2"]
+    with log.open("wb") as err:
+        up = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-m", "deploy.cli", "up", *args, "--api-replicas", "2", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        assert up.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(up.stdout.readline), 240)
+        assert line, log.read_text(errors="replace")[-3000:]
+        banner: dict[str, Any] = json.loads(line)
+        urls, bootstrap = banner["api_urls"], banner["kafka_bootstrap"]
+        assert len(urls) == 2
+        assert len(bootstrap.split(",")) == 3
+        async with httpx.AsyncClient(timeout=10) as client:
+            for url in urls:
+                deadline = time.monotonic() + 60
+                while (await _health(client, url)) != 200:
+                    assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                    await asyncio.sleep(0.5)
+            keys = {}
+            for i in range(ACCOUNTS):
+                r = await client.post(
+                    f"{urls[i % 2]}/api/v1/admin/accounts",
+                    json={"id": f"acct-{i}", "plan": "pro"},
+                    headers={"X-API-Key": ADMIN},
+                )
+                assert r.status_code == 201, r.text
+                keys[f"acct-{i}"] = r.json()["data"]["api_key"]
+
+            await _publish(bootstrap, 0, 6_000)
+            settle = await _until_exact(client, urls, keys, 6_000)
+            print(f"\n6,000 events counted on both replicas after {settle:.1f}s")
+
+            os.kill(banner["processes"]["worker-1"], signal.SIGKILL)
+            os.kill(banner["processes"]["sink-1"], signal.SIGKILL)
+            await _publish(bootstrap, 6_000, 4_000)
+            settle = await _until_exact(client, urls, keys, 10_000)
+            print(f"worker and sink SIGKILLed: exact again after {settle:.1f}s")
+            assert _restarted(log, "worker-1")
+            assert _restarted(log, "sink-1")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(up.wait, 120)
+    assert code == 0, log.read_text(errors="replace")[-3000:]
+    for name, pid in banner["processes"].items():
+        assert process_exited(pid), name
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _ours(p, tmp_path)]
+
+
+async def _health(client: httpx.AsyncClient, url: str) -> int:
+    try:
+        return (await client.get(f"{url}/healthz")).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _ours(proc: Path, data: Path) -> bool:
+    """A live process whose command line or environment names this test's data dir."""
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+        environ = (proc / "environ").read_bytes()
+    except OSError:
+        return False
+    if process_exited(int(proc.name)):
+        return False
+    return str(data).encode() in cmdline + environ
