@@ -238,7 +238,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
     from deploy import stack
 
     @contextlib.contextmanager
-    def kafka_for(settings: Any) -> Iterator[str]:
+    def kafka_for(settings: Any, brokers: int = 1) -> Iterator[str]:
         yield "kafka-1:9092"
 
     async def ensure_topics(bootstrap: str, topics: Any) -> None:
