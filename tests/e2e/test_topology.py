@@ -3,8 +3,10 @@
 Three KRaft brokers, a ClickHouse server, two workers, two fenced sinks and two API
 processes, all children of one `tally up`. A key made on one API works on the other;
 events published to the cluster (re-sent copies included) are counted exactly on both
-replicas; a SIGKILLed worker and a SIGKILLed sink are started again by `tally up` and
-the totals stay exact; SIGTERM stops every child and leaves no process behind.
+replicas; a SIGKILLed worker and a SIGKILLed sink are started again by `tally up`, a
+sink SIGSTOPped past its session timeout loses its partitions and writes nothing twice
+once woken, the broker leading most partitions dies for good, and the totals stay exact
+through each; SIGTERM stops every child and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from deploy.processes import free_port, port_is_free, process_exited
 from producers import events as build
@@ -64,8 +69,8 @@ async def _until_exact(
     raise AssertionError(f"replicas answer {got}, {want} were sent")
 
 
-async def _publish(bootstrap: str, start: int, count: int) -> None:
-    async with Gateway(bootstrap) as gateway:
+async def _publish(bootstrap: str, start: int, count: int, spool: Path) -> None:
+    async with Gateway(bootstrap, spool_dir=spool) as gateway:
         for i in range(start, start + count):
             event = build.request(f"acct-{i % ACCOUNTS}", "gw-topology", id=f"e-{i}")
             await gateway.record(event)
@@ -90,6 +95,7 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
     for name in ("TALLY_KAFKA_BOOTSTRAP", "TALLY_CLICKHOUSE_URL"):
         env.pop(name, None)
     log = tmp_path / "up.log"
+    spool = tmp_path / "spool"
     args = ["--brokers", "3", "--store", "server", "--workers", "2", "--sinks", "2"]
     with log.open("wb") as err:
         up = await asyncio.to_thread(
@@ -123,17 +129,50 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
                 assert r.status_code == 201, r.text
                 keys[f"acct-{i}"] = r.json()["data"]["api_key"]
 
-            await _publish(bootstrap, 0, 6_000)
+            await _publish(bootstrap, 0, 6_000, spool)
             settle = await _until_exact(client, urls, keys, 6_000)
             print(f"\n6,000 events counted on both replicas after {settle:.1f}s")
 
             os.kill(banner["processes"]["worker-1"], signal.SIGKILL)
             os.kill(banner["processes"]["sink-1"], signal.SIGKILL)
-            await _publish(bootstrap, 6_000, 4_000)
+            await _publish(bootstrap, 6_000, 4_000, spool)
             settle = await _until_exact(client, urls, keys, 10_000)
             print(f"worker and sink SIGKILLed: exact again after {settle:.1f}s")
             assert _restarted(log, "worker-1")
             assert _restarted(log, "sink-1")
+
+            # A sink paused past its session timeout: its partitions move to the other
+            # sink, which counts on; woken, the paused one must not write what it held.
+            sink = banner["processes"]["sink-2"]
+            os.kill(sink, signal.SIGSTOP)
+            try:
+                await _publish(bootstrap, 10_000, 3_000, spool)
+                settle = await _until_exact(client, urls, keys, 13_000)
+                print(f"sink-2 stopped: exact without it after {settle:.1f}s")
+            finally:
+                os.kill(sink, signal.SIGCONT)
+            await _publish(bootstrap, 13_000, 2_000, spool)
+            settle = await _until_exact(client, urls, keys, 15_000)
+            await asyncio.sleep(3)  # anything the woken sink wrote twice shows by now
+            assert await _totals(client, urls, keys) == [15_000, 15_000]
+            print(f"sink-2 woken: exact after {settle:.1f}s, and still exact")
+
+            # The broker leading most events partitions dies and stays dead; once its
+            # partitions have new leaders (the controller notices within the brokers'
+            # session timeout), publishing goes on.
+            leader = await _busiest_leader(bootstrap)
+            pid_file = tmp_path / "data" / f"kafka-{leader}" / "broker.pid"
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+            survivors = ",".join(
+                a for i, a in enumerate(bootstrap.split(","), start=1) if i != leader
+            )
+            deadline = time.monotonic() + 60
+            while await _still_leads(survivors, leader):
+                assert time.monotonic() < deadline, "no new leaders"
+                await asyncio.sleep(0.5)
+            await _publish(survivors, 15_000, 3_000, spool)
+            settle = await _until_exact(client, urls, keys, 18_000)
+            print(f"broker {leader} SIGKILLed: exact after {settle:.1f}s")
     finally:
         up.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(up.wait, 120)
@@ -141,6 +180,27 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
     for name, pid in banner["processes"].items():
         assert process_exited(pid), name
     assert await asyncio.to_thread(_left_behind, tmp_path) == []
+
+
+async def _busiest_leader(bootstrap: str, dead: int | None = None) -> int:
+    """The broker leading most events partitions; with `dead`, how many it still leads."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (meta,) = await admin.describe_topics(["tally.events"])
+    finally:
+        await admin.close()
+    leaders = Counter(int(p["leader"]) for p in meta["partitions"])
+    if dead is not None:
+        return leaders[dead]
+    return leaders.most_common(1)[0][0]
+
+
+async def _still_leads(bootstrap: str, broker: int) -> bool:
+    try:
+        return await _busiest_leader(bootstrap, dead=broker) > 0
+    except KafkaError:  # metadata may still send the request to the dead broker
+        return True
 
 
 async def _health(client: httpx.AsyncClient, url: str) -> int:
