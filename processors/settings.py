@@ -8,7 +8,6 @@ from schemas.settings import TallySettings
 
 
 class WorkerSettings(TallySettings):
-    consumer_group: str = Field("tally-worker", min_length=1, description="Kafka consumer group.")
     worker_batch_messages: int = Field(
         1_000, ge=1, le=100_000, description="Messages per flush at most (each may hold a batch)."
     )

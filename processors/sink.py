@@ -49,6 +49,10 @@ TABLE = "rollup_minute"
 MAX_ROWS_PER_INSERT = 1_000_000
 SINK_ROWS_PER_INSERT = 200_000
 
+# An idle sink re-states its rollups markers this often: their write time tells
+# /readyz that the sink runs even while workers send it nothing.
+SINK_IDLE_MARK_S = 5.0
+
 # The rows as the deltas' wire format (version 2) carries them, and how they
 # become `rollup_minute`'s columns: ClickHouse parses and converts them, Python
 # never builds a row.
@@ -158,6 +162,9 @@ class Sink:
         self._listeners: list[Listener] = []
         # Wire rows of the deltas in the INSERT being built (kept only for listeners).
         self._wire: list[Sequence[Any]] = []
+        # Per rollups partition, the offset after the last message in the store.
+        self._positions: dict[int, int] = {}
+        self._last_mark = time.monotonic()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -195,6 +202,7 @@ class Sink:
                 else:
                     await consumer.seek_to_beginning(tp)
             log.info("sink applies %s from %s", self.rollups_topic, stored or "the beginning")
+            self._positions = dict(stored)
             self._counted = await self._retry(
                 "read offset markers", self.rollups.resume_offsets, self.events_topic
             )
@@ -202,6 +210,8 @@ class Sink:
                 batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
                 if batches:
                     await self._apply(batches.items())
+                elif self._positions and time.monotonic() - self._last_mark >= SINK_IDLE_MARK_S:
+                    await self._mark_alive()
         finally:
             await consumer.stop()
 
@@ -265,7 +275,10 @@ class Sink:
     async def _write(
         self, rows: list[bytes], count: int, applied: dict[int, int], fresh: dict[int, int]
     ) -> None:
-        markers = _marker_rows(self.rollups_topic, applied, {})
+        # The rollups partitions' markers carry when the sink wrote them: /readyz
+        # tells a sink that stopped writing from workers that stopped reporting.
+        written_ms = int(time.time() * 1000)
+        markers = _marker_rows(self.rollups_topic, applied, dict.fromkeys(applied, written_ms))
         # Freshness per events partition, for meta.updated_at (see queries.py).
         counted = {p: self._counted[p] for p in fresh}
         markers += _marker_rows(self.events_topic, counted, fresh)
@@ -274,6 +287,8 @@ class Sink:
         await self._write_once(body, count + len(markers), applied)
         self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.last_write_unix = time.time()
+        self._positions.update(applied)
+        self._last_mark = time.monotonic()
         for partition, reflected in fresh.items():
             seen = self.stats.reflected_ms.get(partition, 0)
             self.stats.reflected_ms[partition] = max(seen, reflected)
@@ -283,6 +298,17 @@ class Sink:
         wire, self._wire = self._wire, []
         for listener in self._listeners:
             listener(wire, fresh)
+
+    async def _mark_alive(self) -> None:
+        """Re-state the rollups markers as they are, with a fresh write time.
+
+        The same offsets again: where the sink resumes does not move (max wins).
+        """
+        written_ms = int(time.time() * 1000)
+        positions = dict(self._positions)
+        markers = _marker_rows(self.rollups_topic, positions, dict.fromkeys(positions, written_ms))
+        await self._write_once(orjson.dumps(markers)[1:-1], len(markers), positions)
+        self._last_mark = time.monotonic()
 
     async def _write_once(self, body: bytes, count: int, applied: dict[int, int]) -> None:
         """Write, retrying failures, without ever writing the same rows twice.
