@@ -22,6 +22,7 @@ from deploy.stack import ensure_rollups_topic, running_pipeline
 from processors.app import build_app
 from processors.settings import WorkerSettings
 from query_api import queries
+from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.store import Store
@@ -100,7 +101,12 @@ def reason(code: str) -> Callable[[int, dict[str, Any]], bool]:
 async def test_an_idle_pipeline_is_ready_and_not_once_its_worker_stops(
     pipeline_settings: WorkerSettings, pipeline_store: Store
 ) -> None:
-    async with client_for(api_settings(pipeline_settings), pipeline_store) as client:
+    accounts = AccountStore(pipeline_store)
+    accounts.create("acme", "pro")
+    key, _ = accounts.create_key("acme", admin=False)
+    # The usage routes read the store (the sink here is not this app's, see attach_sink).
+    settings = api_settings(pipeline_settings, api_usage_view="off")
+    async with client_for(settings, pipeline_store) as client:
         async with running_pipeline(pipeline_settings, pipeline_store):
             body = await wait_for(client, "ready", lambda s, _: s == 200, 30)
             assert body == {
@@ -108,6 +114,13 @@ async def test_an_idle_pipeline_is_ready_and_not_once_its_worker_stops(
                 "reason": None,
                 "checks": dict.fromkeys(("store", "kafka", "workers", "sink", "processors"), "ok"),
             }
+            # The idle heartbeat keeps the data current without a single event: the
+            # delay is that of the last heartbeat to reach the store, not years.
+            usage = await client.get("/api/v1/account/usage", headers={"X-API-Key": key})
+            assert usage.status_code == 200, usage.text
+            delay = float(usage.headers["X-Data-Delay"])
+            print(f"X-Data-Delay on an idle pipeline: {delay}s")
+            assert 0 <= delay < settings.processors_stale_s
         # The worker left its group as it stopped: no worker, at once (no staleness wait).
         body = await wait_for(client, "no_worker", reason("no_worker"), 15)
         assert body["checks"]["workers"] == "no_worker"
