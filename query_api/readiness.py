@@ -39,6 +39,9 @@ log = logging.getLogger("tally.api.readiness")
 CHECK_TIMEOUT_S = 5.0
 """A dependency slower than this to answer counts as unreachable."""
 
+WARN_AFTER_S = 10.0
+"""A stack that was ready and has not been for this long is worth a WARNING."""
+
 
 class Reason(StrEnum):
     """Why the stack is not ready: the first broken link, in the order checked."""
@@ -148,7 +151,7 @@ class Readiness:
     clock: Callable[[], float] = time.monotonic
     _verdict: Verdict | None = None
     _checked_at: float = 0.0
-    _started_at: float | None = None
+    _not_ready_since: float | None = None
     _was_ready: bool = False
     _warned: Reason | None = None
     _checking: asyncio.Task[Verdict] | None = field(default=None, repr=False)
@@ -197,30 +200,35 @@ class Readiness:
         )
 
     def _log(self, verdict: Verdict) -> None:
-        """One line per change of verdict, never per call.
+        """One INFO line per change of verdict; a WARNING once not ready for long.
 
-        Not ready while starting up is expected (INFO); a WARNING says a stack that
-        was ready stopped being so, or one that has not become ready within
-        TALLY_PROCESSORS_STALE_S of its first check.
+        Short spells of not ready are part of normal operation: starting up, a
+        rebalance, `tally up` stopping (its worker leaves the group first). A WARNING
+        says the spell lasted WARN_AFTER_S (TALLY_PROCESSORS_STALE_S while the stack
+        has never been ready), once per spell and reason, as seen by the checks that
+        callers of /readyz cause.
         """
         previous = self._verdict
-        if self._started_at is None:
-            self._started_at = self.clock()
+        now = self.clock()
         if verdict.ready:
             if previous is None or not previous.ready:
                 log.info("ready: the store, Kafka, the workers and the sink all report")
             self._was_ready = True
+            self._not_ready_since = None
             self._warned = None
             return
         assert verdict.reason is not None
-        line = ("not ready (%s): %s; %s", verdict.reason, verdict.detail, _ADVICE[verdict.reason])
-        grace = self.clock() - self._started_at < self.settings.processors_stale_s
-        if grace and not self._was_ready:
-            if previous is None or previous.reason != verdict.reason:
-                log.info(*line)
-            return
-        if self._warned != verdict.reason:
-            log.warning(*line)
+        advice = _ADVICE[verdict.reason]
+        if previous is None or previous.reason != verdict.reason:
+            log.info("not ready (%s): %s; %s", verdict.reason, verdict.detail, advice)
+        if self._not_ready_since is None:
+            self._not_ready_since = now
+        spell = now - self._not_ready_since
+        patience = WARN_AFTER_S if self._was_ready else self.settings.processors_stale_s
+        if spell >= patience and self._warned != verdict.reason:
+            log.warning(
+                "not ready for %.0fs (%s): %s; %s", spell, verdict.reason, verdict.detail, advice
+            )
             self._warned = verdict.reason
 
 

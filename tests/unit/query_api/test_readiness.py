@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from query_api.queries import PipelineMarks
-from query_api.readiness import Observed, Readiness, Reason, judge
+from query_api.readiness import WARN_AFTER_S, Observed, Readiness, Reason, judge
 from query_api.settings import ApiSettings
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -81,49 +81,63 @@ class Scripted(Readiness):
         return self.signals
 
 
-async def test_not_ready_while_starting_is_info_and_a_lost_worker_a_warning(
+class Stepper:
+    """A Scripted readiness on a clock the test moves, one check per step."""
+
+    def __init__(self, **settings: float) -> None:
+        self.clock = 0.0
+        self.probe = Scripted(
+            ApiSettings(readyz_refresh_s=1.0, **settings),  # type: ignore[arg-type]
+            store=None,  # type: ignore[arg-type]
+            now=lambda: NOW,
+        )
+        self.probe.clock = lambda: self.clock
+
+    async def step(self, signals: Observed, seconds: float = 1.0) -> None:
+        self.probe.signals = signals
+        self.clock += seconds
+        await self.probe.verdict()
+        while self.probe._checking is not None:  # the refresh runs in the background
+            await self.probe._checking
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records]
+
+
+async def test_short_spells_are_info_and_a_lasting_one_a_single_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = [0.0]
-    probe = Scripted(ApiSettings(readyz_refresh_s=1.0), store=None, now=lambda: NOW)  # type: ignore[arg-type]
-    probe.clock = lambda: clock[0]
-
-    async def step(signals: Observed) -> None:
-        probe.signals = signals
-        clock[0] += 1.0
-        await probe.verdict()
-        while probe._checking is not None:  # the refresh runs in the background
-            await probe._checking
-
     caplog.set_level(logging.INFO, logger="tally.api.readiness")
-    await step(seen(members=0))
-    await step(seen(members=0))  # unchanged: no second line
-    await step(seen())
-    await step(seen(members=0))
-    await step(seen(members=0))
-    levels = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records]
-    assert levels == [
+    s = Stepper()
+    await s.step(seen(members=0))  # starting up
+    await s.step(seen(members=0))  # unchanged: no second line
+    await s.step(seen())
+    await s.step(seen(members=0))  # a rebalance, a stop: short
+    await s.step(seen())
+    assert lines(caplog) == [
         ("INFO", "not ready (no_worker)"),
         ("INFO", "ready"),
-        ("WARNING", "not ready (no_worker)"),
+        ("INFO", "not ready (no_worker)"),
+        ("INFO", "ready"),
+    ]
+    caplog.clear()
+    for _ in range(int(WARN_AFTER_S) + 5):  # the worker is gone for good
+        await s.step(seen(members=0))
+    assert lines(caplog) == [
+        ("INFO", "not ready (no_worker)"),
+        ("WARNING", f"not ready for {WARN_AFTER_S:.0f}s (no_worker)"),
     ]
 
 
 async def test_a_start_that_never_becomes_ready_warns_once_past_the_grace(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = [0.0]
-    probe = Scripted(
-        ApiSettings(readyz_refresh_s=1.0, processors_stale_s=5.0),
-        store=None,  # type: ignore[arg-type]
-        now=lambda: NOW,
-    )
-    probe.clock = lambda: clock[0]
-    probe.signals = seen(reflected_s=None, sink_s=None)
     caplog.set_level(logging.INFO, logger="tally.api.readiness")
-    for _ in range(10):
-        clock[0] += 1.0
-        await probe.verdict()
-        while probe._checking is not None:
-            await probe._checking
-    assert [r.levelname for r in caplog.records] == ["INFO", "WARNING"]
+    s = Stepper(processors_stale_s=20.0)
+    for _ in range(30):
+        await s.step(seen(reflected_s=None, sink_s=None))
+    assert lines(caplog) == [
+        ("INFO", "not ready (no_sink)"),
+        ("WARNING", "not ready for 20s (no_sink)"),
+    ]
