@@ -103,6 +103,9 @@ class RollupWorker:
         # Per partition, how often it was revoked: a takeover that a revocation
         # overtook must not install its output (the partition may be someone else's).
         self._revocations: dict[int, int] = defaultdict(int)
+        # Set by stop(): no takeover starts after it, or its producer would outlive
+        # the worker (the consumer stays assigned, and the heartbeat runs, a little longer).
+        self._stopping = False
         self._committing: asyncio.Future[None] | None = None
         self._resumer = Resumer(
             settings.bootstrap,
@@ -205,7 +208,7 @@ class RollupWorker:
         """
         waits: list[asyncio.Future[None]] = []
         for partition in partitions:
-            if partition in self._outputs:
+            if partition in self._outputs or self._stopping:
                 continue
             taking = self._taking.get(partition)
             if taking is None:
@@ -450,6 +453,7 @@ class RollupWorker:
         return lag
 
     async def stop(self) -> None:
+        self._stopping = True
         taking = list(self._taking.values())
         for task in taking:
             task.cancel()  # a cancelled takeover stops its own producer
