@@ -248,7 +248,9 @@ class RollupWorker:
             await output.stop()  # the next attempt starts (and fences) afresh
             raise
         if self._revocations[partition] != generation:
-            await output.stop()  # revoked meanwhile: a later assignment takes it over again
+            # Revoked meanwhile: a later assignment takes it over again, from scratch.
+            self.pipeline.forget(partition)
+            await output.stop()
             return
         self.stats.remembered += remembered
         self._outputs[partition] = output

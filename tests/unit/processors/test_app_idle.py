@@ -8,6 +8,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from faust.types import TP
 
 from processors.app import RollupWorker
@@ -59,3 +60,56 @@ async def test_nothing_is_taken_over_once_the_worker_stops() -> None:
     await worker.heartbeat()
     await worker._take_over_all([0, 1])
     assert taken == []
+
+
+class FakeOutput:
+    def __init__(self, *args: Any) -> None:
+        self.started = self.stopped = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+class SlowResumer:
+    """Answers `committed` once the test lets it, so a revocation can come first."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.go = asyncio.Event()
+
+    async def committed(self, partition: int) -> int:
+        await self.go.wait()
+        return 0
+
+    async def replay(self, *args: Any) -> int:
+        return 0
+
+
+async def test_a_takeover_overtaken_by_a_revocation_installs_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[FakeOutput] = []
+
+    def output(*args: Any) -> FakeOutput:
+        made.append(FakeOutput())
+        return made[-1]
+
+    monkeypatch.setattr("processors.app.PartitionOutput", output)
+    settings = WorkerSettings(events_topic="e", rollups_topic="r", dlq_topic="d")
+    worker = RollupWorker(settings, cast(Any, SimpleNamespace(consumer=Assigned(TP("e", 0)))))
+    resumer = SlowResumer()
+    worker._resumer = cast(Any, resumer)
+    taking = asyncio.ensure_future(worker._take_over_all([0]))
+    await asyncio.sleep(0.01)  # the producer started (fencing), `committed` pending
+    worker.on_revoked({0})
+    resumer.go.set()
+    await taking
+    assert 0 not in worker._outputs
+    assert made[0].started
+    assert made[0].stopped
+    # Assigned again: a fresh takeover, whose output is installed.
+    await worker._take_over_all([0])
+    assert worker._outputs[0] is cast(Any, made[1])
