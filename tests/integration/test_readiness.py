@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from deploy.kafka_local import LocalKafka, free_port
 from deploy.stack import ensure_rollups_topic, running_pipeline
 from processors.app import build_app
 from processors.settings import WorkerSettings
+from processors.sink import RollupStore, Sink
 from query_api import queries
 from query_api.accounts import AccountStore
 from query_api.app import create_app
@@ -197,3 +199,17 @@ async def test_readyz_queries_the_store_at_most_once_per_interval(
         answers += [await readyz(client) for _ in range(50)]
     assert {status for status, _ in answers} == {503}  # no worker in this test
     assert len(calls) == 1, f"{len(calls)} store queries for 100 calls within the interval"
+
+
+async def test_an_idle_sink_restates_its_markers_with_a_write_time(store: Store) -> None:
+    sink = Sink(store, "127.0.0.1:9", "r", "e")  # no Kafka needed to write markers
+    sink._positions = {0: 5, 1: 7}
+    before = datetime.now(UTC)
+    assert queries.pipeline_marks(store, "e", "r").sink_wrote is None
+    await sink._mark_alive()
+    marks = queries.pipeline_marks(store, "e", "r")
+    assert marks.sink_wrote is not None
+    assert marks.sink_wrote >= before.replace(microsecond=before.microsecond // 1000 * 1000)
+    assert marks.reflected_until is None  # no worker report: nothing about the events
+    # Where the sink resumes does not move.
+    assert RollupStore(store).resume_offsets("r") == {0: 5, 1: 7}
