@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIBS := .tally/kafka/libs
+KUSTOMIZE_VERSION := v5.8.2
+KUSTOMIZE := .tally/bin/kustomize
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -14,7 +16,9 @@ help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed browser ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed ## Create .venv, install Tally + dev tools, fetch Kafka jars (idempotent)
+
+test-tools: setup $(KUSTOMIZE).$(KUSTOMIZE_VERSION) browser ## What only the tests need: kustomize (Go) and headless Chromium
 
 browser: ## Install Debian's headless Chromium when missing (for tests/e2e/test_dashboard.py)
 	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
@@ -36,13 +40,15 @@ $(VENV)/.installed: requirements.lock pyproject.toml native/pyproject.toml nativ
 	$(BIN)/python -m pip check
 	touch $@
 
-lock: ## Re-resolve requirements.lock (every Python dependency, hashed) from pyproject.toml
+lock: ## Re-resolve requirements.lock (every Python dependency, hashed) and the image's deploy/requirements.lock
 	test -x $(BIN)/uv || $(MAKE) --no-print-directory setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra setup \
 	  --universal --python-version 3.11 --generate-hashes --no-header --quiet --upgrade \
 	  -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	  --no-header --quiet -c requirements.lock -o deploy/requirements.lock
 	cd native && cargo update
-	@echo "lock: review and commit requirements.lock and native/Cargo.lock, then make setup"
+	@echo "lock: review and commit requirements.lock, deploy/requirements.lock and native/Cargo.lock, then make setup"
 
 # Kafka runs from Maven Central jars on the machine's JDK: no download outside
 # the package registries, no Docker.
@@ -52,14 +58,23 @@ $(KAFKA_LIBS)/.installed: deploy/kafka/pom.xml
 	  -DoutputDirectory=$(abspath $(KAFKA_LIBS)) -DincludeScope=runtime
 	touch $@
 
+# kustomize, for tests/unit/deploy/test_manifests.py to build deploy/k8s exactly as
+# `kubectl apply -k` would: built from the Go module proxy at a pinned version (about
+# 3 minutes the first time on 2 cores, seconds once Go's caches hold it).
+$(KUSTOMIZE).$(KUSTOMIZE_VERSION):
+	@command -v go >/dev/null || { echo "setup: go is missing: the manifest tests build \
+	  kustomize with it; install Go (https://go.dev/doc/install)"; exit 1; }
+	GOBIN=$(abspath $(dir $(KUSTOMIZE))) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	touch $@
+
 run: setup ## Bootstrap and run the whole stack with demo gateways (Ctrl-C stops it)
 	$(BIN)/tally up --demo
 
-test: setup ## Bootstrap and run lint, types and every test tier
+test: test-tools ## Bootstrap and run lint, types and every test tier
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-unit: setup ## Run only the unit tests (no Kafka, no ClickHouse)
+unit: test-tools ## Run only the unit tests (no Kafka, no ClickHouse)
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: ## ruff (lint + format check) and mypy strict
@@ -85,4 +100,4 @@ bench: setup ## Run the benchmark suite (not tests): a table, and benchmarks/res
 clean: ## Remove local data (.tally/data) but keep installed jars and .venv
 	rm -rf .tally/data
 
-.PHONY: help setup lock browser run test unit lint fmt schema docs clean bench
+.PHONY: help setup test-tools lock browser run test unit lint fmt schema docs clean bench

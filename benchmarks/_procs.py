@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 
-from deploy.kafka_local import die_with_parent_hook
+from deploy.processes import die_with_parent_hook
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

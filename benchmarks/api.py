@@ -212,7 +212,7 @@ def run(
 ) -> dict[str, float]:
     """The API needs no Kafka: `bootstrap` is unused (the shared bench signature)."""
     del bootstrap
-    from deploy.kafka_local import free_port
+    from deploy.processes import free_port
 
     workdir = pathlib.Path(workdir) / "api"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Events are written straight to Kafka in the shape the gateway library produces:
 JSON arrays of up to `BATCH_EVENTS` CloudEvents per message, each message holding
-only events of its own partition (murmur2 of the subject, CONTRACT §1). Building
+only events of its own partition (murmur2 of the subject, docs/api.md#partitioning). Building
 them as plain dicts instead of through the pydantic builders keeps generating 2M
 events to seconds; they pass the same validation in the worker.
 

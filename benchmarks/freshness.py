@@ -238,7 +238,7 @@ def run(
 ) -> dict[str, float]:
     """`overrides`: TALLY_* settings for `tally up`; `rate` below RATE separates the
     pipeline's own latency from a shortage of CPU (development only)."""
-    from deploy.kafka_local import free_port
+    from deploy.processes import free_port
 
     workdir = pathlib.Path(workdir) / "freshness"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,8 @@ def main() -> None:
             print(json.dumps(figures, indent=2))
             return
         from benchmarks._procs import REPO_ROOT
-        from deploy.kafka_local import LocalKafka, free_port
+        from deploy.kafka_local import LocalKafka
+        from deploy.processes import free_port
 
         broker = LocalKafka(pathlib.Path(tmp), REPO_ROOT / ".tally/kafka/libs", port=free_port())
         broker.start()

@@ -4,7 +4,7 @@
 the bench broker). The benchmark publishes EVENTS_PER_ACCOUNT request events for
 each of N distinct accounts (1,000,000 at scale 1.0), their times spread over the
 current week up to now, in gateway-shaped batches (one JSON array of up to
-BATCH_EVENTS co-partitioned events per message, partitioned as CONTRACT §1
+BATCH_EVENTS co-partitioned events per message, partitioned as docs/api.md#partitioning
 says), waits until the worker's committed offsets reach the end of every
 partition, and reads VmHWM (the peak resident set) from /proc/<pid>/status.
 
@@ -199,7 +199,8 @@ def main() -> None:
                 json.dumps(run(args.bootstrap, pathlib.Path(tmp), args.scale, overrides), indent=2)
             )
             return
-        from deploy.kafka_local import LocalKafka, free_port
+        from deploy.kafka_local import LocalKafka
+        from deploy.processes import free_port
 
         broker = LocalKafka(pathlib.Path(tmp), REPO_ROOT / ".tally/kafka/libs", port=free_port())
         broker.start()

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from benchmarks.dataset import BATCH_EVENTS, DUPLICATE_RATE, PARTITIONS, _Generator
-from processors.decode import Limits, decode_flat, decode_message, decode_native
+from processors.decode import Limits, decode_flat, decode_message
 from processors.deltas import Delta, decode, encode, read
 from processors.pipeline import Message, Pipeline
 
@@ -76,10 +76,6 @@ def main() -> None:
         for m in messages:
             decode_flat(m.value, now, limits)
 
-    def decoding_native() -> None:
-        for m in messages:
-            decode_native(m.value, now, limits)
-
     def processing() -> object:
         pipeline = Pipeline("t", limits, 3_600.0, 2_000_000)
         for p in range(PARTITIONS):
@@ -105,12 +101,10 @@ def main() -> None:
         "orjson_loads_us_per_event": best(loads) / n * 1e6,
         "decode_message_us_per_event": best(decoding) / n * 1e6,
         "decode_flat_us_per_event": best(decoding_flat) / n * 1e6,
-        # The worker's hot path since msgspec: whole message, times and minutes included.
-        "decode_native_us_per_event": best(decoding_native) / n * 1e6,
         "pipeline_process_us_per_event": best(processing) / n * 1e6,
         # The worker's call: with re-sent events (DUPLICATE_RATE), wire rows, GC off.
         "pipeline_worker_us_per_event": best(processing_as_the_worker) / resent_n * 1e6,
-        # The same without tally_fold: the Python tiers alone.
+        # The same without tally_fold: the Python reference alone.
         "pipeline_worker_python_us_per_event": best(lambda: processing_as_the_worker(False))
         / resent_n
         * 1e6,

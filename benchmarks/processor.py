@@ -45,7 +45,8 @@ from aiokafka.errors import KafkaError
 
 from benchmarks import _child, _procs
 from benchmarks.dataset import Dataset, load
-from deploy.kafka_local import ensure_topics, free_port
+from deploy.kafka_local import ensure_topics
+from deploy.processes import free_port
 from deploy.stack import ensure_rollups_topic, new_sink, running_pipeline
 from processors.gc_tuning import tune_gc
 from processors.settings import WorkerSettings

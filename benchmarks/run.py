@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import dataset as datasets
-from deploy.kafka_local import LocalKafka, free_port
+from deploy.kafka_local import LocalKafka
+from deploy.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_LIBS = REPO / ".tally" / "kafka" / "libs"
@@ -49,6 +50,7 @@ BENCHES: tuple[tuple[str, str, bool], ...] = (
     ("quix", "benchmarks.quix", True),
     ("producer", "benchmarks.producer", False),
     ("api", "benchmarks.api", False),
+    ("abuse", "benchmarks.abuse", False),
     ("freshness", "benchmarks.freshness", False),
     ("memory", "benchmarks.memory", False),
 )
@@ -62,6 +64,8 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("producer_events_per_s", ">=", 300_000),
     ("api_rps", ">=", 2_000),
     ("api_p99_ms", "<=", 25),
+    ("api_abuse_p99_ratio", "<=", 3),
+    ("api_abuse_good_errors", "<=", 0),
     ("freshness_p99_s", "<=", 1.0),
     ("worker_peak_rss_mib", "<=", 1_024),
 )

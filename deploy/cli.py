@@ -93,7 +93,9 @@ def _migrate(args: argparse.Namespace) -> int:
     from schemas.store import Store, migrations
 
     settings = load_service(WorkerSettings)
-    store = Store(settings.store_url, settings.store_database)
+    # On a cluster the tables must be created ON CLUSTER with replicated engines, as the
+    # sink and the API expect them (schemas/cluster.py).
+    store = Store(settings.store_url, settings.store_database, settings.clickhouse_cluster or "")
     try:
         applied = store.migrate()
     finally:

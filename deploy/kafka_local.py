@@ -10,8 +10,8 @@ under ``<data_dir>/kafka``:
     broker.out          the JVM's stdout/stderr: crashes that happen before log4j is up
     broker.pid          "<java pid> <owner pid>", to find a broker left by a crashed run
 
-The broker must never outlive the Python process that started it, even when that process
-is killed with SIGKILL, or the next run finds port 9092 taken by a ghost. See `_Spawner`.
+The broker never outlives the Python process that started it, even when that process is
+killed with SIGKILL (deploy/processes.py).
 """
 
 from __future__ import annotations
@@ -19,48 +19,47 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
-import errno
 import os
 import pathlib
-import queue
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
+from deploy.processes import (
+    HOST,
+    ChildServer,
+    accepts_connections,
+    free_port,
+    kill_stale,
+    port_is_free,
+    tail,
+)
+
 __all__ = [
     "LOG4J2_CONFIG",
     "LocalKafka",
+    "Quorum",
     "TopicSetupError",
     "ensure_topics",
-    "free_port",
     "is_formatted",
     "kafka_jars",
     "kill_stale_broker",
     "new_cluster_id",
-    "port_is_free",
-    "process_exited",
     "read_properties",
     "render_server_properties",
 ]
 
 LOG4J2_CONFIG: Final = pathlib.Path(__file__).resolve().parent / "kafka" / "log4j2.properties"
-HOST: Final = "127.0.0.1"
 NODE_ID: Final = 1
-_PR_SET_PDEATHSIG: Final = 1
 _T = TypeVar("_T")
 
 
@@ -71,15 +70,49 @@ class TopicSetupError(RuntimeError):
 # --------------------------------------------------------------------------- pure helpers
 
 
+@dataclass(frozen=True, slots=True)
+class Quorum:
+    """The KRaft cluster one broker+controller node belongs to (deploy/kafka_cluster.py).
+
+    Every node is a voter; `replication` is the cluster's replication factor (internal
+    topics included), with `min.insync.replicas` 2 from three nodes on, so that an
+    acknowledged write survives the loss of any one broker.
+    """
+
+    node_id: int
+    voters: Mapping[int, int]
+    """node id -> its controller port on HOST."""
+    cluster_id: str
+
+    @property
+    def replication(self) -> int:
+        return min(3, len(self.voters))
+
+    @property
+    def min_insync(self) -> int:
+        return 2 if self.replication >= 3 else 1
+
+
 def render_server_properties(
-    *, port: int, controller_port: int, log_dir: pathlib.Path, num_partitions: int = 8
+    *,
+    port: int,
+    controller_port: int,
+    log_dir: pathlib.Path,
+    num_partitions: int = 8,
+    quorum: Quorum | None = None,
 ) -> str:
-    """The broker+controller configuration of a one-node KRaft cluster on loopback."""
+    """The broker+controller configuration of a KRaft node on loopback (alone by default)."""
+    node_id = quorum.node_id if quorum else NODE_ID
+    voters = quorum.voters if quorum else {NODE_ID: controller_port}
+    replication = str(quorum.replication if quorum else 1)
+    min_insync = str(quorum.min_insync if quorum else 1)
     settings = {
         "process.roles": "broker,controller",
-        "node.id": str(NODE_ID),
+        "node.id": str(node_id),
         # A static voter set: `--standalone` formatting would conflict with it.
-        "controller.quorum.voters": f"{NODE_ID}@{HOST}:{controller_port}",
+        "controller.quorum.voters": ",".join(
+            f"{voter}@{HOST}:{voter_port}" for voter, voter_port in sorted(voters.items())
+        ),
         "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
         "controller.listener.names": "CONTROLLER",
@@ -87,12 +120,14 @@ def render_server_properties(
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(log_dir),
         "num.partitions": str(num_partitions),
-        # One broker: every internal topic must accept a single replica.
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        # Every topic, internal ones included, as replicated as the cluster allows.
+        "default.replication.factor": replication,
+        "min.insync.replicas": min_insync,
+        "offsets.topic.replication.factor": replication,
+        "transaction.state.log.replication.factor": replication,
+        "transaction.state.log.min.isr": min_insync,
+        "share.coordinator.state.topic.replication.factor": replication,
+        "share.coordinator.state.topic.min.isr": min_insync,
         # The defaults (50 each) cost seconds of startup and hundreds of files for nothing.
         "offsets.topic.num.partitions": str(num_partitions),
         "transaction.state.log.num.partitions": str(num_partitions),
@@ -100,7 +135,7 @@ def render_server_properties(
         "group.initial.rebalance.delay.ms": "0",
         # After a kill the restarted broker cannot register until the controller expired
         # the dead one's session (default 9 s, then 13 s to restart). Heartbeats never leave
-        # the process here, so a shorter session only fails on multi-second JVM stalls.
+        # the machine here, so a shorter session only fails on multi-second JVM stalls.
         "broker.heartbeat.interval.ms": "1000",
         "broker.session.timeout.ms": "5000",
     }
@@ -141,43 +176,6 @@ def new_cluster_id() -> str:
             return text
 
 
-def free_port(host: str = HOST, exclude: frozenset[int] = frozenset()) -> int:
-    """A port nothing listens on right now (the kernel's choice, never 9092 by luck)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
-        if port not in exclude and port != 9092:
-            return port
-    raise RuntimeError("could not find a free TCP port")
-
-
-def port_is_free(port: int, host: str = HOST) -> bool:
-    """Whether the broker could bind `port`.
-
-    SO_REUSEADDR mirrors what the JVM sets on its server sockets, so sockets lingering in
-    TIME_WAIT from a previous broker do not count as taken; only a live listener does.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def _accepts_connections(port: int, host: str = HOST) -> bool:
-    # A connect, not a bind: a probe bind could race the broker's own bind of the port.
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def kafka_jars(libs_dir: pathlib.Path) -> list[pathlib.Path]:
     """The broker jars, or a RuntimeError saying how to get them."""
     jars = sorted(libs_dir.glob("*.jar")) if libs_dir.is_dir() else []
@@ -204,175 +202,20 @@ def find_java() -> str:
     return found
 
 
-def tail(path: pathlib.Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    chunk = text.splitlines()[-lines:]
-    return "\n".join(chunk) if chunk else f"({path} is empty)"
-
-
-# --------------------------------------------------------------------------- process care
-
-
-class _Spawner:
-    """Forks the broker from one daemon thread that lives as long as the process.
-
-    The broker gets PR_SET_PDEATHSIG=SIGKILL, so the kernel kills it the moment its parent
-    dies, however that happens (kill -9 included); nothing in user space has to run. But the
-    kernel's "parent" is the *thread* that forked: a broker started from a short-lived
-    thread (asyncio.to_thread, an executor, a test helper) would be killed as soon as that
-    thread ends. Forking from this thread, which only ends with the process, makes the
-    signal fire exactly when the process dies. The alternative, a watchdog process reading
-    a pipe, costs one more process per broker and one more thing to orphan.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def call(self, fn: Callable[[], _T]) -> _T:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._serve, name="tally-kafka-spawner", daemon=True
-                )
-                self._thread.start()
-        future: Future[_T] = Future()
-        self._jobs.put((fn, future))
-        return future.result()
-
-    def _serve(self) -> None:
-        while True:
-            fn, future = self._jobs.get()
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-
-_SPAWNER: Final = _Spawner()
-
-
-def die_with_parent_hook() -> Callable[[], None] | None:
-    """A preexec_fn arming PDEATHSIG, or None where prctl does not exist (non-Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    # Resolved before fork: the child must not load libraries or allocate much.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The parent may have died between fork and prctl: then nobody would signal us.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return arm
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        raw = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat from the state (field 3) on; [] if there is none."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    # The command name (field 2) may contain spaces and parentheses: split after it.
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _proc_ppid(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[1]) if fields else None
-
-
-def process_exited(pid: int) -> bool:
-    """Whether every thread of `pid` is gone, so that its sockets are closed.
-
-    Neither an empty cmdline (the kernel drops the address space before the files) nor a
-    zombie group leader will do: the JVM's other threads still hold the open files until
-    the last of them exits. (A zombie nobody reaps, e.g. under a PID 1 that does not
-    reap, counts as exited: it holds nothing.)
-    """
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return True
-    for tid in tasks:
-        try:
-            stat = pathlib.Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-            return False
-    return True
+# --------------------------------------------------------------------------- leftovers
 
 
 def kill_stale_broker(kafka_dir: pathlib.Path) -> int | None:
-    """Kill a broker that a crashed earlier run left on this data dir; return its pid.
-
-    PDEATHSIG makes this rare (it needs a non-Linux host, or a broker started by older
-    code), but a leftover broker would hold the port and the log dir lock forever. A broker
-    whose owner is still alive belongs to a running stack: that is an error, not garbage.
-    """
-    pid_file = kafka_dir / "broker.pid"
-    try:
-        java_pid, owner_pid = (int(part) for part in pid_file.read_text().split()[:2])
-    except (OSError, ValueError):
-        return None
-    props = str(kafka_dir / "server.properties")
-    cmdline = _proc_cmdline(java_pid)
-    if "kafka.Kafka" not in cmdline or props not in cmdline:
-        # Gone, or the pid now belongs to an unrelated process.
-        pid_file.unlink(missing_ok=True)
-        return None
-    if _proc_ppid(java_pid) == owner_pid and _pid_alive(owner_pid):
-        raise RuntimeError(
-            f"The Kafka data dir {kafka_dir} is in use by a running broker (pid {java_pid}) "
-            f"of process {owner_pid}. Stop that stack first, use another data dir, or set "
+    """Kill a broker that a crashed earlier run left on this data dir; return its pid."""
+    return kill_stale(
+        kafka_dir / "broker.pid",
+        ["kafka.Kafka", str(kafka_dir / "server.properties")],
+        lambda pid, owner: (
+            f"The Kafka data dir {kafka_dir} is in use by a running broker (pid {pid}) "
+            f"of process {owner}. Stop that stack first, use another data dir, or set "
             "TALLY_KAFKA_BOOTSTRAP to use that broker."
-        )
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(java_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while not process_exited(java_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
-    return java_pid
-
-
-def _shutdown(proc: subprocess.Popen[bytes], timeout: float, pid_file: pathlib.Path) -> None:
-    if proc.poll() is None:
-        # SIGTERM runs Kafka's shutdown hook: a controlled shutdown that flushes and closes
-        # every log, so the next start skips log recovery.
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    pid_file.unlink(missing_ok=True)
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- readiness
@@ -398,8 +241,8 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     return future.result()
 
 
-async def _broker_ready(bootstrap: str, request_timeout: float) -> str | None:
-    """None once the broker answers metadata requests as a registered broker, else why not.
+async def _broker_ready(bootstrap: str, request_timeout: float, brokers: int = 1) -> str | None:
+    """None once the broker answers metadata listing `brokers` registered brokers, else why.
 
     An open port proves little: the listener binds long before the broker has joined the
     quorum and can create a topic.
@@ -418,8 +261,9 @@ async def _broker_ready(bootstrap: str, request_timeout: float) -> str | None:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
-    if not cluster.get("brokers"):
-        return "metadata lists no registered broker yet"
+    registered = len(cluster.get("brokers") or [])
+    if registered < brokers:
+        return f"metadata lists {registered} of {brokers} brokers yet"
     if cluster.get("controller_id", -1) < 0:
         return "metadata names no active controller yet"
     return None
@@ -428,12 +272,14 @@ async def _broker_ready(bootstrap: str, request_timeout: float) -> str | None:
 # --------------------------------------------------------------------------- the broker
 
 
-class LocalKafka:
+class LocalKafka(ChildServer):
     """One broker+controller JVM on 127.0.0.1, with its data under ``data_dir/kafka``.
 
     Usable as a context manager. `start()` reuses the data of a previous run (stopped or
     killed) on the same dir; it formats storage only the first time.
     """
+
+    stop_timeout = 30.0
 
     def __init__(
         self,
@@ -442,21 +288,26 @@ class LocalKafka:
         port: int = 9092,
         controller_port: int | None = None,
         heap: str = "512m",
+        quorum: Quorum | None = None,
     ) -> None:
         self.data_dir = pathlib.Path(data_dir).resolve()
         self.libs_dir = pathlib.Path(libs_dir).resolve()
         self.port = port
         self.heap = heap
+        self.quorum = quorum
+        if quorum is not None:
+            controller_port = quorum.voters[quorum.node_id]
         self._requested_controller_port = controller_port
         self.controller_port: int | None = controller_port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize[Any, LocalKafka] | None = None
+        super().__init__()
 
     # Paths ------------------------------------------------------------------------------
 
     @property
     def kafka_dir(self) -> pathlib.Path:
-        return self.data_dir / "kafka"
+        if self.quorum is None:
+            return self.data_dir / "kafka"
+        return self.data_dir / f"kafka-{self.quorum.node_id}"
 
     @property
     def log_dir(self) -> pathlib.Path:
@@ -482,20 +333,15 @@ class LocalKafka:
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        """The java process id while it runs."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
-
     # Lifecycle --------------------------------------------------------------------------
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, wait: bool = True) -> None:
         """Start the broker and return once it serves metadata as a registered broker.
 
         Blocks for a few seconds. Async callers may use `await asyncio.to_thread(b.start)`:
-        the broker does not die with that worker thread (see `_Spawner`).
+        the broker does not die with that worker thread (see deploy.processes.Spawner).
+        `wait=False` returns once it runs: a node of a cluster cannot be ready before a
+        majority of its quorum runs too (`wait_ready`).
         """
         if self.pid is not None:
             return
@@ -509,48 +355,18 @@ class LocalKafka:
         self.controller_port = self._pick_controller_port()
         self.properties_file.write_text(
             render_server_properties(
-                port=self.port, controller_port=self.controller_port, log_dir=self.log_dir
+                port=self.port,
+                controller_port=self.controller_port,
+                log_dir=self.log_dir,
+                quorum=self.quorum,
             ),
             encoding="utf-8",
         )
         if not is_formatted(self.log_dir):
             self._format(java, timeout)
         self._launch(java)
-        self._wait_ready(timeout)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Shut the broker down cleanly (SIGTERM), or SIGKILL it after `timeout` seconds."""
-        proc, self._proc = self._proc, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if proc is not None:
-            _shutdown(proc, timeout, self.pid_file)
-
-    def kill(self) -> None:
-        """SIGKILL the broker now, as a crash would, and reap it."""
-        proc, self._proc = self._proc, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            proc.wait()
-            self.pid_file.unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        if wait:
+            self.wait_ready(timeout)
 
     def __repr__(self) -> str:
         return f"LocalKafka({self.bootstrap}, data={self.kafka_dir}, pid={self.pid})"
@@ -606,7 +422,7 @@ class LocalKafka:
             "format",
             "--ignore-formatted",
             "-t",
-            new_cluster_id(),
+            self.quorum.cluster_id if self.quorum else new_cluster_id(),
             "-c",
             str(self.properties_file),
         ]
@@ -628,32 +444,11 @@ class LocalKafka:
             )
 
     def _launch(self, java: str) -> None:
-        cmd = [*self._java_args(java), "kafka.Kafka", str(self.properties_file)]
-        preexec = die_with_parent_hook()
+        self._spawn([*self._java_args(java), "kafka.Kafka", str(self.properties_file)],
+                    cwd=self.kafka_dir)  # fmt: skip
 
-        def spawn() -> subprocess.Popen[bytes]:
-            with self.stdout_file.open("ab") as out:
-                out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting broker\n".encode())
-                out.flush()
-                return subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.kafka_dir,
-                    # Own session: a Ctrl-C in the terminal reaches only `tally up`, which
-                    # then stops the processors before the broker they still need.
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                )
-
-        proc = _SPAWNER.call(spawn)
-        self._proc = proc
-        self.pid_file.write_text(f"{proc.pid} {os.getpid()}\n", encoding="utf-8")
-        # Stop cleanly at interpreter exit if the owner forgot; PDEATHSIG covers crashes.
-        self._finalizer = weakref.finalize(self, _shutdown, proc, 30.0, self.pid_file)
-
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, brokers: int = 1) -> None:
+        """Return once this broker serves metadata listing `brokers` registered brokers."""
         deadline = time.monotonic() + timeout
         why = "not probed yet"
         while True:
@@ -663,9 +458,9 @@ class LocalKafka:
             if code is not None:
                 self.kill()
                 raise RuntimeError(self._failure(f"The Kafka broker exited with code {code}"))
-            if _accepts_connections(self.port):
+            if accepts_connections(self.port):
                 # Only ask Kafka once something listens: aiokafka logs every refused connect.
-                why = _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0)) or ""
+                why = _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0, brokers)) or ""
                 if not why:
                     return
             else:

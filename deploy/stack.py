@@ -28,7 +28,8 @@ from mode import Service
 from prometheus_client import REGISTRY
 
 from deploy.cli_support import redact
-from deploy.kafka_local import LocalKafka, die_with_parent_hook, ensure_topics
+from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.processes import die_with_parent_hook
 from deploy.settings import StackSettings
 from processors.app import RollupWorker, build_app
 from processors.failure import EXIT_UNSAFE

@@ -38,8 +38,8 @@ from faust.types import TP
 from processors.decode import Limits
 from processors.deltas import Delta, encode, encode_bodies
 from processors.failure import EXIT_UNSAFE, retry_delay
-from processors.output import FencedError, PartitionOutput, Record
-from processors.pipeline import BatchResult, DeadLetter, Message, Pipeline
+from processors.output import FencedError, PartitionOutput, Record, dead_letter_record
+from processors.pipeline import BatchResult, Message, Pipeline
 from processors.replay import Resumer
 from processors.settings import WorkerSettings
 from processors.timing import Timings
@@ -47,11 +47,6 @@ from producers.gateway import COMPRESSION
 
 log = logging.getLogger("tally.worker")
 
-
-# A dead letter must fit in one Kafka record (brokers default to ~1 MB). Larger
-# originals (only `oversized` ones can be) keep their first bytes, and the
-# `tally-original-bytes` header says how long they were.
-DLQ_MAX_VALUE_BYTES = 900_000
 
 STOP_COMMIT_WAIT_S = 10.0
 
@@ -277,7 +272,11 @@ class RollupWorker:
             (self.settings.rollups_topic, None, value, partition, [])
             for value in encode_bodies(partition, next_offset, reflected, result.bodies)
         ]
-        records.extend(self._dead_letter(letter, keys) for letter in result.dead_letters)
+        topics = self.settings.events_topic, self.settings.dlq_topic
+        records.extend(
+            dead_letter_record(letter, keys.get((letter.partition, letter.offset)), *topics)
+            for letter in result.dead_letters
+        )
         if await self._transact(partition, records, next_offset, output):
             self._next_offset[partition] = next_offset
 
@@ -346,24 +345,6 @@ class RollupWorker:
             )
             return True
         return False
-
-    def _dead_letter(self, letter: DeadLetter, keys: dict[tuple[int, int], bytes | None]) -> Record:
-        rejection = letter.rejection
-        headers = [
-            ("tally-reason", rejection.reason.encode()),
-            ("tally-detail", rejection.detail[:1000].encode()),
-            ("tally-source-topic", self.settings.events_topic.encode()),
-            ("tally-source-partition", str(letter.partition).encode()),
-            ("tally-source-offset", str(letter.offset).encode()),
-        ]
-        if rejection.index is not None:
-            headers.append(("tally-batch-index", str(rejection.index).encode()))
-        value = rejection.raw
-        if len(value) > DLQ_MAX_VALUE_BYTES:
-            headers.append(("tally-original-bytes", str(len(value)).encode()))
-            value = value[:DLQ_MAX_VALUE_BYTES]
-        key = keys.get((letter.partition, letter.offset))
-        return (self.settings.dlq_topic, key, value, None, headers)
 
     async def heartbeat(self) -> None:
         """Tell the sink that idle, caught-up partitions are current.

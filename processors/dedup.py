@@ -9,7 +9,7 @@ more than `max_keys` keys arrive in that time) and at most two windows, and
 memory holds at most 2 x `max_keys` keys.
 
 One `Deduplicator` serves one Kafka partition: all events of an account land in
-one partition (CONTRACT §1), and a gateway re-sends an event with its subject,
+one partition (docs/api.md#partitioning), and a gateway re-sends an event with its subject,
 so its duplicates land there too.
 """
 

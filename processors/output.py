@@ -19,10 +19,46 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
 from aiokafka.structs import TopicPartition
 
+from processors.pipeline import DeadLetter
+
 log = logging.getLogger("tally.worker")
 
 Record = tuple[str, bytes | None, bytes, int | None, list[tuple[str, bytes]]]
 """(topic, key, value, partition or None, headers)."""
+
+# A dead letter must fit in one Kafka record (brokers default to ~1 MB). Larger
+# originals (only `oversized` ones can be) keep their first bytes, and the
+# `tally-original-bytes` header says how long they were.
+DLQ_MAX_VALUE_BYTES = 900_000
+DLQ_MAX_DETAIL_CHARS = 1000
+
+
+def dead_letter_record(
+    letter: DeadLetter, key: bytes | None, events_topic: str, dlq_topic: str
+) -> Record:
+    """The dead-letter topic's record for `letter`: its bytes, why, and where it came from.
+
+    Keyed like the message it came from, so one account's dead letters keep their order.
+    """
+    rejection = letter.rejection
+    headers = [
+        ("tally-reason", rejection.reason.encode()),
+        # `detail` may quote what the caller sent; backslashreplace keeps any str encodable.
+        (
+            "tally-detail",
+            rejection.detail[:DLQ_MAX_DETAIL_CHARS].encode("utf-8", "backslashreplace"),
+        ),
+        ("tally-source-topic", events_topic.encode()),
+        ("tally-source-partition", str(letter.partition).encode()),
+        ("tally-source-offset", str(letter.offset).encode()),
+    ]
+    if rejection.index is not None:
+        headers.append(("tally-batch-index", str(rejection.index).encode()))
+    value = rejection.raw
+    if len(value) > DLQ_MAX_VALUE_BYTES:
+        headers.append(("tally-original-bytes", str(len(value)).encode()))
+        value = value[:DLQ_MAX_VALUE_BYTES]
+    return (dlq_topic, key, value, None, headers)
 
 
 class FencedError(Exception):

@@ -15,14 +15,7 @@ from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import cast
 
-from processors.decode import (
-    NATIVE_MAX_EVENT_BYTES,
-    Flat,
-    Limits,
-    Rejection,
-    decode_flat,
-    decode_native,
-)
+from processors.decode import NATIVE_MAX_EVENT_BYTES, Flat, Limits, Rejection, decode_flat
 from processors.dedup import Deduplicator
 from processors.deltas import BODY_BUDGET, wire_bodies
 from processors.rollup import EPOCH, RollupBuilder
@@ -30,7 +23,7 @@ from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 
 try:
     # The worker's hot path in native code (native/, built by `make setup`): the same
-    # fold as the Python tiers below, which it falls back to message by message.
+    # fold as the Python reference below, which it falls back to message by message.
     from tally_fold import Dedup, Fold
 except ImportError:  # pragma: no cover - a checkout installed without native/
     Dedup = Fold = None  # type: ignore[assignment,misc]
@@ -65,6 +58,9 @@ class BatchResult:
     duplicates: int = 0
     replayed: int = 0
     """Messages below the resume offset: already counted before a restart."""
+    fast_messages: int = 0
+    """Messages the native fold took whole; the others went through decode_flat. The
+    parity tests read it to prove that the fold they compare really ran."""
     by_type: dict[str, int] = field(default_factory=dict)
     bodies: list[tuple[bytes, int]] = field(default_factory=list)
     """With `process(wire=True)`: the rows as delta row parts and their row counts,
@@ -88,9 +84,12 @@ class Pipeline:
         self.topic = topic
         self.limits = limits
         # One fold, cleared per batch: it keeps its memory, so a batch touches no
-        # new pages. Only where the native tier's size bound holds (as decode_native).
+        # new pages. Only where its size bound holds (decode.NATIVE_MAX_EVENT_BYTES).
         usable = Fold is not None and limits.max_event_bytes >= NATIVE_MAX_EVENT_BYTES
         self._fold = Fold() if native and usable else None
+        # Replayed messages go through a fold of their own, whose rows are dropped:
+        # only its dedup admissions count.
+        self._replay_fold = Fold() if self._fold is not None else None
         self._dedup_window_s = dedup_window_s
         self._dedup_max_keys = dedup_max_keys
         self._clock = clock
@@ -130,13 +129,11 @@ class Pipeline:
         fold = self._fold if wire else None
         builder = RollupBuilder()
         if fold is None:
-            add_native = builder.add_native
             add: Callable[[Flat], None] = builder.add_flat
         else:
             fold.clear()
             add = self._native_adder(fold)
-            lo_us = _micros(now - limits.max_lateness)
-            hi_us = _micros(now + limits.max_future)
+            lo_us, hi_us = _bounds_us(now, limits)
             max_message, max_event = limits.max_message_bytes, limits.max_event_bytes
         requests = opened = closed = 0
         result = BatchResult(rows=[], dead_letters=[], next_offsets={})
@@ -155,16 +152,14 @@ class Pipeline:
                 result.replayed += 1
                 self._remember(dedup, value, now)
                 continue
-            if fold is not None:
-                counts = (
-                    # resume() gives every partition a native Dedup when the fold is native.
-                    fold.add_message(value, lo_us, hi_us, max_event, cast(Dedup, dedup))
-                    if value is not None and len(value) <= max_message
-                    else None
-                )
-            else:
-                counts = _add_native(add_native, dedup, value, now, limits)
+            counts = (
+                # resume() gives every partition a native Dedup when the fold is native.
+                fold.add_message(value, lo_us, hi_us, max_event, cast(Dedup, dedup))
+                if fold is not None and value is not None and len(value) <= max_message
+                else None
+            )
             if counts is not None:
+                result.fast_messages += 1
                 r, o, c, d = counts
                 requests += r
                 opened += o
@@ -175,11 +170,10 @@ class Pipeline:
                 for rejection in rejections:
                     result.dead_letters.append(DeadLetter(rejection, partition, message.offset))
                 for event in events:
-                    if first_time(event[0], event[1]):
+                    if first_time(event.source, event.id):
                         add(event)
                         counted += 1
-                        kind = event[2]
-                        by_type[kind] = by_type.get(kind, 0) + 1
+                        by_type[event.type] = by_type.get(event.type, 0) + 1
                     else:
                         duplicates += 1
             next_offsets[partition] = resume[partition] = message.offset + 1
@@ -206,27 +200,25 @@ class Pipeline:
 
     def _remember(self, dedup: Deduplicator | Dedup, value: bytes | None, now: datetime) -> None:
         """A message below the resume offset: already counted, only remembered."""
-        native = decode_native(value, now, self.limits)
-        if native is not None:
-            sources = [e.source for e in native[0]]
-            ids = [e.id for e in native[0]]
-            if dedup.admit_many(sources, ids) is None:
-                for source, event_id in zip(sources, ids, strict=True):
-                    dedup.first_time(source, event_id)
-            return
+        fold = self._replay_fold
+        if fold is not None and value is not None and len(value) <= self.limits.max_message_bytes:
+            fold.clear()
+            lo_us, hi_us = _bounds_us(now, self.limits)
+            max_event = self.limits.max_event_bytes
+            if fold.add_message(value, lo_us, hi_us, max_event, cast(Dedup, dedup)) is not None:
+                return
         for event in decode_flat(value, now, self.limits)[0]:
-            dedup.first_time(event[0], event[1])
+            dedup.first_time(event.source, event.id)
 
     @staticmethod
     def _native_adder(fold: Fold) -> Callable[[Flat], None]:
-        """Fold an event of the Python tiers into the native fold, as add_flat would."""
+        """Fold an event of the Python reference into the native fold, as add_flat would."""
         add_values = fold.add_values
 
-        def add(event: Flat) -> None:
-            time = event[4]
-            add_values(event[2], event[3], int(time.timestamp()) // 60 * 60, event[5],
-                       event[6], event[7], event[8], event[9], event[10], 0.0 + event[11],
-                       event[12], event[13], _micros(time))  # fmt: skip
+        def add(e: Flat) -> None:
+            add_values(e.type, e.subject, int(e.time.timestamp()) // 60 * 60, e.route, e.method,
+                       e.model, e.status, e.stream_id, e.units, 0.0 + e.latency_ms, e.bytes_in,
+                       e.bytes_out, _micros(e.time))  # fmt: skip
 
         return add
 
@@ -239,24 +231,6 @@ def _micros(at: datetime) -> int:
 _MICROSECOND = timedelta(microseconds=1)
 
 
-def _add_native(
-    add_native: Callable[..., tuple[int, int, int, int]],
-    dedup: Deduplicator | Dedup,
-    value: bytes | None,
-    now: datetime,
-    limits: Limits,
-) -> tuple[int, int, int, int] | None:
-    """The msgspec tier (no native fold): decode, dedup and fold one message, or None."""
-    native = decode_native(value, now, limits)
-    if native is None:
-        return None
-    events, times, minutes = native
-    sources = [e.source for e in events]
-    ids = [e.id for e in events]
-    found = dedup.admit_many(sources, ids)
-    if found is None:
-        return add_native(events, times, minutes, dedup.first_time)
-    for index in reversed(found):  # the lists are this message's own: drop its duplicates
-        del events[index], times[index], minutes[index]
-    r, o, c, _ = add_native(events, times, minutes, None)
-    return r, o, c, len(found)
+def _bounds_us(now: datetime, limits: Limits) -> tuple[int, int]:
+    """The on-time span of event times at `now`, in microseconds, for the native fold."""
+    return _micros(now - limits.max_lateness), _micros(now + limits.max_future)

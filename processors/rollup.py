@@ -8,19 +8,11 @@ ClickHouse. `last_time` is the latest event time folded into the row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from processors.decode import (
-    AnyEvent,
-    Flat,
-    NativeEvent,
-    NativeRequestData,
-    NativeStreamOpenedData,
-    flatten,
-)
-from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED, RequestEvent
+from processors.decode import AnyEvent, Flat, flatten
+from schemas.events import RequestEvent
 
 COLUMNS = (
     "account",
@@ -84,90 +76,22 @@ class RollupBuilder:
 
     def add_flat(self, event: Flat) -> None:
         """Fold one valid event given as `processors.decode.Flat` values."""
-        time = event[4]
-        key = (
-            event[3],
-            int(time.timestamp()) // 60 * 60,
-            event[2],
-            event[5],
-            event[6],
-            event[7],
-            event[8],
-            event[9],
-        )
+        time = event.time
+        key = (event.subject, int(time.timestamp()) // 60 * 60, event.type, event.route,
+               event.method, event.model, event.status, event.stream_id)  # fmt: skip
+        units = round(event.units * 1_000_000)
         totals = self._totals.get(key)
         if totals is None:
-            self._totals[key] = [
-                time,
-                1,
-                round(event[10] * 1_000_000),
-                0.0 + event[11],
-                event[12],
-                event[13],
-            ]
+            self._totals[key] = [time, 1, units, 0.0 + event.latency_ms, event.bytes_in,
+                                 event.bytes_out]  # fmt: skip
             return
         if time > totals[0]:
             totals[0] = time
         totals[1] += 1
-        totals[2] += round(event[10] * 1_000_000)
-        totals[3] += event[11]
-        totals[4] += event[12]
-        totals[5] += event[13]
-
-    def add_native(
-        self,
-        events: list[NativeEvent],
-        times: list[datetime],
-        minutes: list[int],
-        first_time: Callable[[str, str], bool] | None,
-    ) -> tuple[int, int, int, int]:
-        """Fold a message's events from `decode_native` that `first_time` has not seen.
-
-        The same fold as `add_flat`, read straight off the Structs (no Flat tuple per
-        event). `first_time` None: all are new (`Deduplicator.admit_many`). Returns
-        (requests, streams opened, streams closed, duplicates).
-        """
-        all_totals = self._totals
-        get = all_totals.get
-        requests = opened = closed = duplicates = 0
-        request_data, opened_data = NativeRequestData, NativeStreamOpenedData
-        for event, time, minute in zip(events, times, minutes, strict=True):
-            if first_time is not None and not first_time(event.source, event.id):
-                duplicates += 1
-                continue
-            d = event.data
-            if isinstance(d, request_data):
-                key: RollupKey = (event.subject, minute, REQUEST, d.route or "",
-                                  d.method or "", d.model or "", d.status or 0, "")  # fmt: skip
-                units = d.units
-                latency = d.latency_ms or 0.0
-                bytes_in = d.bytes_in or 0
-                bytes_out = d.bytes_out or 0
-                requests += 1
-            elif isinstance(d, opened_data):
-                key = (event.subject, minute, STREAM_OPENED, d.route or "", "", d.model or "",
-                       0, d.stream_id)  # fmt: skip
-                units = latency = 0.0
-                bytes_in = bytes_out = 0
-                opened += 1
-            else:
-                key = (event.subject, minute, STREAM_CLOSED, "", "", "", 0, d.stream_id)
-                units = d.units
-                latency = 0.0
-                bytes_in = bytes_out = 0
-                closed += 1
-            totals = get(key)
-            if totals is None:
-                all_totals[key] = [time, 1, round(units * 1_000_000), latency, bytes_in, bytes_out]
-                continue
-            if time > totals[0]:
-                totals[0] = time
-            totals[1] += 1
-            totals[2] += round(units * 1_000_000)
-            totals[3] += latency
-            totals[4] += bytes_in
-            totals[5] += bytes_out
-        return requests, opened, closed, duplicates
+        totals[2] += units
+        totals[3] += event.latency_ms
+        totals[4] += event.bytes_in
+        totals[5] += event.bytes_out
 
     def __len__(self) -> int:
         return len(self._totals)

@@ -6,7 +6,7 @@ ValueError: guessing their zone is how off-by-hours bugs start); aware datetimes
 another zone are converted, and every returned datetime is in UTC. Windows are
 half-open, [start, end), so adjacent windows never share an instant.
 
-Fixed windows (CONTRACT §2, §3): the minute, the UTC day, the week from Monday 00:00
+Fixed windows (docs/api.md#windows): the minute, the UTC day, the week from Monday 00:00
 UTC, epoch-aligned blocks (`session_anchor=fixed`), and the monthly billing period.
 
 First-request windows (`session_anchor=first_request`, `weekly_anchor=first_request`)
@@ -222,5 +222,5 @@ def format_time(t: datetime) -> str:
 
 
 def period_end_inclusive(w: Window) -> datetime:
-    """The last second of `w` (CONTRACT §3: `period.end` is the period's last second)."""
+    """The last second of `w` (docs/api.md#get-apiv1accountusage: `period.end`)."""
     return _utc(w.end) - timedelta(seconds=1)

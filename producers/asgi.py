@@ -17,14 +17,14 @@ A pure ASGI middleware (not BaseHTTPMiddleware, which buffers and breaks streami
         account=from_header("x-account-id"),     # or from_state("account_id")
     )
 
-What each call records (CONTRACT §1):
+What each call records (docs/api.md#event-types):
 
 * `tally.request.v1` with `subject` = the account the `account` resolver returns,
-  `route` = the matched route template (`/v1/items/{item_id}`), else the raw path (or
-  `unmatched_route`), `method`, `status`, `latency_ms`, `bytes_in`, `bytes_out`,
-  `units` (the `units` callable, else the `units_header` response header, else 1) and
-  `model` (the `model` callable). An exception before the response started is recorded
-  as status 500 and re-raised; a client gone before any response as 499.
+  `route` = the matched route template (`/v1/items/{item_id}`), else `unmatched_route`
+  ("unmatched"; never the raw path: it may hold tokens), `method`, `status`, `latency_ms`,
+  `bytes_in`, `bytes_out`, `units` (the `units` callable, else the `units_header` header,
+  else 1) and `model` (the `model` callable). An exception before the response started
+  is recorded as status 500 and re-raised; a client gone before any response as 499.
 * For a streaming response (`is_stream(call)` true when the response starts, by default
   `Content-Type: text/event-stream`; or, with `chunked_streams`, a first body message with
   `more_body=True`): the request event as the stream opens (its latency is time to first
@@ -74,6 +74,8 @@ STREAM_CONTENT_TYPES: Final = ("text/event-stream",)
 # Contract limits of the optional request dimensions: a value outside them is left out
 # rather than making the whole event invalid.
 _LABEL_MAX: Final = 256
+UNMATCHED_ROUTE: Final = "unmatched"
+"""The `route` of calls no route template matched: one constant label."""
 _METHOD_MAX: Final = 16
 
 _T = TypeVar("_T")
@@ -195,7 +197,7 @@ class MeteringMiddleware:
         is_stream: Callable[[Call], bool] | None = event_stream,
         chunked_streams: bool = True,
         unmetered_paths: Iterable[str] = DEFAULT_UNMETERED_PATHS,
-        unmatched_route: str | None = None,
+        unmatched_route: str = UNMATCHED_ROUTE,
         max_pending: int = 10_000,
         drain_timeout_s: float = 10.0,
         log_every_s: float = 10.0,
@@ -224,7 +226,7 @@ class MeteringMiddleware:
         paths = list(unmetered_paths)
         self._skip_exact = frozenset(p for p in paths if not p.endswith("*"))
         self._skip_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
-        self._unmatched_route = unmatched_route
+        self._unmatched_route = unmatched_route[:_LABEL_MAX] or UNMATCHED_ROUTE
         self._max_pending = max_pending
         self._drain_timeout_s = drain_timeout_s
         self._report = _RateLimitedLog(log_every_s)
@@ -417,9 +419,7 @@ class MeteringMiddleware:
             if isinstance(mounted, str) and mounted.startswith(root_path):
                 template = mounted[len(root_path) :] + template
             return template[:_LABEL_MAX]
-        if self._unmatched_route is not None:
-            return self._unmatched_route
-        return (scope.get("path") or "/")[:_LABEL_MAX]
+        return self._unmatched_route
 
     def report(self, kind: str, message: str, *args: object, exc: bool = False) -> None:
         self.stats.errors += 1

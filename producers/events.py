@@ -1,4 +1,4 @@
-"""Build and encode the events a gateway publishes (CONTRACT §1); pure, no I/O.
+"""Build and encode the events a gateway publishes (docs/api.md#events); pure, no I/O.
 
 The builders validate through the models in `schemas.events`, so a gateway finds
 out about a bad subject or a negative cost where it made the mistake, not later

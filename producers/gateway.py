@@ -1,7 +1,7 @@
 """The gateway library: record events, and they reach Kafka batched, in order, at least once.
 
 Events are buffered per partition, the one Kafka's default partitioner picks for
-key = subject (CONTRACT §1), and each buffer goes out as one batch message with an
+key = subject (docs/api.md#partitioning), and each buffer goes out as one batch message with an
 explicit partition, so a batch only ever holds events of its own partition. The
 producer is idempotent (acks=all), so broker-side retries never duplicate a
 message; consumers deduplicate re-sent events by (source, id).

@@ -1,4 +1,4 @@
-"""Which partition an account's events belong to (CONTRACT §1), computed client-side.
+"""Which partition an account's events belong to (docs/api.md#partitioning), computed client-side.
 
 Every event of one account must land where Kafka's default partitioner puts
 key = subject, so the producer library can batch co-partitioned events and still

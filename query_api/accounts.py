@@ -1,4 +1,4 @@
-"""Accounts and API keys in the store (CONTRACT §2): the adapter, kept thin.
+"""Accounts and API keys in the store (docs/api.md#plans-and-accounts): the adapter, kept thin.
 
 Blocking calls (ClickHouse); the API runs them with `asyncio.to_thread`.
 """
@@ -50,8 +50,16 @@ class KeyInfo:
     revoked_at: datetime | None
 
 
-def _version() -> int:
-    return time.time_ns()
+def _version(current: int | None = None) -> int:
+    """The version of a new row of an id whose rows reach `current` at most.
+
+    ReplacingMergeTree keeps the row with the highest version, so a change must
+    outrank every row of its id, whatever the clock says: the wall clock in
+    nanoseconds, or one past the current version if that is ahead (a row written
+    before the clock stepped back). A revocation that lost to its key's own row
+    would bring the key back on the next restart.
+    """
+    return max(time.time_ns(), (current or 0) + 1)
 
 
 class AccountsListener(Protocol):
@@ -87,6 +95,14 @@ class AccountStore:
         )
         return [Account(*row) for row in rows]
 
+    def _current_version(self, table: str, column: str, value: str) -> int | None:
+        # Over all rows, merged or not: the max is the version FINAL would pick.
+        rows = self.store.query(
+            f"SELECT max(version), count() FROM {table} WHERE {column} = {{v:String}}",
+            {"v": value},
+        )
+        return int(rows[0][0]) if rows and rows[0][1] else None
+
     def create(self, account_id: str, plan: str, billing_anchor_day: int = 1) -> Account:
         # Check-then-insert is not atomic; two admins racing on one new id both
         # succeed and the later write wins. Acceptable for an admin operation.
@@ -115,7 +131,7 @@ class AccountStore:
                     current.billing_anchor_day,
                     current.created_at,
                     datetime.now(UTC),
-                    _version(),
+                    _version(self._current_version("accounts", "id", account_id)),
                 ]
             ],
             ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
@@ -151,9 +167,10 @@ class AccountStore:
         if not rows:
             return False
         key_hash, account, is_admin, created_at = rows[0]
+        version = _version(self._current_version("api_keys", "prefix", prefix))
         self.store.insert(
             "api_keys",
-            [[prefix, key_hash, account, is_admin, created_at, datetime.now(UTC), _version()]],
+            [[prefix, key_hash, account, is_admin, created_at, datetime.now(UTC), version]],
             ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
         )
         if self.listener is not None:

@@ -1,4 +1,4 @@
-"""Request and response bodies of the admin routes (CONTRACT §3, "Administration").
+"""Request and response bodies of the admin routes (docs/api.md#administration).
 
 Shared by the API and by `tally accounts|keys` (deploy/admin_cli.py), so both print
 the same shapes. Times are UTC RFC 3339 with milliseconds and `Z`.
@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
-# The events' `subject` rule (CONTRACT §1): an account id is the subject.
+# The events' `subject` rule (docs/api.md#attributes): an account id is the subject.
 ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 _KEY_EXAMPLE = "tly_3f9c2a7b1d04_Q2hvb3NlIGEgcmFuZG9tIGtleSBoZXJlIQ"

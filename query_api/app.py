@@ -22,10 +22,11 @@ from processors.gc_tuning import tune_gc
 from query_api import errors, metrics
 from query_api.accounts import AccountStore
 from query_api.deps import Services, utcnow
+from query_api.guard import RequestGuard
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
 from query_api.readiness import Readiness
-from query_api.routes import admin, analytics, dashboard, health, usage
+from query_api.routes import admin, analytics, dashboard, docs, health, usage
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from schemas.store import Store
@@ -42,13 +43,27 @@ accept `X-API-Key: <api_key>`. Account keys see their own account only; admin ke
 (or `TALLY_ADMIN_KEY`) administer plans, accounts and keys.
 
 **Rate limit.** Each API key may make `TALLY_API_RATE_BURST` requests at once and
-`TALLY_API_RATE_PER_S` per second sustained (defaults 100 and 50); requests without a
-valid key count against the client's address, and once that is spent the address
-gets 429 before any key it sends is checked. Over the limit: 429 `rate_limited` with
-`Retry-After` (seconds). The limit is per API process (with M replicas a caller may make
-M times as many requests) and is separate from the plan's `per_minute` limit, which
-`/api/v1/account/usage` reports in its `X-RateLimit-*` headers. `/healthz`, `/readyz`,
-`/docs` and `/openapi.json` are not limited.
+`TALLY_API_RATE_PER_S` per second sustained (defaults 100 and 50); an analytics
+answer counts as one request plus one per `TALLY_ANALYTICS_ROWS_PER_TOKEN` rows.
+Requests with a missing or invalid key count against the client's address (401, and
+429 once that budget is spent); a valid key is never refused for its address. Over
+the limit: 429 `rate_limited` with `Retry-After` (seconds). The limit is per API
+process (with M replicas a caller may make M times as many requests) and is separate
+from the plan's `per_minute` limit, which both usage endpoints report in their
+`X-RateLimit-*` headers. `/healthz`, `/readyz`, `/docs` and `/openapi.json` are not
+limited.
+
+**Request bodies** may be at most `TALLY_API_MAX_BODY_BYTES` (default 1 MiB), else 413
+`payload_too_large`, refused before the body is read. On the admin routes the key is
+checked before the body is read, too.
+
+**Standard rate-limit fields.** Besides `X-RateLimit-*`, both usage endpoints and every
+429 carry `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers,
+RFC 9651 lists). On a usage answer they describe the plan: `"minute";q=<per_minute>;w=60`
+and `"streams";q=<max_streams>;qu="concurrent-requests"` (q=0 on a plan without
+streaming), with `r` what is left (never below 0) and `t` the seconds until the minute
+resets, rounded up. On a 429 they describe the limit that refused the request:
+`"api";q=<burst>;w=<seconds an empty bucket takes to refill>`.
 
 **Times** are UTC, RFC 3339 with milliseconds and `Z`.
 
@@ -57,7 +72,7 @@ Every error has the body `{"error": {"code", "message", "docs"}}`:
 
 """ + "\n".join(f"- `{code}`: {text}" for code, text in errors.ERROR_CODES.items())
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 access_log = logging.getLogger("tally.access")
 
@@ -145,7 +160,7 @@ class RequestMiddleware:
             if name == b"x-request-id":
                 rid = value.decode("latin-1")
                 break
-        if not _REQUEST_ID.match(rid):
+        if not _REQUEST_ID.fullmatch(rid):
             rid = new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         raw_rid = rid.encode("latin-1")
@@ -213,8 +228,11 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs is routes/docs.py (pinned assets, a CSP); no CDN-loaded ReDoc page.
+        docs_url=None,
+        redoc_url=None,
     )
-    app.state.services = Services(
+    app.state.services = services = Services(
         settings=settings,
         store=store,
         accounts=AccountStore(store, view),
@@ -234,6 +252,9 @@ def create_app(
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
+    app.include_router(docs.router)
+    # Inside RequestMiddleware: its refusals get request ids and access-log lines.
+    app.add_middleware(RequestGuard, services=services)
     app.add_middleware(RequestMiddleware, fast_routes=usage.fast_routes(app) if fast_path else None)
     return app
 

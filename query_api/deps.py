@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from query_api.accounts import AccountStore, Principal
 from query_api.errors import ApiError, rate_limited, unauthorized
@@ -88,41 +88,47 @@ def _spend(svc: Services, bucket: str) -> None:
 async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
     """The caller, once their key checks out and their rate limit allows the request.
 
-    Requests without a valid key are limited by client address, which throttles key
-    guessing. Once an address has spent that budget, its requests are refused (429)
-    before their key is even checked: a guess cannot be told from a real key without
-    checking it, and checking is what a guesser is after. Valid keys from a busy
-    address therefore wait too, until its budget refills.
+    Every key presented is checked, and a valid one is limited by its own bucket
+    only: however busy its address, a valid key is never refused for its neighbours'
+    failures (behind a proxy every caller shares one address). Requests with a
+    missing or invalid key spend their client address's bucket and get 401 while it
+    lasts, 429 after that, which throttles key guessing without touching anyone with
+    a real key (keys carry 192 random bits: guessing one is hopeless anyway).
+
+    A caller already found for this request (query_api/guard.py checks admin callers
+    before their body is read) is returned as it is, neither checked nor charged again.
     """
-    anonymous = f"ip:{client_address(request)}"
+    known: Principal | None = getattr(request.state, "principal", None)
+    if known is not None:
+        return known
     key = presented_key(request)
-    if not key:
-        _spend(svc, anonymous)
+    found = await _lookup(svc, key) if key else None
+    if found is None:
+        _spend(svc, f"ip:{client_address(request)}")
         raise unauthorized()
-    waiting = svc.limiter.peek(anonymous)
-    if not waiting.allowed:
-        raise rate_limited(waiting, svc.now().timestamp())
-    found: Principal | None
+    # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
+    _spend(svc, key_bucket(found))
+    request.state.principal = found
+    return found
+
+
+def key_bucket(caller: Principal) -> str:
+    """The rate-limit bucket of a caller with a valid key."""
+    return f"key:{caller.key_prefix}"
+
+
+async def _lookup(svc: Services, key: str) -> Principal | None:
     admin_key = svc.settings.admin_key
     if admin_key is not None and hmac.compare_digest(
         key.encode(), admin_key.get_secret_value().encode()
     ):
-        found = Principal(account=None, admin=True, key_prefix="env:TALLY_ADMIN_KEY")
-    else:
-        # Looked up on every call: a revoked key fails on the very next request
-        # (the view drops it as the revocation is written).
-        view = await usage_view(svc)
-        if view is not None:
-            found = view.authenticate(key)
-        else:
-            found = await asyncio.to_thread(svc.accounts.authenticate, key)
-    if found is None:
-        _spend(svc, anonymous)
-        raise unauthorized()
-    # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
-    _spend(svc, f"key:{found.key_prefix}")
-    request.state.principal = found
-    return found
+        return Principal(account=None, admin=True, key_prefix="env:TALLY_ADMIN_KEY")
+    # Looked up on every call: a revoked key fails on the very next request
+    # (the view drops it as the revocation is written).
+    view = await usage_view(svc)
+    if view is not None:
+        return view.authenticate(key)
+    return await asyncio.to_thread(svc.accounts.authenticate, key)
 
 
 async def account_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
@@ -138,6 +144,20 @@ async def admin_principal(caller: Annotated[Principal, Depends(principal)]) -> P
         raise ApiError(403, "forbidden", "this route needs an admin key")
     return caller
 
+
+async def no_store(response: Response) -> None:
+    """For answers that carry a key or a secret: no cache (browser, proxy, CDN) may
+    keep a copy of what is shown only once."""
+    response.headers["Cache-Control"] = "no-store"
+
+
+NO_STORE_HEADER = {
+    "Cache-Control": {
+        "description": "`no-store`: the body carries a key shown once; keep no copy.",
+        "schema": {"type": "string"},
+    }
+}
+"""The header `no_store` sets, for the OpenAPI `headers` of those answers."""
 
 ServicesDep = Annotated[Services, Depends(services)]
 CallerDep = Annotated[Principal, Depends(principal)]

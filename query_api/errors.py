@@ -1,10 +1,9 @@
-"""One error body for every failure (CONTRACT §3):
+"""One error body for every failure (docs/api.md#errors):
 `{"error": {"code": "...", "message": "...", "docs": "..."}}`."""
 
 from __future__ import annotations
 
 import logging
-import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from query_api.limits import api_limit_headers
 from query_api.ratelimit import Decision
 
 log = logging.getLogger("tally.api")
@@ -23,6 +23,7 @@ ERROR_CODES = {
     "forbidden": "403: the key is valid but may not do this (an account key on an admin route).",
     "not_found": "404: no such resource, or not one this key may see.",
     "conflict": "409: the resource exists already.",
+    "payload_too_large": "413: the request body is over TALLY_API_MAX_BODY_BYTES; send less.",
     "validation_error": "422: a parameter or body field is invalid; the message names it.",
     "rate_limited": "429: too many calls; retry after the time in Retry-After.",
     "internal_error": "500: a fault on our side; the X-Request-Id header identifies it.",
@@ -55,24 +56,24 @@ def unauthorized() -> ApiError:
 
 
 def rate_limited(decision: Decision, now_epoch: float) -> ApiError:
-    """429 for a caller over the API's own limit; the headers describe that limit."""
+    """429 for a caller over the API's own limit; its headers (X-RateLimit-* and the
+    fields of docs/api.md#rate-limit-headers) describe that limit, the one that refused
+    the request."""
     return ApiError(
         429,
         "rate_limited",
         f"too many requests: at most {decision.limit} at once, then refilling over time; "
         f"retry in {decision.retry_after_s}s",
-        {
-            "Retry-After": str(decision.retry_after_s),
-            "X-RateLimit-Limit": str(decision.limit),
-            "X-RateLimit-Remaining": str(decision.remaining),
-            # Rounded up: at that second the whole burst is available again.
-            "X-RateLimit-Reset": str(math.ceil(now_epoch + decision.reset_after)),
-        },
+        {"Retry-After": str(decision.retry_after_s), **api_limit_headers(decision, now_epoch)},
     )
 
 
 def _int_header(description: str) -> dict[str, object]:
     return {"description": description, "schema": {"type": "integer"}}
+
+
+def _sf_header(description: str) -> dict[str, object]:
+    return {"description": description, "schema": {"type": "string"}}
 
 
 RATE_LIMITED_RESPONSE: dict[int | str, dict[str, object]] = {
@@ -88,10 +89,39 @@ RATE_LIMITED_RESPONSE: dict[int | str, dict[str, object]] = {
             "X-RateLimit-Reset": _int_header(
                 "Epoch seconds at which the whole burst is available again."
             ),
+            "RateLimit-Policy": _sf_header(
+                "The limit that refused the request (draft-ietf-httpapi-ratelimit-headers, "
+                'an RFC 9651 List): `"api";q=<burst>;w=<seconds an empty bucket takes to '
+                "refill>`."
+            ),
+            "RateLimit": _sf_header(
+                '`"api";r=<X-RateLimit-Remaining>;t=<seconds until X-RateLimit-Reset, rounded up>`.'
+            ),
         },
     }
 }
 """For `responses=` of every route that authenticates (they are the limited ones)."""
+
+
+PAYLOAD_TOO_LARGE_RESPONSE: dict[int | str, dict[str, object]] = {
+    413: {
+        "model": ErrorBody,
+        "description": "The request body is larger than TALLY_API_MAX_BODY_BYTES (default "
+        "1 MiB), by its Content-Length or as it streams in; it is not read further.",
+    }
+}
+"""For `responses=` of every route that takes a body."""
+
+
+def payload_too_large(limit: int) -> ApiError:
+    """413, closing the connection: the rest of the body is never read, and draining
+    it to keep the connection alive would receive what the limit refuses."""
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the request body is over {limit} bytes (TALLY_API_MAX_BODY_BYTES); send a smaller one",
+        {"Connection": "close"},
+    )
 
 
 def error_response(
@@ -107,6 +137,7 @@ _STATUS_CODES = {
     404: "not_found",
     405: "not_found",
     409: "conflict",
+    413: "payload_too_large",
     422: "validation_error",
     429: "rate_limited",
 }

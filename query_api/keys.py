@@ -13,7 +13,7 @@ import hmac
 import re
 import secrets
 
-_KEY = re.compile(r"^tly_([0-9a-f]{12})_([A-Za-z0-9_-]{32})$")
+_KEY = re.compile(r"tly_([0-9a-f]{12})_([A-Za-z0-9_-]{32})")
 
 
 def new_key() -> tuple[str, str]:
@@ -23,7 +23,7 @@ def new_key() -> tuple[str, str]:
 
 
 def prefix_of(key: str) -> str | None:
-    match = _KEY.match(key)
+    match = _KEY.fullmatch(key)
     return match.group(1) if match else None
 
 

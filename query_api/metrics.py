@@ -1,4 +1,4 @@
-"""GET /metrics (CONTRACT §3): Prometheus text, with the API's request latencies.
+"""GET /metrics (docs/api.md#health-and-metrics): Prometheus text, with the API's request latencies.
 
 The worker's and sink's counters join the same registry when they run in this
 process (`tally up`; see deploy/stack.py).

@@ -1,4 +1,4 @@
-"""Plans (CONTRACT §2): what an account may use. Pure; defaults overridable by TALLY_PLANS.
+"""Plans (docs/api.md#plans): what an account may use. Pure; defaults overridable by TALLY_PLANS.
 
 TALLY_PLANS is a JSON object of plan name -> fields. A field given for a shipped
 plan replaces that field only; a new name defines a new plan (missing fields

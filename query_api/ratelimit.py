@@ -45,6 +45,9 @@ class Decision:
     """Seconds until the next request would be allowed (0 when one would be now)."""
     reset_after: float
     """Seconds until the bucket is full again."""
+    refill_s: float
+    """Seconds an empty bucket takes to fill: `limit` requests per `refill_s` is the
+    policy's window (query_api/limits.py reports it as RateLimit-Policy's `w`)."""
 
     @property
     def retry_after_s(self) -> int:
@@ -81,9 +84,10 @@ class TokenBucket:
             allowed=allowed,
             limit=math.floor(self.capacity),
             # Rounding down: never promise a request that would be refused.
-            remaining=math.floor(self.tokens + 1e-9),
+            remaining=max(0, math.floor(self.tokens + 1e-9)),
             retry_after=missing / self.rate,
             reset_after=(self.capacity - self.tokens) / self.rate,
+            refill_s=self.capacity / self.rate,
         )
 
     def take(self, now: float, cost: float = 1.0) -> Decision:
@@ -94,6 +98,16 @@ class TokenBucket:
             self.tokens = max(0.0, self.tokens - cost)
             return self._decision(True)
         return self._decision(False)
+
+    def charge(self, now: float, cost: float) -> None:
+        """Take `cost` tokens after the fact, for work already done: the bucket may go
+        into debt (down to -capacity), and the caller waits until it refills."""
+        self._refill(now)
+        self.tokens = max(-self.capacity, self.tokens - cost)
+
+    def full_after(self) -> float:
+        """Seconds from `updated` until the bucket is full again."""
+        return (self.capacity - self.tokens) / self.rate
 
     def peek(self, now: float) -> Decision:
         """Whether one token is there, without taking it."""
@@ -136,6 +150,15 @@ class RateLimiter:
             now = self.clock()
             return self._bucket(key, now).take(now)
 
+    def charge(self, key: str, cost: float) -> None:
+        """Charge `key` `cost` more tokens for a request it was already allowed (an
+        answer worth more than one request): its next requests wait for the refill."""
+        if cost <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            self._bucket(key, now).charge(now, cost)
+
     def peek(self, key: str) -> Decision:
         """Would a request by `key` be allowed now? Takes nothing."""
         with self._lock:
@@ -161,9 +184,10 @@ class RateLimiter:
 
     def _evict_idle(self, now: float) -> None:
         # A bucket last touched a whole refill time ago is full whatever it held:
-        # forgetting it changes nothing for its caller.
+        # forgetting it changes nothing for its caller. One in debt (charge) takes
+        # longer; it stays at the front until then, which only delays evicting the rest.
         while self._buckets:
             bucket = next(iter(self._buckets.values()))
-            if now - bucket.updated < self._refill_time:
+            if now - bucket.updated < max(self._refill_time, bucket.full_after()):
                 break
             self._buckets.popitem(last=False)

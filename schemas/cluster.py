@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 ZK_PATH = "'/clickhouse/tables/{shard}/{database}/{table}'"
 REPLICA = "'{replica}'"
 
@@ -57,14 +57,14 @@ class ClusterDDLError(ValueError):
 
 
 def valid_cluster(cluster: str) -> bool:
-    return cluster == "" or bool(_IDENT.match(cluster))
+    return cluster == "" or bool(_IDENT.fullmatch(cluster))
 
 
 def render(statement: str, cluster: str) -> str:
     """`statement` as it must run on `cluster` ('' = one server: unchanged)."""
     if cluster == "":
         return statement
-    if not _IDENT.match(cluster):
+    if not _IDENT.fullmatch(cluster):
         raise ClusterDDLError(
             f"cluster name {cluster!r} is not a plain name (letters, digits, _ and -); "
             "set TALLY_CLICKHOUSE_CLUSTER to a cluster of the server's remote_servers"

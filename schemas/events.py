@@ -1,4 +1,4 @@
-"""The events gateways publish to Kafka (CONTRACT §1), as pydantic v2 models.
+"""The events gateways publish to Kafka (docs/api.md#events), as pydantic v2 models.
 
 These models are the single source of truth: the processors validate with them,
 the producer library builds them, and `schemas/event.schema.json` is generated
@@ -37,9 +37,7 @@ SUBJECT_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 # RFC 3339 demands a zone ("Z" or ±hh:mm); Python's parser alone would accept a
 # naive time or a bare date, which would silently meter in the host's zone.
-_RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
-)
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
 def _parse_rfc3339(value: Any) -> Any:
@@ -47,7 +45,7 @@ def _parse_rfc3339(value: Any) -> Any:
         if value.tzinfo is None:
             raise ValueError("time must carry a zone (RFC 3339), e.g. 2026-03-29T01:02:03.456Z")
         return value
-    match = _RFC3339.match(value) if isinstance(value, str) else None
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError(
             "time must be an RFC 3339 string with a zone, e.g. 2026-03-29T01:02:03.456Z"

@@ -21,7 +21,7 @@ def message_schema() -> dict[str, Any]:
         "$id": "https://tally.dev/schemas/event.schema.json",
         "title": "Tally message: one CloudEvent or a JSON array of them",
         "description": (
-            "Value of a record on the tally.events topic (CONTRACT §1). Times must also be "
+            "Value of a record on the tally.events topic (docs/api.md#events). Times must also be "
             "within 5 minutes ahead and the lateness bound (35 days) behind, checked at "
             "ingestion. Key single events by `subject`."
         ),

@@ -116,7 +116,14 @@ def load(cls: type[S]) -> S:
         lines = [f"tally: {exc.error_count()} invalid setting(s) in the environment:"]
         for error in exc.errors(include_url=False):
             name = prefix + "_".join(str(part) for part in error["loc"]).upper()
-            lines.append(f"  {name}: {error['msg']} (got {error.get('input')!r})")
+            # A secret (the admin key) refused for being weak is still never echoed.
+            got = "" if _is_secret(cls, error["loc"]) else f" (got {error.get('input')!r})"
+            lines.append(f"  {name}: {error['msg']}{got}")
         lines.append("Fix these variables (see README, 'Configuration') and start again.")
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _is_secret(cls: type[BaseSettings], loc: tuple[int | str, ...]) -> bool:
+    field = cls.model_fields.get(str(loc[0])) if loc else None
+    return field is not None and "SecretStr" in str(field.annotation)

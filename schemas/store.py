@@ -23,7 +23,7 @@ from clickhouse_connect.driver.client import Client
 from schemas.cluster import ClusterDDLError, check_shards, render, valid_cluster
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class StoreError(RuntimeError):
@@ -41,7 +41,7 @@ def migrations() -> list[Migration]:
     """The migrations shipped with Tally, in the order they apply."""
     found = []
     for entry in MIGRATIONS_DIR.iterdir():
-        match = re.match(r"^(\d{4})_(\w+)\.sql$", entry.name)
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if not match:
             continue
         text = entry.read_text(encoding="utf-8")
@@ -61,7 +61,7 @@ class Store:
     """
 
     def __init__(self, url: str, database: str, cluster: str = "") -> None:
-        if not _IDENT.match(database):
+        if not _IDENT.fullmatch(database):
             raise StoreError(
                 f"database name {database!r} is not a plain identifier; "
                 "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)"

@@ -5,6 +5,11 @@
 2. a Kafka container, when a Docker engine answers;
 3. a local KRaft broker from the Maven jars in .tally/kafka/libs (`make setup`).
 No Kafka at all fails the tests that need one: skipping would hide untested code.
+
+`clickhouse_server_url` finds a ClickHouse *server* the same way: TALLY_TEST_CLICKHOUSE_URL
+when it names one (http(s)://), a ClickHouse container, else ClickHouse's own server code
+from the chdb wheel (deploy/clickhouse_local.py). `store_url` stays the embedded engine
+unless TALLY_TEST_CLICKHOUSE_URL says otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from deploy.kafka_local import LocalKafka, ensure_topics, free_port
+from deploy.clickhouse_local import LocalClickHouse
+from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.processes import free_port
 from processors.settings import WorkerSettings
 from schemas.store import Store
 
@@ -106,6 +113,43 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if explicit:
         return explicit
     return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An http(s):// URL of a ClickHouse server for the whole session.
+
+    Tests share it and isolate themselves with databases of their own (`unique_name`).
+    """
+    given = os.environ.get("TALLY_TEST_CLICKHOUSE_URL", "").strip()
+    if given.startswith(("http://", "https://")):
+        yield given
+        return
+
+    docker_problem = _docker_engine()
+    if docker_problem is None:
+        from testcontainers.community.clickhouse import ClickHouseContainer
+
+        with ClickHouseContainer() as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(8123)
+            yield f"http://{container.username}:{container.password}@{host}:{port}"
+        return
+
+    server = LocalClickHouse(tmp_path_factory.mktemp("clickhouse"), port=free_port())
+    try:
+        server.start()
+    except Exception as exc:
+        server.kill()
+        pytest.fail(
+            "No ClickHouse server for the tests. TALLY_TEST_CLICKHOUSE_URL names none; no "
+            f"Docker engine ({docker_problem}); and the local server failed: {exc}",
+            pytrace=False,
+        )
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

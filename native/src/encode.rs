@@ -9,7 +9,7 @@
 //! in Python at record time costs a call and a bytes object per event, which is
 //! more than it saves; here an event costs one call and no Python object.
 //!
-//! The message is the batch format of CONTRACT §1: a JSON array of CloudEvents,
+//! The message is the batch format of docs/api.md#events: a JSON array of CloudEvents,
 //! each what producers/events.py `encode_event` writes: absent (None) attributes
 //! left out, `time` in UTC with microseconds and `Z`. Keys come in the models'
 //! field order, and floats in their shortest round-trip form (ryu), which decodes

@@ -2,12 +2,12 @@
 //! message in one call, and encode the folded rows as delta row parts. (The
 //! gateway's, encoding events into batch messages, is in encode.rs.)
 //!
-//! It is the same computation as the Python tiers (processors/decode.py
-//! `decode_native`, processors/rollup.py `RollupBuilder`, processors/deltas.py
-//! `_bodies`), which stay the reference: `add_message` accepts a strict subset of
-//! what `decode_native` accepts and returns None for anything else, so that Python
-//! decides, and reports why, exactly as before. Nothing is folded or remembered
-//! for a message it returns None for.
+//! It is the same computation as the Python reference (the models of
+//! schemas/events.py through processors/decode.py, processors/rollup.py
+//! `RollupBuilder`, processors/deltas.py `_bodies`): `add_message` accepts a strict
+//! subset of what the models accept, with their values, and returns None for
+//! anything else, so that Python decides, and reports why. Nothing is folded or
+//! remembered for a message it returns None for.
 //!
 //! tests/unit/processors/test_native.py compares the two on generated messages,
 //! valid and broken, row for row.
@@ -16,7 +16,11 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::marker::PhantomData;
 use std::hash::BuildHasher;
 
 mod encode;
@@ -33,14 +37,42 @@ const MAX_UNITS: f64 = 1e12;
 /// The store's sums are UInt64: a row's larger sum goes out as several rows.
 const U64_MAX: i128 = u64::MAX as i128;
 /// Times are taken only in [1970, 2106): there the rollup minute of a UTC time is
-/// the minute its text names (decode.py `_MINUTE_SAFE_LO/HI`).
+/// the minute its text names (a float timestamp keeps whole seconds exact there).
 const MIN_YEAR: i64 = 1970;
 const MAX_YEAR: i64 = 2105;
 
-/// Absent stays None; present (null included) is Some: the Structs refuse some
+/// Absent stays None; present (null included) is Some: `check` refuses some
 /// attributes even when null, so presence must be told apart from null.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
+}
+
+/// `present` for an object: `data` must be a JSON object, as for the models.
+fn present_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Object::<T>::deserialize(d).map(|o| Some(o.0))
+}
+
+/// A struct read only from a JSON object. serde's derived structs also read a JSON
+/// array, as their fields in order (`"data": [5]` would be 5 units); the models take
+/// objects only, so an array sends the message to Python, which rejects it.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(PhantomData)).map(Object)
+    }
 }
 
 // Borrowed strings only: a string with an escape fails to borrow, so the message
@@ -57,12 +89,12 @@ struct RawEvent<'a> {
     time: &'a str,
     #[serde(default, borrow)]
     datacontenttype: Option<&'a str>,
-    #[serde(default, borrow, deserialize_with = "present")]
+    #[serde(default, borrow, deserialize_with = "present_object")]
     data: Option<RawData<'a>>,
 }
 
 /// Every attribute of the three types' data; `check` refuses those a type lacks.
-/// serde refuses a repeated attribute (msgspec keeps the last): to Python.
+/// serde refuses a repeated attribute (the models keep the last): to Python.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawData<'a> {
@@ -142,7 +174,7 @@ impl<'a> RawData<'a> {
     }
 }
 
-/// One checked event, in the fold's terms (`RollupBuilder.add_native`).
+/// One checked event, in the fold's terms (`RollupBuilder.add_flat`).
 struct Event<'a> {
     source: &'a str,
     id: &'a str,
@@ -161,7 +193,7 @@ struct Event<'a> {
     bytes_out: u64,
 }
 
-/// msgspec's min/max_length, in characters. `lo` is 0 or 1 here, so a byte length
+/// The models' min/max_length, in characters. `lo` is 0 or 1 here, so a byte length
 /// within the bounds is a character length within them.
 fn chars_within(s: &str, lo: usize, hi: usize) -> bool {
     let n = s.len();
@@ -281,7 +313,9 @@ fn subject_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
 }
 
-/// The checks of decode.py's Native Structs and `decode_native`, for one event.
+/// The models' rules (schemas/events.py) for one event, and the clock's bounds;
+/// stricter where reading alike would cost (UTC times, no escapes, no unknown
+/// attributes, the size bound of decode.py `NATIVE_MAX_EVENT_BYTES`).
 fn check<'a>(e: &RawEvent<'a>, lo_us: i64, hi_us: i64) -> Option<Event<'a>> {
     if e.specversion != "1.0"
         || !chars_within(e.id, 1, 128)
@@ -656,20 +690,20 @@ impl Fold {
     ) -> PyResult<Option<(u64, u64, u64, u64)>> {
         let batch = value.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'[');
         let raw = if batch {
-            match serde_json::from_slice::<Vec<RawEvent<'_>>>(value) {
+            match serde_json::from_slice::<Vec<Object<RawEvent<'_>>>>(value) {
                 Ok(events) if !events.is_empty() => events,
                 _ => return Ok(None),
             }
         } else if value.len() > max_event_bytes {
             return Ok(None); // a single event's limit counts the message's own bytes
         } else {
-            match serde_json::from_slice::<RawEvent<'_>>(value) {
+            match serde_json::from_slice::<Object<RawEvent<'_>>>(value) {
                 Ok(event) => vec![event],
                 Err(_) => return Ok(None),
             }
         };
         let mut events = Vec::with_capacity(raw.len());
-        for e in &raw {
+        for Object(e) in &raw {
             match check(e, lo_us, hi_us) {
                 Some(ev) => events.push(ev),
                 None => return Ok(None),
@@ -692,7 +726,7 @@ impl Fold {
         Ok(Some((requests, opened, closed, duplicates)))
     }
 
-    /// Fold one event the Python tiers decoded (`processors.decode.Flat` values):
+    /// Fold one event the Python reference decoded (`processors.decode.Flat` values):
     /// `minute` as RollupBuilder computes it, `time_us` its time since the epoch.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (kind, subject, minute, route, method, model, status, stream_id, units, latency, bytes_in, bytes_out, time_us))]

@@ -1,4 +1,4 @@
-"""Administration (CONTRACT §3): plans, accounts, API keys and rollup totals. Admin keys only.
+"""Administration (docs/api.md#administration): plans, accounts, keys, totals. Admin keys only.
 
 Each route is a thin async wrapper around a blocking operation below; the
 operations are also what `tally accounts|keys` runs when it opens the store
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Depends, Query, status
 
 from processors.reconcile import stored_totals
 from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
@@ -50,8 +50,13 @@ from query_api.admin_models import (
     TotalsMeta,
     TotalsOut,
 )
-from query_api.deps import AdminDep, ServicesDep
-from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
+from query_api.deps import NO_STORE_HEADER, AdminDep, ServicesDep, no_store
+from query_api.errors import (
+    PAYLOAD_TOO_LARGE_RESPONSE,
+    RATE_LIMITED_RESPONSE,
+    ApiError,
+    ErrorBody,
+)
 from query_api.plans import Plan
 from query_api.routes.analytics import FromQuery, ToQuery, check_range, minute_range
 from schemas.events import SUBJECT_PATTERN
@@ -72,6 +77,10 @@ _404: dict[int | str, dict[str, object]] = {
 }
 _409: dict[int | str, dict[str, object]] = {
     409: {"model": ErrorBody, "description": "An account with this id exists already"}
+}
+_BODY = PAYLOAD_TOO_LARGE_RESPONSE
+_KEY_SHOWN: dict[int | str, dict[str, object]] = {
+    201: {"description": "Created; the key is in the body", "headers": NO_STORE_HEADER}
 }
 
 PAGE_MAX = 1000
@@ -271,7 +280,8 @@ async def get_plans(caller: AdminDep, svc: ServicesDep) -> PlansOut:
     "/accounts",
     response_model=AccountCreatedResponse,
     status_code=status.HTTP_201_CREATED,
-    responses={**_AUTH, **_409, **_422},
+    responses={**_KEY_SHOWN, **_AUTH, **_409, **_BODY, **_422},
+    dependencies=[Depends(no_store)],
     summary="Create an account and its first API key (the key is shown once)",
 )
 async def post_account(
@@ -316,7 +326,7 @@ async def get_one_account(account_id: str, caller: AdminDep, svc: ServicesDep) -
 @router.put(
     "/accounts/{account_id}",
     response_model=PlanChangedResponse,
-    responses={**_AUTH, **_404, **_422},
+    responses={**_AUTH, **_404, **_BODY, **_422},
     summary="Change an account's plan (effective from the next request)",
 )
 async def put_account(
@@ -332,7 +342,8 @@ async def put_account(
     "/keys",
     response_model=KeyCreatedResponse,
     status_code=status.HTTP_201_CREATED,
-    responses={**_AUTH, **_404, **_422},
+    responses={**_KEY_SHOWN, **_AUTH, **_404, **_BODY, **_422},
+    dependencies=[Depends(no_store)],
     summary="Create an API key for an account, or an admin key (the key is shown once)",
 )
 async def post_key(body: KeyCreateIn, caller: AdminDep, svc: ServicesDep) -> KeyCreatedResponse:
@@ -410,7 +421,7 @@ async def get_totals(
     start, end = from_.astimezone(UTC), to.astimezone(UTC)
     check_range(start, end)
     target = account or None
-    if target is not None and not _SUBJECT.match(target):
+    if target is not None and not _SUBJECT.fullmatch(target):
         raise ApiError(422, "validation_error", "account: not a valid account id")
     return await asyncio.to_thread(
         account_totals, svc.store, svc.settings.events_topic, start, end, target

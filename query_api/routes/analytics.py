@@ -1,4 +1,4 @@
-"""Analytics routes (CONTRACT §3): usage time series and the top accounts.
+"""Analytics routes (docs/api.md#analytics): usage time series and the top accounts.
 
 Both read `rollup_minute` and aggregate with sum() ... GROUP BY, because merges are
 eventual (see migration 0001); the reserved account '' (offset markers) is never
@@ -6,27 +6,31 @@ read. Every user input reaches ClickHouse as a bound parameter; the only SQL tex
 chosen by a request (the bucket expression, the group-by columns, the sort column)
 is picked from the fixed tables below, never built from the input.
 
-Cost per query is bounded twice: the range may span at most `analytics_max_buckets`
-buckets (TALLY_ANALYTICS_MAX_BUCKETS), and a series may have at most `MAX_ROWS`
-rows (buckets x groups); a larger result is refused with 422 rather than truncated,
-so a series is never silently incomplete.
+Cost per query is bounded: the range may span at most `analytics_max_buckets`
+buckets (TALLY_ANALYTICS_MAX_BUCKETS), and query_api/analytics_cost.py bounds the
+rows (a larger result is refused with 422 rather than truncated, so a series is
+never silently incomplete) and the store time, and charges big answers to the
+caller's rate limit. The query and the answer's serialisation run in a worker
+thread, so a big answer never holds the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from processors.rollup import MARKER_ACCOUNT
 from processors.windows import format_time
 from query_api import queries
-from query_api.deps import AdminDep, CallerDep, ServicesDep
+from query_api.analytics_cost import QueryBounds, run
+from query_api.deps import AdminDep, CallerDep, Services, ServicesDep, key_bucket
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from schemas.events import REQUEST, STREAM_CLOSED, SUBJECT_PATTERN, Rfc3339
 from schemas.store import Store
@@ -60,13 +64,11 @@ _DIMENSION_SQL: dict[str, str] = {
 DIMENSIONS: tuple[str, ...] = tuple(_DIMENSION_SQL)
 _METRIC_SQL: dict[str, str] = {"units": "units", "requests": "requests"}
 
-MAX_ROWS = 100_000
-"""Most rows (buckets x groups) one usage series may have; more is a 422."""
-
 NOT_FOUND_MESSAGE = "account not found"
 """The same for an account that does not exist and one the key may not see."""
 
 _SUBJECT = re.compile(SUBJECT_PATTERN)
+JSON = "application/json"
 # "+02:00" sent unencoded in a query string arrives as " 02:00".
 _SPACE_OFFSET = re.compile(r"(:\d{2}(?:\.\d+)?) (\d{2}:\d{2})$")
 
@@ -295,20 +297,15 @@ def minute_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     return ceil_to(start, MINUTE), ceil_to(end, MINUTE)
 
 
-def _dimension_value(name: str, value: Any) -> str | int | None:
-    if name == "status":
-        return int(value) or None
-    if name == "type":
-        return str(value)
-    return str(value) or None
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesRow:
-    window_start: datetime
-    group: tuple[Any, ...]
-    requests: int
-    units_micro: int
+# Each dimension's JSON member, as ClickHouse writes it: a dimension an event did not
+# carry ('' or status 0) is null. Never extended from input, like the tables above.
+_DIMENSION_JSON: dict[str, str] = {
+    "type": """'"type":', toJSONString(toString(type))""",
+    "route": """'"route":', if(route = '', 'null', toJSONString(toString(route)))""",
+    "model": """'"model":', if(model = '', 'null', toJSONString(toString(model)))""",
+    "status": """'"status":', if(status = 0, 'null', toString(status))""",
+}
+_TIME_FORMAT = "'%Y-%m-%dT%H:%i:%S.000Z', 'UTC'"
 
 
 def usage_series(
@@ -318,47 +315,59 @@ def usage_series(
     until: datetime,
     window: str,
     dimensions: list[Dimension],
-    limit: int,
-) -> list[SeriesRow]:
-    """Buckets x groups with data, for one account or (None) every real account.
+    bounds: QueryBounds,
+) -> list[str]:
+    """Buckets x groups with data, for one account or (None) every real account: each
+    a UsageBucketOut as JSON text, written by ClickHouse (in Python, building and
+    serialising these rows cost the API most of an answer's CPU, holding the GIL).
 
-    Blocking; `since`/`until` are minute-aligned. At most `limit` rows come back.
+    Blocking; `since`/`until` are minute-aligned. At most `bounds.max_rows` + 1 rows
+    come back (one more than allowed: the caller refuses that many).
     """
-    bucket = _BUCKET_SQL[window]
-    columns = [_DIMENSION_SQL[d] for d in dimensions]
-    select = "".join(f", {c}" for c in columns)
+    limit = bounds.max_rows + 1
+    columns = "".join(f", {_DIMENSION_SQL[d]}" for d in dimensions)
+    group = ", ',', ".join(_DIMENSION_JSON[d] for d in dimensions) or "''"
     where_account = "account = {a:String}" if account is not None else "account != {a:String}"
-    rows = store.query(
-        f"SELECT {bucket} AS window_start{select}, "
-        "sumIf(events, type = {req:String}) AS requests, sum(units_micro) AS units "
-        f"FROM rollup_minute WHERE {where_account} "
+    json_row = (
+        """concat('{"window_start":"', """
+        f"formatDateTime(({_BUCKET_SQL[window]}) AS window_start, {_TIME_FORMAT}), "
+        """'","window_end":"', """
+        f"formatDateTime(addSeconds(window_start, {{step:UInt32}}), {_TIME_FORMAT}), "
+        f"""'","group":{{', {group}, '}},"requests":', """
+        "toString(sumIf(events, type = {req:String}) AS requests), "
+        """',"units":', toString((sum(units_micro) AS units) / 1000000), '}')"""
+    )
+    rows = run(
+        store,
+        f"SELECT {json_row} FROM rollup_minute WHERE {where_account} "
         "AND minute >= {since:DateTime} AND minute < {until:DateTime} "
         "AND type IN ({req:String}, {closed:String}) "
-        f"GROUP BY window_start{select} "
+        f"GROUP BY window_start{columns} "
         "HAVING requests > 0 OR units > 0 "
-        f"ORDER BY window_start{select} "
+        f"ORDER BY window_start{columns} "
         "LIMIT {limit:UInt32}",
         {
             "a": account if account is not None else MARKER_ACCOUNT,
             "since": since,
             "until": until,
+            "step": int(WINDOWS[window].total_seconds()),
             "req": REQUEST,
             "closed": STREAM_CLOSED,
             "limit": limit,
         },
+        bounds,
+        limit,
     )
-    n = len(columns)
-    return [
-        SeriesRow(row[0], tuple(row[1 : 1 + n]), int(row[1 + n]), int(row[2 + n])) for row in rows
-    ]
+    return [row[0] for row in rows]
 
 
 def top_accounts(
-    store: Store, since: datetime, until: datetime, metric: str, limit: int
+    store: Store, since: datetime, until: datetime, metric: str, limit: int, bounds: QueryBounds
 ) -> list[tuple[str, int, int]]:
     """(account, requests, units in millionths), by `metric` descending then account."""
     order = _METRIC_SQL[metric]
-    rows = store.query(
+    rows = run(
+        store,
         "SELECT account, sumIf(events, type = {req:String}) AS requests, "
         "sum(units_micro) AS units FROM rollup_minute "
         "WHERE account != {m:String} "
@@ -374,6 +383,8 @@ def top_accounts(
             "closed": STREAM_CLOSED,
             "limit": limit,
         },
+        bounds,
+        limit,
     )
     return [(str(a), int(r), int(u)) for a, r, u in rows]
 
@@ -384,7 +395,7 @@ def _units(micro: int) -> float:
 
 # --- routes ---------------------------------------------------------------------------
 
-USAGE_DESCRIPTION = f"""
+USAGE_DESCRIPTION = """
 A time series of one account's usage (or, for an admin key, of every account).
 
 - **Range**: `[from, to)`. Usage is stored per minute, so a minute counts when its
@@ -405,9 +416,13 @@ A time series of one account's usage (or, for an admin key, of every account).
   `null` (a request without route, model or status). Stream-closed events carry no
   route, model or status, so their units appear under `null` for those dimensions
   and under `type` `tally.stream.closed.v1` (with `requests` 0).
-- **Result size**: at most {MAX_ROWS:,} rows (buckets x groups); a larger result is
-  refused with 422 (never truncated): use a coarser window, a shorter range or fewer
-  dimensions.
+- **Result size**: at most `TALLY_ANALYTICS_MAX_ROWS` rows (buckets x groups, default
+  10,000); a larger result is refused with 422 (never truncated): use a coarser
+  window, a shorter range or fewer dimensions. A query running longer than
+  `TALLY_ANALYTICS_MAX_SECONDS` (default 5) in the store is refused the same way.
+- **Cost**: an answer counts against the key's API rate limit as one request plus one
+  per `TALLY_ANALYTICS_ROWS_PER_TOKEN` rows (default 100), refused answers included:
+  big answers leave fewer requests in the key's budget.
 - **Who sees what**: an account key sees its own account only; `account` may be
   omitted or be its own id, any other id gives 404 `not_found`, the same answer
   whether or not that account exists. An admin key may name any account id (an id
@@ -456,7 +471,7 @@ async def analytics_usage(
             examples=["acme"],
         ),
     ] = None,
-) -> UsageSeriesOut:
+) -> Response:
     start, end = from_.astimezone(UTC), to.astimezone(UTC)
     check_range(start, end)
     dimensions = parse_group_by(group_by)
@@ -477,7 +492,7 @@ async def analytics_usage(
         )
 
     target = account or None
-    if target is not None and not _SUBJECT.match(target):
+    if target is not None and not _SUBJECT.fullmatch(target):
         raise ApiError(422, "validation_error", "account: not a valid account id")
     if not caller.admin:
         if target is not None and target != caller.account:
@@ -486,46 +501,55 @@ async def analytics_usage(
         if target is None:  # a non-admin key always has an account; be safe anyway
             raise ApiError(404, "not_found", NOT_FOUND_MESSAGE)
 
-    since, until = minute_range(start, end)
-    rows: list[SeriesRow] = []
-    if since < until:
-        rows = await asyncio.to_thread(
-            usage_series, svc.store, target, since, until, window, dimensions, MAX_ROWS + 1
-        )
-    if len(rows) > MAX_ROWS:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"the result has more than {MAX_ROWS} rows (buckets x groups): use a coarser "
-            "window, a shorter range or fewer group_by dimensions",
-        )
-    reflected = await asyncio.to_thread(
-        queries.reflected_until, svc.store, svc.settings.events_topic
-    )
-    now = svc.now()
+    query = SeriesQuery(target, start, end, window, dimensions, buckets, key_bucket(caller))
+    body = await asyncio.to_thread(series_answer, svc, query, QueryBounds.of(svc.settings))
+    return Response(body, media_type=JSON)
 
-    data = [
-        UsageBucketOut(
-            window_start=format_time(row.window_start),
-            window_end=format_time(row.window_start + step),
-            group={d: _dimension_value(d, v) for d, v in zip(dimensions, row.group, strict=True)},
-            requests=row.requests,
-            units=_units(row.units_micro),
+
+@dataclass(frozen=True, slots=True)
+class SeriesQuery:
+    """One validated analytics/usage request."""
+
+    account: str | None
+    start: datetime
+    end: datetime
+    window: WindowName
+    dimensions: list[Dimension]
+    buckets: int
+    bucket: str
+    """The caller's rate-limit bucket, charged for the answer's size."""
+
+
+def series_answer(svc: Services, query: SeriesQuery, bounds: QueryBounds) -> bytes:
+    """The series' JSON body (UsageSeriesOut). Blocking, and run in a worker thread
+    as a whole: the query, the charge, the row check and the serialisation, so none
+    of it holds the event loop.
+
+    Rows are charged whether they are served or refused for being too many: the
+    store and this process did the work either way. The rows arrive as JSON text
+    (usage_series): this process only joins them.
+    """
+    since, until = minute_range(query.start, query.end)
+    rows: list[str] = []
+    if since < until:
+        rows = usage_series(
+            svc.store, query.account, since, until, query.window, query.dimensions, bounds
         )
-        for row in rows
-    ]
-    return UsageSeriesOut(
-        data=data,
-        meta=UsageMetaOut(
-            from_=format_time(start),
-            to=format_time(end),
-            window=window,
-            group_by=dimensions,
-            account=target,
-            buckets=buckets,
-            updated_at=format_time(min(reflected, now)) if reflected else None,
-        ),
+    svc.limiter.charge(query.bucket, bounds.extra_tokens(len(rows)))
+    bounds.check_rows(len(rows))
+    reflected = queries.reflected_until(svc.store, svc.settings.events_topic)
+    now = svc.now()
+    meta = UsageMetaOut(
+        from_=format_time(query.start),
+        to=format_time(query.end),
+        window=query.window,
+        group_by=query.dimensions,
+        account=query.account,
+        buckets=query.buckets,
+        updated_at=format_time(min(reflected, now)) if reflected else None,
     )
+    meta_json = json.dumps(meta.model_dump(mode="json", by_alias=True), separators=(",", ":"))
+    return f'{{"data":[{",".join(rows)}],"meta":{meta_json}}}'.encode()
 
 
 @router.get(
@@ -548,7 +572,8 @@ async def analytics_top_accounts(
     since, until = minute_range(start, end)
     rows: list[tuple[str, int, int]] = []
     if since < until:
-        rows = await asyncio.to_thread(top_accounts, svc.store, since, until, metric, limit)
+        bounds = QueryBounds.of(svc.settings)
+        rows = await asyncio.to_thread(top_accounts, svc.store, since, until, metric, limit, bounds)
     return TopAccountsOut(
         data=[TopAccountOut(account=a, requests=r, units=_units(u)) for a, r, u in rows],
         meta=TopMetaOut(from_=format_time(start), to=format_time(end), metric=metric, limit=limit),

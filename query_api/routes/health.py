@@ -1,4 +1,4 @@
-"""Liveness and readiness (CONTRACT §3; query_api/readiness.py decides readiness)."""
+"""Liveness and readiness (docs/api.md#health-and-metrics; query_api/readiness.py decides)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The two usage endpoints (CONTRACT §3): the product's face."""
+"""The two usage endpoints (docs/api.md#usage): the product's face."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
@@ -24,19 +25,15 @@ from query_api.deps import (
     usage_view,
 )
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
+from query_api.limits import POLICY_HEADER, STATE_HEADER, PlanLimits, plan_headers, plan_limits
 from query_api.models import (
     AccountUsageOut,
     UsageV1Out,
     WindowUsageOut,
 )
 from query_api.plans import Plan
-from query_api.usage import (
-    AccountUsage,
-    WindowUse,
-    compute,
-    history_start,
-    history_start_any_anchor,
-)
+from query_api.queries import UsageReads
+from query_api.usage import AccountUsage, WindowUse, compute, history_start_any_anchor
 
 router = APIRouter(tags=["usage"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -44,22 +41,40 @@ ERRORS: dict[int | str, dict[str, object]] = {
     403: {"model": ErrorBody, "description": "An admin key (it has no usage)"},
     **RATE_LIMITED_RESPONSE,
 }
-_PLAN_LIMIT_HEADERS: dict[int | str, dict[str, object]] = {
+
+
+def _header(description: str, kind: str) -> dict[str, object]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+_LIMIT_HEADERS: dict[str, dict[str, object]] = {
+    "X-RateLimit-Limit": _header("The plan's per_minute limit.", "integer"),
+    "X-RateLimit-Remaining": _header("per_minute minus requests this minute.", "integer"),
+    "X-RateLimit-Reset": _header("Epoch seconds of the next minute boundary.", "integer"),
+    POLICY_HEADER: _header(
+        "The plan's limits (draft-ietf-httpapi-ratelimit-headers, an RFC 9651 List): "
+        '`"minute";q=<per_minute>;w=60, "streams";q=<max_streams>;qu="concurrent-requests"` '
+        "(q=0 for streams on a plan without streaming).",
+        "string",
+    ),
+    STATE_HEADER: _header(
+        '`"minute";r=<X-RateLimit-Remaining>;t=<seconds until X-RateLimit-Reset, rounded up>, '
+        '"streams";r=<max_streams minus active streams, at least 0>`.',
+        "string",
+    ),
+}
+"""On 200 these describe the account's plan limits (query_api/limits.py), not the API's
+own limit, whose headers come only with a 429."""
+_V0_RESPONSES: dict[int | str, dict[str, object]] = {200: {"headers": _LIMIT_HEADERS}}
+_V1_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "headers": {
-            name: {"description": text, "schema": {"type": kind}}
-            for name, text, kind in (
-                ("X-RateLimit-Limit", "The plan's per_minute limit.", "integer"),
-                ("X-RateLimit-Remaining", "per_minute minus requests this minute.", "integer"),
-                ("X-RateLimit-Reset", "Epoch seconds of the next minute boundary.", "integer"),
-                ("X-Data-Delay", "Seconds the data lags behind now.", "number"),
-            )
+            **_LIMIT_HEADERS,
+            "X-Data-Delay": _header("Seconds the data lags behind now.", "number"),
         }
     }
 }
-"""On 200 these describe the account's plan limit (gateways enforce it), not the API's
-own limit, whose X-RateLimit-* headers come only with a 429."""
-# Events may be up to 5 minutes ahead of the clock (CONTRACT §1).
+# Events may be up to 5 minutes ahead of the clock (docs/api.md#validity).
 AHEAD = timedelta(minutes=6)
 
 
@@ -75,33 +90,45 @@ def _plan_of(svc: ServicesDep, account_id: str, account: Account | None) -> Plan
     return plan
 
 
-def _since(svc: ServicesDep, account: Account, now: datetime) -> datetime:
-    return history_start(
-        now, timedelta(days=svc.settings.window_history_days), account.billing_anchor_day
-    )
-
-
 def _idle_cutoff(svc: ServicesDep, now: datetime) -> datetime:
     return now - timedelta(seconds=svc.settings.stream_idle_timeout_s)
 
 
-async def _usage(svc: ServicesDep, account_id: str, now: datetime) -> tuple[AccountUsage, Plan]:
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What both usage endpoints answer from: one read, one computation."""
+
+    usage: AccountUsage
+    plan: Plan
+    limits: PlanLimits
+    reads: UsageReads
+
+
+async def _answer(svc: ServicesDep, account_id: str, now: datetime) -> _Answer:
+    since = history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days))
+    idle_cutoff = _idle_cutoff(svc, now)
     view = await usage_view(svc)
-    if view is not None:
-        found = view.account(account_id)
-        account = Account(account_id, *found) if found else None
+    if view is not None and view.covers(since, idle_cutoff):
+        # From memory, on the loop: exact (query_api/view.py) and no thread hop.
+        reads = view.usage_reads(account_id, since, now + AHEAD, idle_cutoff)
     else:
-        account = await asyncio.to_thread(svc.accounts.get, account_id)
+        # Every read in one statement and one thread hop: each has a fixed cost that
+        # dwarfs these point reads (queries.usage_reads, benchmarks/api.py).
+        reads = await asyncio.to_thread(
+            queries.usage_reads,
+            svc.store,
+            account_id,
+            since,
+            now + AHEAD,
+            idle_cutoff,
+            svc.settings.events_topic,
+        )
+    account = Account(account_id, *reads.account) if reads.account else None
     plan = _plan_of(svc, account_id, account)
     assert account is not None
-    since = _since(svc, account, now)
-    if view is not None and view.covers(since, _idle_cutoff(svc, now)):
-        rows = view.minutes(account_id, since, now + AHEAD)
-    else:
-        rows = await asyncio.to_thread(
-            queries.account_minutes, svc.store, account_id, since, now + AHEAD
-        )
-    return compute(rows, plan, account.billing_anchor_day, now), plan
+    usage = compute(reads.minutes, plan, account.billing_anchor_day, now)
+    limits = plan_limits(plan, usage, reads.active_streams, now)
+    return _Answer(usage, plan, limits, reads)
 
 
 def _window_out(use: WindowUse, limit: float) -> WindowUsageOut:
@@ -112,9 +139,9 @@ def _window_out(use: WindowUse, limit: float) -> WindowUsageOut:
 
 
 @lru_cache(maxsize=16)
-def _minute_texts(minute: Window) -> tuple[str, str]:
-    """`resets_at` and X-RateLimit-Reset of a minute: shared by its requests."""
-    return format_time(minute.end), str(int(minute.end.timestamp()))
+def _reset_text(resets_at: datetime) -> str:
+    """`resets_at` of a minute: shared by its requests."""
+    return format_time(resets_at)
 
 
 @lru_cache(maxsize=256)
@@ -126,15 +153,19 @@ def _period_texts(period: Window) -> tuple[str, str]:
 @router.get(
     "/api/account/usage",
     response_model=AccountUsageOut,
-    responses=ERRORS,
+    responses={**_V0_RESPONSES, **ERRORS},
     summary="Session and weekly usage as percentages of the plan (Bearer key)",
 )
-async def account_usage(caller: AccountCallerDep, svc: ServicesDep) -> AccountUsageOut:
+async def account_usage(
+    caller: AccountCallerDep, svc: ServicesDep, response: Response
+) -> AccountUsageOut:
     assert caller.account is not None
-    usage, plan = await _usage(svc, caller.account, svc.now())
+    answer = await _answer(svc, caller.account, svc.now())
+    response.headers.update(plan_headers(answer.limits))
+    plan = answer.plan
     return AccountUsageOut(
-        session=_window_out(usage.session, plan.session_limit),
-        weekly=_window_out(usage.weekly, plan.weekly_limit),
+        session=_window_out(answer.usage.session, plan.session_limit),
+        weekly=_window_out(answer.usage.weekly, plan.weekly_limit),
         plan=plan.name,
     )
 
@@ -145,7 +176,7 @@ V1_PATH = "/api/v1/account/usage"
 @router.get(
     V1_PATH,
     response_model=UsageV1Out,
-    responses={**_PLAN_LIMIT_HEADERS, **ERRORS},
+    responses={**_V1_RESPONSES, **ERRORS},
     summary="Request counts, the per-minute limit, streams and the billing period",
 )
 async def account_usage_v1(request: Request) -> Response:
@@ -159,34 +190,12 @@ async def account_usage_v1(request: Request) -> Response:
     caller = await account_principal(await principal(request, svc))
     assert caller.account is not None
     now = svc.now()
-    since = history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days))
-    idle_cutoff = _idle_cutoff(svc, now)
-    view = await usage_view(svc)
-    if view is not None and view.covers(since, idle_cutoff):
-        # From memory, on the loop: exact (query_api/view.py) and no thread hop.
-        reads = view.usage_reads(caller.account, since, now + AHEAD, idle_cutoff)
-    else:
-        # Every read in one statement and one thread hop: each has a fixed cost that
-        # dwarfs these point reads (queries.usage_reads, benchmarks/api.py).
-        reads = await asyncio.to_thread(
-            queries.usage_reads,
-            svc.store,
-            caller.account,
-            since,
-            now + AHEAD,
-            idle_cutoff,
-            svc.settings.events_topic,
-        )
-    account = Account(caller.account, *reads.account) if reads.account else None
-    plan = _plan_of(svc, caller.account, account)
-    assert account is not None
-    usage = compute(reads.minutes, plan, account.billing_anchor_day, now)
-    active, reflected = reads.active_streams, reads.reflected_until
-    remaining = max(0, plan.per_minute - usage.this_minute)
-    resets_at, reset_epoch = _minute_texts(usage.minute)
+    answer = await _answer(svc, caller.account, now)
+    usage, limits, reflected = answer.usage, answer.limits, answer.reads.reflected_until
     period_start, period_end = _period_texts(usage.period)
     updated = min(reflected, now) if reflected else datetime.fromtimestamp(0, UTC)
-    # Exactly UsageV1Out's fields (query_api/models.py).
+    # Exactly UsageV1Out's fields (query_api/models.py); the limit and the headers
+    # are both read from `limits`, so they agree.
     body = {
         "data": {
             "requests": {
@@ -194,12 +203,12 @@ async def account_usage_v1(request: Request) -> Response:
                 "this_week": usage.this_week,
                 "this_month": usage.this_month,
                 "limit": {
-                    "per_minute": plan.per_minute,
-                    "remaining": remaining,
-                    "resets_at": resets_at,
+                    "per_minute": limits.per_minute,
+                    "remaining": limits.remaining,
+                    "resets_at": _reset_text(limits.resets_at),
                 },
             },
-            "streams": {"active": active, "max": plan.max_streams},
+            "streams": {"active": limits.active_streams, "max": limits.max_streams},
             "period": {
                 "start": period_start,
                 "end": period_end,
@@ -211,9 +220,7 @@ async def account_usage_v1(request: Request) -> Response:
         orjson.dumps(body),
         media_type="application/json",
         headers={
-            "X-RateLimit-Limit": str(plan.per_minute),
-            "X-RateLimit-Remaining": str(remaining),
-            "X-RateLimit-Reset": reset_epoch,
+            **plan_headers(limits),
             "X-Data-Delay": f"{(now - updated).total_seconds():.3f}",
         },
     )

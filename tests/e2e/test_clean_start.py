@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.kafka_local import free_port
+from deploy.processes import free_port
 from deploy.settings import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""CONTRACT §5: clients users already have, unchanged, against `tally up --demo`.
+"""docs/api.md#client-compatibility: users' clients, unchanged, against `tally up --demo`.
 
 Starts the stack the way a new user does (its own local broker, embedded store,
 demo gateways), reads the API URL and demo keys it prints, and runs the
@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.kafka_local import free_port
+from deploy.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -38,7 +38,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from deploy.kafka_local import free_port
+from deploy.processes import free_port
 from producers import events as build
 
 pytestmark = pytest.mark.e2e

@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.kafka_local import LocalKafka, ensure_topics, free_port
+from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.processes import free_port
 from deploy.settings import REPO_ROOT
 from producers.gateway import Gateway
 from producers.loadgen import Traffic

@@ -1,4 +1,4 @@
-"""The admin routes (CONTRACT §3, "Administration") on the real app and a real store.
+"""The admin routes (docs/api.md#administration) on the real app and a real store.
 
 Every test gets a database of its own in the session's one chdb path.
 """

@@ -20,7 +20,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from deploy.cli import main
-from deploy.kafka_local import free_port
+from deploy.processes import free_port
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.store import Store

@@ -25,7 +25,7 @@ from processors.sink import RollupStore
 from producers import events as build
 from query_api.accounts import AccountStore
 from query_api.app import create_app
-from query_api.routes import analytics
+from query_api.deps import Services
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, RequestEvent, StreamClosedEvent
 from schemas.store import Store
@@ -203,6 +203,12 @@ class Api:
     events: list[AnyEvent]
     keys: dict[str, dict[str, str]]  # account -> headers; "admin", "admin-stored" too
     settings: ApiSettings
+    services: Services
+
+    def configure(self, monkeypatch: pytest.MonkeyPatch, **changes: Any) -> None:
+        """Settings changed on the running app, for one test."""
+        changed = self.services.settings.model_copy(update=changes)
+        monkeypatch.setattr(self.services, "settings", changed)
 
 
 @pytest.fixture
@@ -237,7 +243,7 @@ async def api(store_url: str) -> AsyncIterator[Api]:
     app = create_app(settings, store)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://tally") as client:
-        yield Api(client, events, keys, settings)
+        yield Api(client, events, keys, settings, app.state.services)
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -422,16 +428,18 @@ async def test_row_cap_refuses_rather_than_truncates(
 ) -> None:
     params = {"from": z(FROM), "to": z(TO), "window": "hour"}
     rows = (await api.client.get(USAGE, params=params, headers=api.keys["acme"])).json()["data"]
-    monkeypatch.setattr(analytics, "MAX_ROWS", len(rows))
+    api.configure(monkeypatch, analytics_max_rows=len(rows))
     exact = await api.client.get(USAGE, params=params, headers=api.keys["acme"])
     assert exact.json()["data"] == rows
-    monkeypatch.setattr(analytics, "MAX_ROWS", len(rows) - 1)
+    api.configure(monkeypatch, analytics_max_rows=len(rows) - 1)
     body = assert_error(
         await api.client.get(USAGE, params=params, headers=api.keys["acme"]),
         422,
         "validation_error",
     )
-    assert f"more than {len(rows) - 1} rows" in body["error"]["message"]
+    message = body["error"]["message"]
+    assert f"more than {len(rows) - 1} rows" in message
+    assert "use a coarser window, a shorter range or fewer group_by dimensions" in message
 
 
 async def test_account_keys_see_only_their_own(api: Api) -> None:
@@ -514,3 +522,54 @@ async def test_openapi_documents_the_routes(api: Api) -> None:
     assert {"401", "403", "422"} <= set(top["responses"])
     names = {p["name"] for p in usage["parameters"]}
     assert names == {"from", "to", "window", "group_by", "account"}
+
+
+async def test_a_query_over_the_time_bound_is_refused_with_how_to_narrow_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = {"from": z(FROM), "to": z(TO), "window": "minute", "group_by": ",".join(DIMENSIONS)}
+    assert (await api.client.get(USAGE, params=params, headers=api.keys["admin"])).is_success
+    api.configure(monkeypatch, analytics_max_seconds=0.001)
+    body = assert_error(
+        await api.client.get(USAGE, params=params, headers=api.keys["admin"]),
+        422,
+        "validation_error",
+    )
+    message = body["error"]["message"]
+    assert "ran longer than 0.001s (TALLY_ANALYTICS_MAX_SECONDS)" in message
+    assert "use a coarser window, a shorter range or fewer group_by dimensions" in message
+
+
+async def test_big_answers_are_charged_to_the_caller_s_rate_limit(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Burst 100 at 50/s (the defaults); charged one token per row, an answer of more
+    # than 200 rows leaves the key a whole bucket in debt: two seconds of refill.
+    api.configure(monkeypatch, analytics_rows_per_token=1)
+    params = {"from": z(FROM), "to": z(TO), "window": "minute", "group_by": "route"}
+    key = api.keys["admin-stored"]
+    big = await api.client.get(USAGE, params=params, headers=key)
+    assert big.status_code == 200, big.text
+    assert len(big.json()["data"]) > 200
+    assert_error(await api.client.get(USAGE, params=params, headers=key), 429, "rate_limited")
+    # The debt is the key's own: another key is served.
+    assert (await api.client.get(USAGE, params=params, headers=api.keys["admin"])).is_success
+
+
+async def test_an_account_id_with_a_trailing_newline_is_refused(api: Api) -> None:
+    params = {"from": z(FROM), "to": z(TO), "account": "acme\n"}
+    body = assert_error(
+        await api.client.get(USAGE, params=params, headers=api.keys["admin"]),
+        422,
+        "validation_error",
+    )
+    assert "account" in body["error"]["message"]
+
+
+async def test_refused_answers_are_charged_too(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store read, and this process parsed, max_rows + 1 rows before refusing.
+    api.configure(monkeypatch, analytics_rows_per_token=1, analytics_max_rows=150)
+    params = {"from": z(FROM), "to": z(TO), "window": "minute", "group_by": "route"}
+    key = api.keys["admin-stored"]
+    assert_error(await api.client.get(USAGE, params=params, headers=key), 422, "validation_error")
+    assert_error(await api.client.get(USAGE, params=params, headers=key), 429, "rate_limited")

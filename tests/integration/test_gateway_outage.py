@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 import pytest
 
-from deploy.kafka_local import LocalKafka, ensure_topics, free_port
+from deploy.kafka_local import LocalKafka, ensure_topics
+from deploy.processes import free_port
 from producers import events
 from producers.gateway import Gateway
 from producers.partitioning import partition_for

@@ -17,15 +17,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from deploy.kafka_local import (
-    LocalKafka,
-    TopicSetupError,
-    ensure_topics,
-    free_port,
-    port_is_free,
-    process_exited,
-    read_properties,
-)
+from deploy.kafka_local import LocalKafka, TopicSetupError, ensure_topics, read_properties
+from deploy.processes import free_port, port_is_free, process_exited
 
 pytestmark = pytest.mark.integration
 

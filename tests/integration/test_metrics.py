@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.kafka_local import free_port
+from deploy.processes import free_port
 from deploy.stack import running_pipeline
 from processors.app import RollupWorker
 from processors.metrics import PipelineCollector, serve_metrics

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.kafka_local import LocalKafka, free_port
+from deploy.kafka_local import LocalKafka
+from deploy.processes import free_port
 from deploy.stack import ensure_rollups_topic, running_pipeline
 from processors.app import build_app
 from processors.settings import WorkerSettings

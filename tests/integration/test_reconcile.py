@@ -29,7 +29,8 @@ import uvicorn
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
-from deploy.kafka_local import ensure_topics, free_port
+from deploy.kafka_local import ensure_topics
+from deploy.processes import free_port
 from deploy.reconcile_cli import (
     EXIT_DRIFT,
     EXIT_ERROR,

@@ -3,7 +3,9 @@
 The sink hands the deltas' row bytes to ClickHouse (INSERT ... SELECT from the
 JSONCompactEachRow rows) instead of building Python rows for clickhouse-connect.
 These tests hold it to what the old path stored, and to the one-part atomicity
-the exactly-once design rests on (docs/exactly-once.md).
+the exactly-once design rests on (docs/exactly-once.md), on both stores: the embedded
+engine reads the rows from a file, a ClickHouse server as INSERT ... FROM input() with
+the INSERT's settings sent as HTTP settings (schemas/store.py).
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ def _old_path(store: Store, messages: list[bytes], rollups: str, events: str) ->
     RollupStore(store).write(rows + markers + freshness)
 
 
+@pytest.fixture(params=["embedded", "server"])
+def target_url(request: pytest.FixtureRequest) -> str:
+    """The store written: the embedded engine, then a ClickHouse server (tests/conftest.py)."""
+    url: str = request.getfixturevalue(
+        "store_url" if request.param == "embedded" else "clickhouse_server_url"
+    )
+    return url
+
+
 KEY = "account, minute, type, route, method, model, status, stream_id"
 
 
@@ -113,11 +124,11 @@ def _open(store_url: str, database: str) -> Store:
 
 
 async def test_raw_rows_store_exactly_what_the_row_path_stored(
-    store_url: str, unique_name: str
+    target_url: str, unique_name: str
 ) -> None:
     messages = [m for delta in _deltas() for m in encode(delta)]
-    old = _open(store_url, f"{unique_name}_old")
-    new = _open(store_url, f"{unique_name}_new")
+    old = _open(target_url, f"{unique_name}_old")
+    new = _open(target_url, f"{unique_name}_new")
     _old_path(old, messages, "r", "e")
 
     sink = Sink(new, "127.0.0.1:9", "r", "e")
@@ -133,7 +144,7 @@ async def test_raw_rows_store_exactly_what_the_row_path_stored(
     assert all(len(row) == 14 for row in heard)
 
 
-async def test_version_1_messages_are_still_applied(store_url: str, unique_name: str) -> None:
+async def test_version_1_messages_are_still_applied(target_url: str, unique_name: str) -> None:
     delta = _deltas()[0]
     v1 = orjson.dumps(
         {
@@ -145,8 +156,8 @@ async def test_version_1_messages_are_still_applied(store_url: str, unique_name:
             "rows": read(encode(delta)[0]).wire_rows(),
         }
     )
-    old = _open(store_url, f"{unique_name}_old")
-    new = _open(store_url, f"{unique_name}_new")
+    old = _open(target_url, f"{unique_name}_old")
+    new = _open(target_url, f"{unique_name}_new")
     _old_path(old, encode(delta), "r", "e")
     sink = Sink(new, "127.0.0.1:9", "r", "e")
     await sink._apply([(TopicPartition("r", 0), [_Record(0, v1)])])
@@ -155,9 +166,9 @@ async def test_version_1_messages_are_still_applied(store_url: str, unique_name:
 
 @pytest.mark.parametrize("rows", [200_000])
 async def test_one_insert_of_many_rows_is_one_part(
-    store_url: str, unique_name: str, rows: int
+    target_url: str, unique_name: str, rows: int
 ) -> None:
-    store = _open(store_url, unique_name)
+    store = _open(target_url, unique_name)
     # Merges would hide a split: with them stopped, every block stays a part.
     store.command(f"SYSTEM STOP MERGES {TABLE}")
     minute = datetime(2026, 3, 29, 10, 15, tzinfo=UTC)
@@ -183,11 +194,12 @@ async def test_one_insert_of_many_rows_is_one_part(
     assert parts == [(1, rows + 2)]  # the deltas, one offset marker, one freshness marker
 
 
-async def test_an_insert_leaves_folding_to_merges(store_url: str, unique_name: str) -> None:
+async def test_an_insert_leaves_folding_to_merges(target_url: str, unique_name: str) -> None:
     """The sink's INSERT does not fold rows of one key (optimize_on_insert = 0, the
     costlier half of an INSERT): it stores them as they came, merges fold them later.
-    Also shows the embedded engine honours the settings written into the statement."""
-    store = _open(store_url, unique_name)
+    Also shows each store honours the INSERT's settings: written into the statement on
+    the embedded engine, sent as HTTP settings to a server."""
+    store = _open(target_url, unique_name)
     store.command(f"SYSTEM STOP MERGES {TABLE}")
     minute = datetime(2026, 3, 29, 10, 15, tzinfo=UTC)
     row = ["acct-1", minute, "t", "/r", "GET", "", 200, "", 1, 1, 0.5, 1, 1, minute, 0]

@@ -1,6 +1,6 @@
 /*
  * Tally gateway recipe for Java: publish metering events to Kafka, one event per message,
- * keyed by the account (the CloudEvents `subject`), as CONTRACT §1 requires.
+ * keyed by the account (the CloudEvents `subject`), as docs/api.md#partitioning requires.
  *
  * Run it as it is (JDK 11+ single-file source launch, no build), from the repository root:
  *

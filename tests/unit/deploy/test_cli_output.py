@@ -47,9 +47,12 @@ def _json(out: str) -> Any:
 
 
 class FakeStore:
-    def __init__(self, url: str, database: str) -> None:
-        self.url, self.database = url, database
+    opened: list[FakeStore] = []
+
+    def __init__(self, url: str, database: str, cluster: str = "") -> None:
+        self.url, self.database, self.cluster = url, database, cluster
         self.closed = False
+        FakeStore.opened.append(self)
 
     def migrate(self) -> list[int]:
         return [1, 2]
@@ -67,6 +70,21 @@ def test_migrate_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
     assert doc["database"] == "metering"
     assert doc["applied"] == [1, 2]
     assert doc["version"] >= 2
+
+
+@pytest.mark.parametrize(("env", "cluster"), [("tally_cluster", "tally_cluster"), ("", "")])
+def test_migrate_runs_on_the_configured_cluster(
+    monkeypatch: pytest.MonkeyPatch, env: str, cluster: str
+) -> None:
+    """The migrate Job must create the replicated ON CLUSTER tables the services use."""
+    monkeypatch.setattr("schemas.store.Store", FakeStore)
+    monkeypatch.setattr(FakeStore, "opened", [])
+    monkeypatch.setenv("TALLY_CLICKHOUSE_URL", "http://db.example:8123")
+    monkeypatch.setenv("TALLY_CLICKHOUSE_CLUSTER", env)
+    assert cli.main(["migrate", "--json"]) == 0
+    [store] = FakeStore.opened
+    assert store.cluster == cluster
+    assert store.closed
 
 
 def test_migrate_text(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

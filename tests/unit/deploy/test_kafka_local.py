@@ -18,16 +18,14 @@ from deploy.kafka_local import (
     LocalKafka,
     TopicSetupError,
     ensure_topics,
-    free_port,
     is_formatted,
     kafka_jars,
     kill_stale_broker,
     new_cluster_id,
-    port_is_free,
-    process_exited,
     read_properties,
     render_server_properties,
 )
+from deploy.processes import free_port, port_is_free, process_exited
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The deploy manifests (deploy/compose.yaml, deploy/k8s/) against the code they run.
 
-No Docker engine or Kubernetes cluster runs here, so the checks are static: the
+No Docker engine or Kubernetes cluster runs here, so the checks are static, on
+deploy/k8s as the real kustomize builds it (tests/unit/deploy/kustomize.py): the
 YAML parses; images are ours (deploy/Dockerfile) or pinned; every TALLY_* name
 is a real setting; every port a probe, healthcheck, Service or address points at
 is one its target listens on; every command is a real `tally` subcommand or
@@ -26,7 +27,9 @@ import yaml
 
 from deploy.cli import parser
 from deploy.config_doc import SECTIONS
+from processors.settings import WorkerSettings
 from query_api.settings import ApiSettings
+from tests.unit.deploy.kustomize import kustomize_build
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 REPO = DEPLOY.parent
@@ -40,6 +43,7 @@ BUILT_DEFAULT_ARGV = ["tally", "api"]  # the Dockerfile's ENTRYPOINT + CMD
 ALLOWED_IMAGES: dict[str, tuple[str, set[int] | None]] = {
     "apache/kafka": ("4.3.0", None),
     "clickhouse/clickhouse-server": ("25.8", {8123, 9000}),
+    "prom/prometheus": ("v3.5.0", {9090}),
 }
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -147,6 +151,17 @@ def api_port(env: dict[str, str]) -> int:
     return int(env.get("TALLY_API_PORT", ApiSettings.model_fields["api_port"].default))
 
 
+def built_listens(argv: list[str], env: dict[str, str]) -> set[int]:
+    """Ports a `tally` process of the built image serves to other containers."""
+    if argv[:2] == ["tally", "api"]:
+        return {api_port(env)}
+    port = env.get("TALLY_METRICS_PORT")
+    host = env.get("TALLY_METRICS_HOST", WorkerSettings.model_fields["metrics_host"].default)
+    if argv[:2] in (["tally", "worker"], ["tally", "sink"]) and port and host not in LOOPBACK:
+        return {int(port)}  # processors/metrics.py serve_metrics
+    return set()
+
+
 # --------------------------------------------------------------------- compose
 
 
@@ -187,8 +202,7 @@ def compose_listens(service: dict[str, Any]) -> set[int]:
     image = str(service.get("image", ""))
     env = compose_env(service)
     if is_built(image):
-        argv = compose_argv(service)
-        return {api_port(env)} if argv[:2] == ["tally", "api"] else set()
+        return built_listens(compose_argv(service), env)
     name, _ = split_image(image)
     defaults = ALLOWED_IMAGES.get(name, ("", set()))[1]
     if defaults is not None:
@@ -263,6 +277,9 @@ def compose_port_problems(doc: dict[str, Any]) -> list[str]:
             container = int(str(mapping).rsplit(":", 1)[-1].split("/")[0])
             if container not in compose_listens(service):
                 problems.append(f"compose service {name}: publishes {container}, not listened on")
+        for exposed in service.get("expose") or []:
+            if int(str(exposed).split("/")[0]) not in compose_listens(service):
+                problems.append(f"compose service {name}: exposes {exposed}, not listened on")
     return problems
 
 
@@ -326,8 +343,8 @@ def k8s_argv(container: dict[str, Any]) -> list[str]:
 
 
 def k8s_listens(container: dict[str, Any], env: dict[str, str]) -> set[int]:
-    if is_built(container["image"]) and k8s_argv(container)[:2] == ["tally", "api"]:
-        return {api_port(env)}
+    if is_built(container["image"]):
+        return built_listens(k8s_argv(container), env)
     return set()
 
 
@@ -444,8 +461,13 @@ def kustomization() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def manifests(kustomization: dict[str, Any]) -> list[dict[str, Any]]:
-    return k8s_docs([K8S / name for name in kustomization["resources"]])
+def manifests() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/k8s` applies: kustomize's output."""
+    return [
+        doc
+        for doc in yaml.safe_load_all(kustomize_build())
+        if isinstance(doc, dict) and "kind" in doc
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -545,7 +567,8 @@ def test_ports_are_derived_from_the_files(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert compose_listens(services["kafka"]) == {9092, 9093}
     assert compose_listens(services["api"]) == {8000}
-    assert compose_listens(services["worker"]) == set()
+    assert compose_listens(services["worker"]) == {9464}  # metrics
+    assert compose_listens(services["migrate"]) == set()
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
-"""The native fold (native/, tally_fold) against the Python tiers it stands in for.
+"""The native fold (native/, tally_fold) against the Python reference it stands in for.
 
 `Pipeline.process(wire=True)` folds natively; `Pipeline(native=False)` folds the
-same messages through decode_native/decode_flat and RollupBuilder. Both must agree
+same messages through decode_flat (the models) and RollupBuilder. Both must agree
 on everything: rows (parsed, exactly), counts, duplicates, dead letters, offsets.
 The messages mix valid events with every kind of near miss the native parser must
 hand back to Python, so that accepting one it should not shows up as a difference.
@@ -17,7 +17,7 @@ import orjson
 import pytest
 from tally_fold import Dedup
 
-from processors.decode import Limits
+from processors.decode import Limits, decode_flat
 from processors.dedup import Deduplicator
 from processors.deltas import rows_of
 from processors.pipeline import BatchResult, Message, Pipeline
@@ -263,6 +263,11 @@ def _rows(result: BatchResult) -> list[list[Any]]:
 
 
 def _same(native: BatchResult, python: BatchResult) -> None:
+    # The comparison proves nothing unless the native fold took messages itself: one
+    # that declined everything would hand all of them to the very Python reference it
+    # is compared with.
+    assert python.fast_messages == 0
+    assert native.fast_messages > 0 or python.counted + python.duplicates == 0
     # Row parts may be cut at other places; the rows, in order, are the same.
     assert _rows(native) == _rows(python)
     assert native.counted == python.counted
@@ -275,9 +280,35 @@ def _same(native: BatchResult, python: BatchResult) -> None:
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_the_native_fold_equals_the_python_tiers(seed: int) -> None:
+def test_the_native_fold_equals_the_python_reference(seed: int) -> None:
     messages = _messages(seed)
     _same(_run(messages, native=True), _run(messages, native=False))
+
+
+def test_the_native_fold_takes_nearly_every_message_the_models_accept_whole() -> None:
+    # It declines only what it cannot borrow or read alike (escaped strings, repeated
+    # attributes, zone offsets): over the whole corpus, 781 of the 911 messages the
+    # models accept whole. A fold that declined more than it must would still agree
+    # with the Python reference, message by message.
+    taken = whole = 0
+    for seed in range(60):
+        messages = _messages(seed)
+        taken += _run(messages, native=True).fast_messages
+        for message in messages:
+            events, rejections = decode_flat(message.value, NOW, LIMITS)
+            whole += bool(events) and not rejections
+    assert taken >= 0.8 * whole > 0
+
+
+def test_every_plain_message_takes_the_native_fold() -> None:
+    rng = random.Random(5)
+    messages = []
+    for offset in range(30):
+        events = [_event(rng, offset * 100 + i, 20) for i in range(rng.choice([1, 5, 40]))]
+        messages.append(Message(offset % 2, offset, orjson.dumps(events), 0))
+    native, python = _run(messages, native=True), _run(messages, native=False)
+    assert native.fast_messages == len(messages)
+    _same(native, python)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -328,7 +359,7 @@ def test_native_dedup_admit_many_equals_the_deduplicators(max_keys: int, ids: in
         native.admit_many(["a"], [])
 
 
-def test_every_near_miss_alone_equals_the_python_tiers() -> None:
+def test_every_near_miss_alone_equals_the_python_reference() -> None:
     # Each mutation on its own, in a message of otherwise valid events: the corpus
     # above mixes them, this makes sure every one is met.
     rng = random.Random(1)

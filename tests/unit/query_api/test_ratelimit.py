@@ -109,7 +109,7 @@ def test_the_injected_clock_drives_recovery() -> None:
     assert drain(limiter, "k") == 2
     refused = limiter.hit("k")
     assert refused == Decision(
-        allowed=False, limit=2, remaining=0, retry_after=0.25, reset_after=0.5
+        allowed=False, limit=2, remaining=0, retry_after=0.25, reset_after=0.5, refill_s=0.5
     )
     clock.advance(0.25)
     assert limiter.hit("k").allowed
@@ -180,3 +180,49 @@ def test_a_recently_used_bucket_survives_the_cap() -> None:
 def test_a_cap_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_keys"):
         RateLimiter(rate=1.0, burst=1, max_keys=0)
+
+
+# -- charging by cost ---------------------------------------------------------------
+
+
+def test_a_charge_puts_the_bucket_in_debt_that_the_refill_pays_off() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=2.0, burst=4, clock=clock)
+    assert limiter.hit("k").allowed  # 3 left
+    limiter.charge("k", 5)  # -2: three tokens short of the next request
+    refused = limiter.hit("k")
+    assert not refused.allowed
+    assert refused.remaining == 0  # never negative, even in debt
+    assert refused.retry_after == pytest.approx(1.5)
+    assert refused.reset_after == pytest.approx(3.0)
+    clock.advance(1.49)
+    assert not limiter.hit("k").allowed
+    clock.advance(0.02)
+    assert limiter.hit("k").allowed
+
+
+def test_debt_is_bounded_by_one_bucket() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=3, clock=clock)
+    limiter.charge("k", 1_000)
+    # At most -capacity: the whole bucket and one more token away.
+    assert limiter.hit("k").retry_after == pytest.approx(4.0)
+    clock.advance(4.0)
+    assert limiter.hit("k").allowed
+
+
+def test_a_bucket_in_debt_is_not_forgotten_before_it_has_refilled() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=2, clock=clock)  # 2 s from empty to full
+    limiter.charge("debtor", 4)  # -2: 4 s from full
+    clock.advance(3.0)
+    limiter.hit("other")  # would evict a bucket idle for the refill time
+    # Remembered with the 1 token it has refilled (forgotten, it would have had 2).
+    assert limiter.hit("debtor").remaining == 0
+
+
+def test_charging_nothing_changes_nothing() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2, clock=FakeClock())
+    limiter.charge("k", 0)
+    assert len(limiter) == 0
+    assert drain(limiter, "k") == 2

@@ -1,0 +1,148 @@
+"""Limits as the API reports them: one computed value per answer, and its headers.
+
+Two limits are reported:
+
+- The plan's (docs/api.md#usage, #rate-limit-headers): `per_minute` requests per UTC minute and
+  `max_streams` concurrent streams, on both usage endpoints. `PlanLimits` is computed
+  once per answer from the same `AccountUsage` (query_api/usage.py) the body shows;
+  the body's `limit` object, `X-RateLimit-*` and the §7 fields are all read from it,
+  so they cannot disagree. Its minute is `processors.windows.minute_window` and its
+  count the requests rolled up for that minute: the window and count an enforcer of
+  the plan (not yet: docs/api.md#not-yet-implemented) must use for what an account
+  is shown to be what it is held to.
+- The API's own per-caller token bucket (query_api/ratelimit.py), reported only on
+  the 429 it causes, as the limit that refused the request.
+
+The §7 fields (draft-ietf-httpapi-ratelimit-headers) are RFC 9651 Lists, serialized
+with http-sf. Policies are named by sf-strings:
+
+    RateLimit-Policy: "minute";q=300;w=60, "streams";q=10;qu="concurrent-requests"
+    RateLimit: "minute";r=287;t=13, "streams";r=8
+
+A plan with `max_streams` 0 (streaming not enabled) keeps the "streams" item, with
+q=0 and r=0: an absent policy would read as "no limit", while the truth, which the
+body's `"max": 0` also says, is that no stream may be opened.
+
+`t` is X-RateLimit-Reset seen from now: the whole seconds from now to that instant,
+rounded up, so a client that waits `t` seconds is past the reset, never before it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+import http_sf
+from http_sf.types import ListType, ParamsType
+
+from query_api.plans import Plan
+from query_api.ratelimit import Decision
+from query_api.usage import AccountUsage
+
+MINUTE_POLICY = "minute"
+STREAMS_POLICY = "streams"
+API_POLICY = "api"
+"""The API's own limit (a token bucket per API key, or per client address without a
+valid key): q = its burst, w = the seconds an empty bucket takes to refill."""
+
+POLICY_HEADER = "RateLimit-Policy"
+STATE_HEADER = "RateLimit"
+
+
+def seconds_until(reset_epoch: int, now_epoch: float) -> int:
+    """`t` for a reset at `reset_epoch`: whole seconds from now, rounded up, never < 0."""
+    return max(0, math.ceil(reset_epoch - now_epoch))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimits:
+    """The plan's limits at one instant, for one account. Invariants: 0 <= remaining
+    <= per_minute, 0 <= streams_remaining <= max_streams, reset_epoch is the end of
+    the minute holding now and 0 < reset_in <= 60."""
+
+    per_minute: int
+    remaining: int
+    """per_minute minus the requests rolled up for the current minute, at least 0."""
+    resets_at: datetime
+    """The next minute boundary: when `remaining` is per_minute again."""
+    reset_epoch: int
+    reset_in: int
+    """Seconds from now to `reset_epoch`, rounded up (§7's `t`)."""
+    max_streams: int
+    active_streams: int
+    streams_remaining: int
+    """max_streams minus the active streams, at least 0."""
+
+
+def plan_limits(plan: Plan, usage: AccountUsage, active_streams: int, now: datetime) -> PlanLimits:
+    reset_epoch = int(usage.minute.end.timestamp())
+    return PlanLimits(
+        per_minute=plan.per_minute,
+        remaining=max(0, plan.per_minute - usage.this_minute),
+        resets_at=usage.minute.end,
+        reset_epoch=reset_epoch,
+        reset_in=seconds_until(reset_epoch, now.timestamp()),
+        max_streams=plan.max_streams,
+        active_streams=active_streams,
+        streams_remaining=max(0, plan.max_streams - active_streams),
+    )
+
+
+def _sf_list(members: Sequence[tuple[str, ParamsType]]) -> str:
+    """An RFC 9651 List of sf-string policy names, each with its parameters."""
+    items: ListType = [(name, params) for name, params in members]
+    return http_sf.ser(items)
+
+
+@lru_cache(maxsize=64)
+def _plan_policy(per_minute: int, max_streams: int) -> str:
+    # One text per plan: cached rather than serialized on every usage answer.
+    return _sf_list(
+        [
+            (MINUTE_POLICY, {"q": per_minute, "w": 60}),
+            (STREAMS_POLICY, {"q": max_streams, "qu": "concurrent-requests"}),
+        ]
+    )
+
+
+@lru_cache(maxsize=4096)
+def _plan_state(remaining: int, reset_in: int, streams_remaining: int) -> str:
+    # Few distinct values (remaining x 60 seconds x streams): cached, as above.
+    return _sf_list(
+        [
+            (MINUTE_POLICY, {"r": remaining, "t": reset_in}),
+            (STREAMS_POLICY, {"r": streams_remaining}),
+        ]
+    )
+
+
+def plan_headers(limits: PlanLimits) -> dict[str, str]:
+    """X-RateLimit-* and the RateLimit fields of a usage answer (docs/api.md#usage)."""
+    return {
+        "X-RateLimit-Limit": str(limits.per_minute),
+        "X-RateLimit-Remaining": str(limits.remaining),
+        "X-RateLimit-Reset": str(limits.reset_epoch),
+        POLICY_HEADER: _plan_policy(limits.per_minute, limits.max_streams),
+        STATE_HEADER: _plan_state(limits.remaining, limits.reset_in, limits.streams_remaining),
+    }
+
+
+def api_limit_headers(decision: Decision, now_epoch: float) -> dict[str, str]:
+    """X-RateLimit-* and the §7 fields of a 429 from the API's own limit: they describe
+    the bucket that refused the request (its burst, what is left, when it is full)."""
+    # Rounded up: at that second the whole burst is available again.
+    reset_epoch = math.ceil(now_epoch + decision.reset_after)
+    remaining = max(0, decision.remaining)
+    window = max(1, math.ceil(decision.refill_s))
+    policy = _sf_list([(API_POLICY, {"q": decision.limit, "w": window})])
+    state = _sf_list([(API_POLICY, {"r": remaining, "t": seconds_until(reset_epoch, now_epoch)})])
+    return {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(reset_epoch),
+        POLICY_HEADER: policy,
+        STATE_HEADER: state,
+    }
