@@ -198,6 +198,47 @@ async def ensure_rollups_topic(settings: WorkerSettings) -> None:
     )
 
 
+COORDINATOR_WAIT_S = 30.0
+
+
+async def await_coordinators(settings: WorkerSettings, partitions: int) -> None:
+    """Wait, quietly, until the broker coordinates the workers' group and transactions.
+
+    A new broker creates __consumer_offsets and __transaction_state on first use,
+    and clients that arrive while it does retry loudly (GroupCoordinatorNotAvailable
+    at ERROR, "Marking the coordinator dead", NotEnoughReplicas on transactional
+    sends) though nothing is wrong. Asking first lets the worker start against a
+    broker that is ready for it; a broker in service answers at once. After
+    COORDINATOR_WAIT_S the worker starts anyway and retries on its own.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    group = settings.consumer_group
+    # The transactional ids of processors/output.py, one per events partition.
+    transactional = [f"{group}.{settings.events_topic}.{p}" for p in range(partitions)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="tally-up")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + COORDINATOR_WAIT_S
+    waiting = "the broker"
+    try:
+        await admin.start()
+        while loop.time() < deadline:
+            try:
+                for tid in transactional:
+                    waiting = f"the transaction coordinator of {tid}"
+                    await admin.find_coordinator(tid, coordinator_type=1)
+                waiting = f"the coordinator of group {group}"
+                described = await admin.describe_consumer_groups([group])
+                if all(g[0] == 0 for r in described for g in r.groups):
+                    return
+            except Exception as exc:  # not available or still loading: expected here
+                log.debug("waiting for %s: %r", waiting, exc)
+            await asyncio.sleep(0.2)
+        log.info("tally up: %s is not ready yet; the worker retries on its own", waiting)
+    finally:
+        await admin.close()
+
+
 @asynccontextmanager
 async def running_pipeline(
     settings: WorkerSettings, store: Store
@@ -240,12 +281,38 @@ def log_tally_lines() -> None:
 
     faust configures the root logger at TALLY_LOG_LEVEL (WARNING by default, its
     INFO is noisy); a handler of our own keeps Tally's lines visible regardless.
+    Library lines about retries that are part of normal operation become INFO
+    (ExpectedRetries), so a WARNING or ERROR in the log is worth reading.
     """
     tally = logging.getLogger("tally")
     if not tally.handlers:
         tally.addHandler(logs.handler("text"))
         tally.propagate = False
     tally.setLevel(logging.INFO)
+    sender = logging.getLogger("aiokafka.producer.sender")
+    if not any(isinstance(f, ExpectedRetries) for f in sender.filters):
+        sender.addFilter(ExpectedRetries())
+
+
+class ExpectedRetries(logging.Filter):
+    """aiokafka's WARNING for a transactional send retried on NotEnoughReplicas, as INFO.
+
+    Kafka (3.6+) verifies each transactional send with the transaction coordinator;
+    a worker's next transaction on a partition often starts while the coordinator
+    is still writing the previous one's commit markers, and the broker answers that
+    send with the retriable NOT_ENOUGH_REPLICAS (for clients of aiokafka's produce
+    version). aiokafka retries it, about 100 ms later, and succeeds: dozens of such
+    WARNINGs a minute under `tally up --demo`, none with the broker's
+    transaction.partition.verification.enable=false (measured; the verification
+    guards against hanging transactions, so it stays on). The worker's producers
+    are all transactional; a real shortage of in-sync replicas that persists
+    fails the commit, which the worker logs as an ERROR of its own.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "NotEnoughReplicasError" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def run_worker(settings: WorkerSettings, status: bool = False) -> None:
@@ -361,6 +428,7 @@ def up(
         )
         # The worker and the demo gateways talk to the broker we just made sure of.
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+        asyncio.run(await_coordinators(settings, settings.events_partitions))
         store = open_store(settings)
         api = create_app(settings, store)
         keys = demo_keys(store, settings) if demo else []

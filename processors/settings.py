@@ -8,7 +8,6 @@ from schemas.settings import TallySettings
 
 
 class WorkerSettings(TallySettings):
-    consumer_group: str = Field("tally-worker", min_length=1, description="Kafka consumer group.")
     sink_group: str = Field(
         "",
         description="Kafka consumer group of the sinks writing one store: they split the "

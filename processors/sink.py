@@ -59,6 +59,10 @@ TABLE = "rollup_minute"
 MAX_ROWS_PER_INSERT = 1_000_000
 SINK_ROWS_PER_INSERT = 200_000
 
+# An idle sink re-states its rollups markers this often: their write time tells
+# /readyz that the sink runs even while workers send it nothing.
+SINK_IDLE_MARK_S = 5.0
+
 # The rows as the deltas' wire format (version 2) carries them, and how they
 # become `rollup_minute`'s columns: ClickHouse parses and converts them, Python
 # never builds a row.
@@ -200,6 +204,9 @@ class Sink:
         self._listeners: list[Listener] = []
         # Wire rows of the deltas in the INSERT being built (kept only for listeners).
         self._wire: list[Sequence[Any]] = []
+        # Per rollups partition, the offset after the last message in the store.
+        self._positions: dict[int, int] = {}
+        self._last_mark = time.monotonic()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -242,6 +249,8 @@ class Sink:
                 if batches:
                     async with self._applying:
                         await self._apply_owned(batches.items())
+                elif time.monotonic() - self._last_mark >= SINK_IDLE_MARK_S:
+                    await self._mark_alive()
         finally:
             await consumer.stop()
             await self._release()
@@ -287,6 +296,7 @@ class Sink:
             )
             self._wire = []
             self._next = {p: stored.get(p, 0) for p in mine}
+            self._positions = {p: stored[p] for p in mine if p in stored}
             self._gate = gate
             self.stats.partitions = tuple(sorted(gate.writable))
             log.info(
@@ -300,6 +310,7 @@ class Sink:
     async def _release(self) -> None:
         gate, self._gate = self._gate, None
         self.stats.partitions = ()
+        self._positions = {}
         if gate is not None:
             try:
                 await asyncio.to_thread(self.gates.release, gate)
@@ -338,18 +349,23 @@ class Sink:
         try:
             await self._apply(owned)
         except SinkFencedError:
-            self.stats.fenced += 1
-            self._gate = None
-            self.stats.partitions = ()
-            self._wire = []
-            log.error(
-                "sink: %s was dropped by a sink that took partitions %s over (this one "
-                "was paused or cut off); its batch is left to that sink; this one writes again "
-                "once the group %s assigns it partitions",
-                gate.table,
-                sorted(gate.writable),
-                self.group,
-            )
+            self._fenced(gate)
+
+    def _fenced(self, gate: Gate) -> None:
+        """Another sink dropped `gate`: write nothing more until an assignment."""
+        self.stats.fenced += 1
+        self._gate = None
+        self.stats.partitions = ()
+        self._positions = {}
+        self._wire = []
+        log.error(
+            "sink: %s was dropped by a sink that took partitions %s over (this one "
+            "was paused or cut off); its batch is left to that sink; this one writes again "
+            "once the group %s assigns it partitions",
+            gate.table,
+            sorted(gate.writable),
+            self.group,
+        )
 
     async def _apply(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
         # The deltas' rows stay bytes (see deltas.py): parts joined into one INSERT.
@@ -399,7 +415,10 @@ class Sink:
     async def _write(
         self, rows: list[bytes], count: int, applied: dict[int, int], fresh: dict[int, int]
     ) -> None:
-        markers = _marker_rows(self.rollups_topic, applied, {})
+        # The rollups partitions' markers carry when the sink wrote them: /readyz
+        # tells a sink that stopped writing from workers that stopped reporting.
+        written_ms = int(time.time() * 1000)
+        markers = _marker_rows(self.rollups_topic, applied, dict.fromkeys(applied, written_ms))
         # Freshness per events partition, for meta.updated_at (see queries.py).
         counted = {p: self._counted[p] for p in fresh}
         markers += _marker_rows(self.events_topic, counted, fresh)
@@ -408,6 +427,8 @@ class Sink:
         await self._write_once(body, count + len(markers), applied)
         self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.last_write_unix = time.time()
+        self._positions.update(applied)
+        self._last_mark = time.monotonic()
         for partition, reflected in fresh.items():
             seen = self.stats.reflected_ms.get(partition, 0)
             self.stats.reflected_ms[partition] = max(seen, reflected)
@@ -417,6 +438,26 @@ class Sink:
         wire, self._wire = self._wire, []
         for listener in self._listeners:
             listener(wire, fresh)
+
+    async def _mark_alive(self) -> None:
+        """Re-state the markers of the partitions this sink holds, with a fresh write time.
+
+        The same offsets again: where the sink resumes does not move (max wins). Through
+        the gate like every write; a fenced sink has nothing to re-state.
+        """
+        self._last_mark = time.monotonic()
+        async with self._applying:
+            gate, positions = self._gate, dict(self._positions)
+            if gate is None or not positions:
+                return
+            written_ms = int(time.time() * 1000)
+            markers = _marker_rows(
+                self.rollups_topic, positions, dict.fromkeys(positions, written_ms)
+            )
+            try:
+                await self._write_once(orjson.dumps(markers)[1:-1], len(markers), positions)
+            except SinkFencedError:
+                self._fenced(gate)
 
     async def _write_once(self, body: bytes, count: int, applied: dict[int, int]) -> None:
         """Write, retrying failures, without ever writing the same rows twice.

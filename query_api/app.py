@@ -25,6 +25,7 @@ from query_api.deps import Services, utcnow
 from query_api.guard import RequestGuard
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
+from query_api.readiness import Readiness
 from query_api.routes import admin, analytics, dashboard, docs, health, usage
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
@@ -241,6 +242,7 @@ def create_app(
             settings.api_rate_per_s, settings.api_rate_burst, clock=rate_clock or time.monotonic
         ),
         now=now or utcnow,
+        readiness=Readiness(settings, store, now or utcnow),
     )
     errors.install(app)
 

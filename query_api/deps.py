@@ -15,6 +15,7 @@ from query_api.accounts import AccountStore, Principal
 from query_api.errors import ApiError, rate_limited, unauthorized
 from query_api.plans import Plan
 from query_api.ratelimit import RateLimiter
+from query_api.readiness import Readiness
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from schemas.store import Store
@@ -36,6 +37,8 @@ class Services:
     """The API's clock; tests pin it to compare answers with an exact expectation."""
     view: UsageView | None = None
     """The in-memory usage view (query_api/view.py); None: read the store per request."""
+    readiness: Readiness | None = None
+    """/readyz's cached verdict (query_api/readiness.py)."""
 
 
 async def usage_view(svc: Services) -> UsageView | None:

@@ -71,6 +71,34 @@ def reflected_until(store: Store, topic: str) -> datetime | None:
 
 
 @dataclass(frozen=True, slots=True)
+class PipelineMarks:
+    """What the store says about the pipeline feeding it (for /readyz)."""
+
+    reflected_until: datetime | None
+    """As `reflected_until`: workers report through it, idle ones too."""
+    sink_wrote: datetime | None
+    """When the sink last wrote: its rollups-partition markers carry their write time."""
+
+
+def pipeline_marks(store: Store, events_topic: str, rollups_topic: str) -> PipelineMarks:
+    """`reflected_until` and the sink's last write, in one statement."""
+    rows = store.query(
+        "SELECT route, status, max(last_time) FROM rollup_minute"
+        " WHERE account = {m:String} AND type = {k:String}"
+        " AND route IN ({events:String}, {rollups:String})"
+        " GROUP BY route, status",
+        {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "events": events_topic, "rollups": rollups_topic},
+    )
+    reflected = [t for route, _, t in rows if route == events_topic]
+    # Markers written before they carried a write time hold the epoch: not a write time.
+    wrote = [t for route, _, t in rows if route == rollups_topic and t.timestamp() > 0]
+    return PipelineMarks(
+        reflected_until=min(reflected) if reflected else None,
+        sink_wrote=max(wrote) if wrote else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class UsageReads:
     account: tuple[str, int, datetime] | None
     """(plan, billing_anchor_day, created_at); None: no such account."""

@@ -90,7 +90,17 @@ class ApiSettings(TallySettings):
         "chunked body streams in); over it the answer is 413 payload_too_large.",
     )
     processors_stale_s: float = Field(
-        30.0, gt=0, description="/readyz fails when no worker has reported for this long."
+        30.0,
+        gt=0,
+        description="/readyz fails when the store reflects no worker report this recent "
+        "(an idle worker reports every TALLY_WORKER_FLUSH_INTERVAL_S).",
+    )
+    readyz_refresh_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="/readyz answers from a check at most this old: the store, Kafka and the "
+        "workers' group are asked at most once per interval, however often it is called.",
     )
     api_rate_per_s: float = Field(
         50.0,

@@ -45,6 +45,11 @@ class TallySettings(BaseSettings):
         max_length=249,
         description="Workers' rollup deltas for the sink (as many partitions as the events topic).",
     )
+    consumer_group: str = Field(
+        "tally-worker",
+        min_length=1,
+        description="Kafka consumer group of the workers (/readyz checks that it has members).",
+    )
     clickhouse_url: str | None = Field(
         None,
         description="chdb:///path (embedded) or http(s)://user:pass@host:8123/db. "

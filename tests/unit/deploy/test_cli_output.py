@@ -244,9 +244,13 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
     async def ensure_topics(bootstrap: str, topics: Any) -> None:
         return None
 
+    async def await_coordinators(settings: Any, partitions: int) -> None:
+        return None
+
     ran: list[Any] = []
     monkeypatch.setattr(stack, "kafka_for", kafka_for)
     monkeypatch.setattr(stack, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(stack, "await_coordinators", await_coordinators)
     monkeypatch.setattr(stack, "open_store", lambda settings: FakeStore("u", "d"))
     # `up` imports the API where it runs it (so `tally worker` need not): patch it there.
     monkeypatch.setattr("query_api.app.create_app", lambda settings, store: None)
