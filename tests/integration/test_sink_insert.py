@@ -19,7 +19,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 
 from processors.deltas import Delta, decode, encode, read
-from processors.rollup import marker_rows
+from processors.rollup import EPOCH, MARKER_TYPE, marker_rows
 from processors.sink import TABLE, RollupStore, Sink
 from schemas.store import Store
 
@@ -109,12 +109,20 @@ KEY = "account, minute, type, route, method, model, status, stream_id"
 
 
 def _stored(store: Store) -> list[tuple[Any, ...]]:
-    """The table as every reader sees it: rows of one key summed (merges are eventual)."""
-    return store.query(
+    """The table as every reader sees it: rows of one key summed (merges are eventual).
+
+    The rollups topic's markers carry when the sink wrote them (for /readyz), which
+    the path before them did not: that time is left out of the comparison.
+    """
+    rows = store.query(
         f"SELECT {KEY}, sum(events), sum(units_micro), sum(latency_ms_sum), sum(bytes_in), "
         "sum(bytes_out), max(last_time), toUnixTimestamp64Milli(max(last_time)), "
         f"max(offset_end) FROM {TABLE} GROUP BY {KEY} ORDER BY {KEY}"
     )
+    return [
+        (*row[:13], EPOCH, 0, row[15]) if row[2] == MARKER_TYPE and row[3] == "r" else row
+        for row in rows
+    ]
 
 
 def _gated_sink(store: Store) -> Sink:
