@@ -30,7 +30,15 @@ from prometheus_client import REGISTRY
 from deploy.cli_support import redact
 from deploy.kafka_local import ensure_topics
 from deploy.settings import StackSettings
-from deploy.topology import Child, Supervisor, Topology, brokers_for, up_server
+from deploy.topology import (
+    Child,
+    Supervisor,
+    Topology,
+    brokers_for,
+    ensure_stack_topics,
+    run_demo,
+    up_server,
+)
 from processors.app import RollupWorker, build_app
 from processors.gc_tuning import tune_gc
 from processors.metrics import PipelineCollector
@@ -87,20 +95,7 @@ class DemoGateways(Service):
 
     @Service.task
     async def _send(self) -> None:
-        from producers.loadgen import run_loadgen
-
-        await run_loadgen(
-            self.settings.bootstrap,
-            self.settings.events_topic,
-            gateways=2,
-            accounts=self.settings.demo_accounts,
-            rate=self.settings.demo_rate,
-            duration_s=None,
-            events=None,
-            seed=7,
-            progress=False,
-            account_ids=[demo_account_id(i) for i in range(self.settings.demo_accounts)],
-        )
+        await run_demo(self.settings)
 
 
 @contextmanager
@@ -416,16 +411,7 @@ def up(
     from query_api.app import attach_sink, create_app
 
     with kafka_for(settings, topology.brokers) as bootstrap:
-        asyncio.run(
-            ensure_topics(
-                bootstrap,
-                {
-                    settings.events_topic: settings.events_partitions,
-                    settings.rollups_topic: settings.events_partitions,
-                    settings.dlq_topic: 1,
-                },
-            )
-        )
+        asyncio.run(ensure_stack_topics(settings, bootstrap))
         # The worker and the demo gateways talk to the broker we just made sure of.
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         asyncio.run(await_coordinators(settings, settings.events_partitions))

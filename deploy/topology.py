@@ -216,6 +216,19 @@ def server_store_for(settings: StackSettings) -> Iterator[str]:
         server.stop()
 
 
+async def ensure_stack_topics(settings: StackSettings, bootstrap: str) -> None:
+    """The events, rollups and dead-letter topics, created when missing."""
+    partitions = settings.events_partitions
+    await ensure_topics(
+        bootstrap,
+        {
+            settings.events_topic: partitions,
+            settings.rollups_topic: partitions,
+            settings.dlq_topic: 1,
+        },
+    )
+
+
 def children(
     topology: Topology, settings: StackSettings, bootstrap: str, store_url: str
 ) -> list[Child]:
@@ -250,16 +263,7 @@ def up_server(topology: Topology, settings: StackSettings, demo: bool, as_json: 
     from deploy.stack import demo_keys, open_store
 
     with brokers_for(settings, topology.brokers) as bootstrap, server_store_for(settings) as url:
-        asyncio.run(
-            ensure_topics(
-                bootstrap,
-                {
-                    settings.events_topic: settings.events_partitions,
-                    settings.rollups_topic: settings.events_partitions,
-                    settings.dlq_topic: 1,
-                },
-            )
-        )
+        asyncio.run(ensure_stack_topics(settings, bootstrap))
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap, "clickhouse_url": url})
         store = open_store(settings)  # migrated before any child reads or writes it
         try:
@@ -282,7 +286,7 @@ async def _supervise(supervisor: Supervisor, settings: StackSettings, demo: bool
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    gateways = asyncio.create_task(_demo(settings)) if demo else None
+    gateways = asyncio.create_task(run_demo(settings)) if demo else None
     try:
         while not stop.is_set():
             supervisor.check(time.monotonic())
@@ -296,7 +300,8 @@ async def _supervise(supervisor: Supervisor, settings: StackSettings, demo: bool
                 await gateways
 
 
-async def _demo(settings: StackSettings) -> None:
+async def run_demo(settings: StackSettings) -> None:
+    """Simulated gateways sending a steady trickle of realistic traffic to the demo accounts."""
     from deploy.stack import demo_account_id
     from producers.loadgen import run_loadgen
 

@@ -241,7 +241,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
     def kafka_for(settings: Any, brokers: int = 1) -> Iterator[str]:
         yield "kafka-1:9092"
 
-    async def ensure_topics(bootstrap: str, topics: Any) -> None:
+    async def ensure_stack_topics(settings: Any, bootstrap: str) -> None:
         return None
 
     async def await_coordinators(settings: Any, partitions: int) -> None:
@@ -249,7 +249,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
 
     ran: list[Any] = []
     monkeypatch.setattr(stack, "kafka_for", kafka_for)
-    monkeypatch.setattr(stack, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(stack, "ensure_stack_topics", ensure_stack_topics)
     monkeypatch.setattr(stack, "await_coordinators", await_coordinators)
     monkeypatch.setattr(stack, "open_store", lambda settings: FakeStore("u", "d"))
     # `up` imports the API where it runs it (so `tally worker` need not): patch it there.
