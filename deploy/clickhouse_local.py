@@ -108,7 +108,7 @@ class LocalClickHouse(ChildServer):
         """Start the server; return once it answers /ping as this launch's server.
 
         Takes about a second. Safe from a short-lived thread: the server is forked from
-        one that lives as long as the process (deploy/kafka_local.py `_Spawner`).
+        one that lives as long as the process (deploy/processes.py `Spawner`).
         """
         if self.pid is not None:
             return

@@ -34,7 +34,7 @@ from typing import Literal
 
 from deploy.cli_support import redact
 from deploy.kafka_local import LocalKafka, ensure_topics
-from deploy.processes import SPAWNER, die_with_parent_hook
+from deploy.processes import SPAWNER, ChildServer, die_with_parent_hook
 from deploy.settings import StackSettings
 
 log = logging.getLogger("tally.up")
@@ -108,7 +108,10 @@ class Supervisor:
     """Starts children, starts again those that exit, stops them in the order given."""
 
     children: list[Child] = field(default_factory=list)
+    servers: list[ChildServer] = field(default_factory=list)
+    """Started elsewhere (a local store server), started again here should they die."""
     stopping: bool = False
+    server_restarts: int = 0
 
     def start(self) -> None:
         for child in self.children:
@@ -119,6 +122,11 @@ class Supervisor:
 
     def check(self, now: float) -> None:
         """One round: restart what exited and is due; call it every fraction of a second."""
+        for server in self.servers:
+            if server.pid is None and not self.stopping:
+                log.warning("tally up: %r is gone; starting it again", server)
+                server.start()
+                self.server_restarts += 1
         for child in self.children:
             proc = child.proc
             if proc is None:
@@ -165,10 +173,14 @@ class Supervisor:
 
     @property
     def restarts(self) -> int:
-        return sum(child.restarts for child in self.children)
+        return sum(child.restarts for child in self.children) + self.server_restarts
 
     def pids(self) -> dict[str, int]:
-        return {c.name: c.proc.pid for c in self.children if c.proc is not None}
+        found = {c.name: c.proc.pid for c in self.children if c.proc is not None}
+        for index, server in enumerate(self.servers):
+            if server.pid is not None:
+                found[f"store-server-{index + 1}"] = server.pid
+        return found
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -201,17 +213,18 @@ def brokers_for(settings: StackSettings, count: int) -> Iterator[str]:
 
 
 @contextmanager
-def server_store_for(settings: StackSettings) -> Iterator[str]:
-    """The ClickHouse server to use: the one TALLY_CLICKHOUSE_URL names, or a local one."""
+def server_store_for(settings: StackSettings) -> Iterator[tuple[str, ChildServer | None]]:
+    """The ClickHouse server to use: the one TALLY_CLICKHOUSE_URL names, or a local one
+    (then also the server itself, for the supervisor to start again should it die)."""
     if settings.store_url.startswith(("http://", "https://")):
-        yield settings.store_url
+        yield settings.store_url, None
         return
     from deploy.clickhouse_local import LocalClickHouse
 
     server = LocalClickHouse(settings.data_dir, port=settings.clickhouse_port)
     server.start()
     try:
-        yield server.url
+        yield server.url, server
     finally:
         server.stop()
 
@@ -262,7 +275,10 @@ def up_server(topology: Topology, settings: StackSettings, demo: bool, as_json: 
     """`tally up --store server ...`: every piece a process of its own, supervised here."""
     from deploy.stack import demo_keys, open_store
 
-    with brokers_for(settings, topology.brokers) as bootstrap, server_store_for(settings) as url:
+    with (
+        brokers_for(settings, topology.brokers) as bootstrap,
+        server_store_for(settings) as (url, server),
+    ):
         asyncio.run(ensure_stack_topics(settings, bootstrap))
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap, "clickhouse_url": url})
         store = open_store(settings)  # migrated before any child reads or writes it
@@ -271,6 +287,8 @@ def up_server(topology: Topology, settings: StackSettings, demo: bool, as_json: 
         finally:
             store.close()
         supervisor = Supervisor(children(topology, settings, bootstrap, url))
+        if server is not None:
+            supervisor.servers.append(server)
         supervisor.start()
         _banner(topology, settings, bootstrap, url, keys, supervisor, as_json)
         try:
@@ -289,7 +307,8 @@ async def _supervise(supervisor: Supervisor, settings: StackSettings, demo: bool
     gateways = asyncio.create_task(run_demo(settings)) if demo else None
     try:
         while not stop.is_set():
-            supervisor.check(time.monotonic())
+            # In a thread: starting a server again takes a second or so.
+            await asyncio.to_thread(supervisor.check, time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.25)
     finally:

@@ -3,7 +3,7 @@
 Three KRaft brokers, a ClickHouse server, two workers, two fenced sinks and two API
 processes, all children of one `tally up`. A key made on one API works on the other;
 events published to the cluster (re-sent copies included) are counted exactly on both
-replicas; a SIGKILLed worker and a SIGKILLed sink are started again by `tally up`, a
+replicas; a SIGKILLed worker, sink and ClickHouse server are started again by `tally up`, a
 sink SIGSTOPped past its session timeout loses its partitions and writes nothing twice
 once woken, the broker leading most partitions dies for good, and the totals stay exact
 through each; SIGTERM stops every child and leaves no process behind.
@@ -50,7 +50,11 @@ async def _totals(client: httpx.AsyncClient, urls: list[str], keys: dict[str, st
     for url in urls:
         total = 0
         for key in keys.values():
-            r = await client.get(f"{url}/api/v1/account/usage", headers={"X-API-Key": key})
+            try:
+                r = await client.get(f"{url}/api/v1/account/usage", headers={"X-API-Key": key})
+            except httpx.HTTPError:  # while its store is restarted
+                total = -1
+                break
             total += r.json()["data"]["requests"]["today"] if r.status_code == 200 else -1
         found.append(total)
     return found
@@ -141,20 +145,28 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
             assert _restarted(log, "worker-1")
             assert _restarted(log, "sink-1")
 
+            # The ClickHouse server dies while the sinks write: tally up starts it again,
+            # and the sinks' retries land each INSERT once (its markers say whether).
+            os.kill(banner["processes"]["store-server-1"], signal.SIGKILL)
+            await _publish(bootstrap, 10_000, 2_000, spool)
+            settle = await _until_exact(client, urls, keys, 12_000)
+            print(f"ClickHouse server SIGKILLed: exact after {settle:.1f}s")
+            assert "is gone; starting it again" in log.read_text(errors="replace")
+
             # A sink paused past its session timeout: its partitions move to the other
             # sink, which counts on; woken, the paused one must not write what it held.
             sink = banner["processes"]["sink-2"]
             os.kill(sink, signal.SIGSTOP)
             try:
-                await _publish(bootstrap, 10_000, 3_000, spool)
-                settle = await _until_exact(client, urls, keys, 13_000)
+                await _publish(bootstrap, 12_000, 3_000, spool)
+                settle = await _until_exact(client, urls, keys, 15_000)
                 print(f"sink-2 stopped: exact without it after {settle:.1f}s")
             finally:
                 os.kill(sink, signal.SIGCONT)
-            await _publish(bootstrap, 13_000, 2_000, spool)
-            settle = await _until_exact(client, urls, keys, 15_000)
+            await _publish(bootstrap, 15_000, 2_000, spool)
+            settle = await _until_exact(client, urls, keys, 17_000)
             await asyncio.sleep(3)  # anything the woken sink wrote twice shows by now
-            assert await _totals(client, urls, keys) == [15_000, 15_000]
+            assert await _totals(client, urls, keys) == [17_000, 17_000]
             print(f"sink-2 woken: exact after {settle:.1f}s, and still exact")
 
             # The broker leading most events partitions dies and stays dead; once its
@@ -170,8 +182,8 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
             while await _still_leads(survivors, leader):
                 assert time.monotonic() < deadline, "no new leaders"
                 await asyncio.sleep(0.5)
-            await _publish(survivors, 15_000, 3_000, spool)
-            settle = await _until_exact(client, urls, keys, 18_000)
+            await _publish(survivors, 17_000, 3_000, spool)
+            settle = await _until_exact(client, urls, keys, 20_000)
             print(f"broker {leader} SIGKILLed: exact after {settle:.1f}s")
     finally:
         up.send_signal(signal.SIGTERM)
