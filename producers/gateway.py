@@ -59,7 +59,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol, Self,
 
 import orjson
 from aiokafka import errors as kafka_errors
-from aiokafka.codec import has_snappy
 
 from producers.events import (
     MAX_PLAIN_EVENT_BYTES,
@@ -73,6 +72,7 @@ from producers.partitioning import partition_for
 from producers.settings import ProducerSettings
 from producers.spool import FsyncPolicy, Spool, SpoolPosition
 from schemas.events import CONTENT_TYPE_BATCH, CONTENT_TYPE_SINGLE
+from schemas.kafka import BROKER_MESSAGE_MAX_BYTES, COMPRESSION, REQUEST_OVERHEAD_BYTES
 
 if TYPE_CHECKING:
     from tally_fold import BatchEncoder
@@ -84,12 +84,6 @@ SpoolFullPolicy = Literal["block", "reject"]
 
 _SINGLE_HEADERS: Final[Headers] = [("content-type", CONTENT_TYPE_SINGLE.encode())]
 _BATCH_HEADERS: Final[Headers] = [("content-type", CONTENT_TYPE_BATCH.encode())]
-
-# Snappy, not lz4: aiokafka 0.14 compresses lz4 at level 9 (LZ4 HC, no setting to
-# change it), 1.2 µs per event of a 200-event batch against 0.12 µs for snappy, for
-# 13 % against 17 % of the JSON size (benchmarks/NOTES.md); both need `cramjam`,
-# without which asking for either fails at construction: then send uncompressed.
-COMPRESSION: Final[str | None] = "snappy" if has_snappy() else None
 
 _T = TypeVar("_T")
 
@@ -385,7 +379,9 @@ def kafka_producer_factory(
             # batches, each kept under the broker's message.max.bytes.
             linger_ms=0,
             max_batch_size=max(16_384, max_message_bytes),
-            max_request_size=max(1_048_576, max_message_bytes + 65_536),
+            max_request_size=max(
+                BROKER_MESSAGE_MAX_BYTES, max_message_bytes + REQUEST_OVERHEAD_BYTES
+            ),
         )
         return producer
 
