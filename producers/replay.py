@@ -20,6 +20,7 @@ from producers.batches import Batch, message
 from producers.kafka_edge import Fault, KafkaProducer, Link, classify, future_error, retrieve
 from producers.ledger import Failure, Ledger
 from producers.partitioning import partition_for
+from producers.sending import send_batch
 from producers.spool import SpoolPosition
 from producers.spool_format import Spooled, decode_spooled, write_undeliverable
 from producers.spooling import Spooler
@@ -170,10 +171,7 @@ class Replayer:
             for batch in self._placed(spooled):
                 msg = message(batch)
                 try:
-                    future = await producer.send(
-                        self._ledger.topic, msg.value, key=batch.key, partition=batch.partition,
-                        headers=msg.headers,
-                    )  # fmt: skip
+                    future = await send_batch(producer, self._ledger.topic, batch, msg)
                 except Exception as exc:
                     return entries, exc
                 future.add_done_callback(retrieve)

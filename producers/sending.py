@@ -13,8 +13,8 @@ import logging
 from collections import deque
 from typing import Any, Protocol
 
-from producers.batches import Batch, InFlight, Outgoing, message
-from producers.kafka_edge import Fault, Link, classify, future_error, retrieve
+from producers.batches import Batch, InFlight, Message, Outgoing, message
+from producers.kafka_edge import Fault, KafkaProducer, Link, classify, future_error, retrieve
 from producers.ledger import Ledger
 
 log = logging.getLogger("producers.gateway")
@@ -34,6 +34,15 @@ class Diversion(Protocol):
     def begin(self, reason: str, failed: Batch | None = None, *, renew: bool = True) -> None:
         """From now on batches go to the diversion, starting with those not acknowledged."""
         ...
+
+
+async def send_batch(
+    producer: KafkaProducer, topic: str, batch: Batch, msg: Message
+) -> asyncio.Future[Any]:
+    """Hand `batch`, as `msg`, to the producer: at its partition, or by key (None)."""
+    return await producer.send(
+        topic, msg.value, key=batch.key, partition=batch.partition, headers=msg.headers
+    )
 
 
 class Sender:
@@ -78,12 +87,7 @@ class Sender:
         assert producer is not None
         loop = asyncio.get_running_loop()
         msg = message(batch)
-        send = asyncio.ensure_future(
-            producer.send(
-                self._topic, msg.value, key=batch.key, partition=batch.partition,
-                headers=msg.headers,
-            )
-        )  # fmt: skip
+        send = asyncio.ensure_future(send_batch(producer, self._topic, batch, msg))
         self._sending, self._sending_since, self._send_task = batch, loop.time(), send
         self._sending_superseded = False
         try:
