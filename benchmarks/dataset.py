@@ -30,8 +30,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from deploy.kafka_local import ensure_topics
-from producers.gateway import COMPRESSION
 from producers.partitioning import partition_for
+from schemas.kafka import COMPRESSION
 
 BATCH_EVENTS = 200
 DUPLICATE_RATE = 0.005

@@ -81,9 +81,9 @@ async def background_load(
     from aiokafka import AIOKafkaProducer
 
     from producers.events import format_time
-    from producers.gateway import COMPRESSION
     from producers.partitioning import partition_for
     from schemas.events import CONTENT_TYPE_BATCH
+    from schemas.kafka import COMPRESSION
 
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,

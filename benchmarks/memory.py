@@ -51,8 +51,8 @@ async def publish(bootstrap: str, topic: str, accounts: int) -> int:
     import orjson
     from aiokafka import AIOKafkaProducer
 
-    from producers.gateway import COMPRESSION
     from producers.partitioning import partition_for
+    from schemas.kafka import COMPRESSION
 
     now = datetime.now(UTC)
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -43,7 +43,7 @@ from processors.pipeline import BatchResult, Message, Pipeline
 from processors.replay import Resumer
 from processors.settings import WorkerSettings
 from processors.timing import Timings
-from producers.gateway import COMPRESSION
+from schemas.kafka import COMPRESSION
 
 log = logging.getLogger("tally.worker")
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from schemas.kafka import GATEWAY_MAX_MESSAGE_BYTES
 from schemas.settings import TallySettings
 
 
@@ -32,7 +33,7 @@ class ProducerSettings(TallySettings):
         "`record` waits for acknowledgements (backpressure); events are never dropped.",
     )
     producer_max_message_bytes: int = Field(
-        900_000,
+        GATEWAY_MAX_MESSAGE_BYTES,
         ge=1_024,
         le=100_000_000,
         description="Largest batch message (bytes of JSON). Keep it below the broker's "

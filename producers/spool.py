@@ -37,98 +37,63 @@ record ends its segment: the tail is moved to `quarantine/` and the segment trun
 there. After a crash that is a torn write, expected and harmless; anywhere else it is
 disk corruption, logged as an error, and the quarantined bytes are what an operator has
 left of those records. Opening never raises because of a damaged record.
+
+Modules: this one is the queue (its index, appending, reading, acking); the files'
+formats, the lock and the fsyncs are `producers.spool_files`; recovery at open is
+`producers.spool_recovery`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, NamedTuple, Self
+from typing import Final, Literal, Self
+
+from producers.spool_files import (
+    MAGIC,
+    MAX_RECORD_BYTES,
+    POSITION_FILE,
+    RECORD_HEADER,
+    Segment,
+    SpoolError,
+    SpoolLockedError,
+    SpoolPosition,
+    acquire_lock,
+    encode_record,
+    fdatasync,
+    fsync_dir,
+    record_crc,
+    release_lock,
+    segment_path,
+    write_all,
+    write_position,
+)
+from producers.spool_recovery import recover
+
+__all__ = [
+    "MAGIC",
+    "MAX_RECORD_BYTES",
+    "RECORD_HEADER",
+    "FsyncPolicy",
+    "Spool",
+    "SpoolError",
+    "SpoolLockedError",
+    "SpoolPosition",
+    "encode_record",
+]
 
 log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "batch"]
-
-MAGIC: Final = b"TLYSPL01"
-"""The first bytes of every segment file (format version 1)."""
-RECORD_HEADER: Final = struct.Struct("<II")
-MAX_RECORD_BYTES: Final = 256 * 1024 * 1024
-"""Longest payload; a longer length read back from disk can only be corruption."""
-_POSITION: Final = struct.Struct("<QQI")
-_LOCK_FILE: Final = "lock"
-_POSITION_FILE: Final = "position"
-_QUARANTINE: Final = "quarantine"
-_SUFFIX: Final = ".seg"
-
-
-class SpoolError(RuntimeError):
-    """The spool cannot be used as asked."""
-
-
-class SpoolLockedError(SpoolError):
-    """Another process (or another Spool in this one) owns the directory."""
-
-
-class SpoolPosition(NamedTuple):
-    """Where a record ends: its segment number and the byte offset just past it."""
-
-    segment: int
-    offset: int
-
-
-@dataclass(slots=True)
-class _Segment:
-    number: int
-    path: Path
-    size: int
-    ends: array[int] = field(default_factory=lambda: array("q"))
-    """End offsets of the records in the file, ascending."""
-
-
-def _crc(length: bytes, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(length))
-
-
-def encode_record(payload: bytes) -> bytes:
-    """The bytes `append` writes for one payload (exposed for tests and tools)."""
-    length = struct.pack("<I", len(payload))
-    return length + struct.pack("<I", _crc(length, payload)) + payload
-
-
-def _fdatasync(fd: int) -> None:
-    # fdatasync skips the inode's timestamps but still flushes a grown size, which is all a
-    # reader after a crash needs. macOS lacks it; its fsync does not flush the drive cache
-    # either (F_FULLFSYNC would), a known weakness of that platform.
-    sync = getattr(os, "fdatasync", os.fsync)
-    sync(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 class Spool:
@@ -166,7 +131,7 @@ class Spool:
 
         self._lock = threading.Lock()
         self._closed = False
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._read: SpoolPosition | None = None
         """The committed position: records after it are pending. None: nothing on disk."""
         self._records = 0
@@ -187,12 +152,24 @@ class Spool:
                 "process write access there, or point the spool elsewhere "
                 "(TALLY_PRODUCER_SPOOL_DIR)."
             ) from exc
-        self._lock_fd = _acquire_lock(self.directory)
+        self._lock_fd = acquire_lock(self.directory)
         try:
-            self._recover()
+            self._open_recovered()
         except BaseException:
             self._release()
             raise
+
+    def _open_recovered(self) -> None:
+        found = recover(self.directory)
+        self._segments = found.segments
+        self._read = found.read
+        self._next_number = found.next_number
+        self._records = found.records
+        self._pending_bytes = found.pending_bytes
+        self._disk_bytes = found.disk_bytes
+        if found.read is not None and self._records == 0:
+            # Everything was acked: start the next append on a fresh segment.
+            self._drop_consumed()
 
     # -- queries -----------------------------------------------------------------
 
@@ -340,7 +317,7 @@ class Spool:
                 high = position.offset if segment.number == position.segment else segment.size
                 consumed += bisect_right(segment.ends, high) - bisect_right(segment.ends, low)
                 consumed_bytes += high - low
-            self._write_position(position)
+            write_position(self.directory, position)
             self._read = position
             self._records -= consumed
             self._pending_bytes -= consumed_bytes
@@ -421,24 +398,24 @@ class Spool:
             for number, chunk, _ in plan:
                 if head is not None and number == head.number:
                     fd = self._head_fd(head)
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                     continue
                 if self._write_fd is not None:
                     # The previous head is complete: make it durable before moving on, so
                     # only the last segment can ever have a torn tail.
-                    _fdatasync(self._write_fd)
+                    fdatasync(self._write_fd)
                     os.close(self._write_fd)
                     self._write_fd = None
-                path = self._path(number)
+                path = self._segment_path(number)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
                 created.append(path)
                 self._write_fd = fd
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
             if self.fsync == "always":
                 assert self._write_fd is not None
-                _fdatasync(self._write_fd)
+                fdatasync(self._write_fd)
                 if created:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
         except OSError:
             self._undo(head, old_head_size, created)
             raise
@@ -449,7 +426,7 @@ class Spool:
                 head.size += len(chunk)
                 self._pending_bytes += len(chunk)
             else:
-                self._segments.append(_Segment(number, self._path(number), len(chunk), ends))
+                self._segments.append(Segment(number, self._segment_path(number), len(chunk), ends))
                 self._next_number = number + 1
                 if self._read is None:
                     self._read = SpoolPosition(number, len(MAGIC))
@@ -460,7 +437,7 @@ class Spool:
             self._dir_dirty = self.fsync == "batch"
         self._dirty = self.fsync == "batch"
 
-    def _undo(self, head: _Segment | None, old_size: int, created: list[Path]) -> None:
+    def _undo(self, head: Segment | None, old_size: int, created: list[Path]) -> None:
         with contextlib.suppress(OSError):
             if self._write_fd is not None:
                 os.close(self._write_fd)
@@ -483,29 +460,16 @@ class Spool:
 
     def _sync(self) -> None:
         if self._dirty and self._write_fd is not None:
-            _fdatasync(self._write_fd)
+            fdatasync(self._write_fd)
         if self._dir_dirty:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._dirty = self._dir_dirty = False
         self._last_sync = time.monotonic()
 
-    def _head_fd(self, head: _Segment) -> int:
+    def _head_fd(self, head: Segment) -> int:
         if self._write_fd is None:
             self._write_fd = os.open(head.path, os.O_WRONLY | os.O_APPEND)
         return self._write_fd
-
-    def _write_position(self, position: SpoolPosition) -> None:
-        body = struct.pack("<QQ", position.segment, position.offset)
-        data = body + struct.pack("<I", zlib.crc32(body))
-        tmp = self.directory / (_POSITION_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / _POSITION_FILE)
-        _fsync_dir(self.directory)
 
     def _drop_consumed(self) -> None:
         """Delete segments whose every record is acked, and the head too once all is."""
@@ -538,6 +502,9 @@ class Spool:
 
     # -- internals: reading ------------------------------------------------------
 
+    def _segment_path(self, number: int) -> Path:
+        return segment_path(self.directory, number)
+
     def _segment_index(self, number: int) -> int | None:
         for index, segment in enumerate(self._segments):
             if segment.number == number:
@@ -545,7 +512,7 @@ class Spool:
         return None
 
     def _read_records(
-        self, segment: _Segment, begin: int, ends: array[int]
+        self, segment: Segment, begin: int, ends: array[int]
     ) -> list[tuple[SpoolPosition, bytes]]:
         fd = self._read_fds.get(segment.number)
         if fd is None:
@@ -557,7 +524,7 @@ class Spool:
         for end in ends:
             length, crc = RECORD_HEADER.unpack_from(view, at)
             payload = view[at + RECORD_HEADER.size : end - begin]
-            if len(payload) != length or _crc(view[at : at + 4].tobytes(), payload) != crc:
+            if len(payload) != length or record_crc(view[at : at + 4].tobytes(), payload) != crc:
                 raise SpoolError(
                     f"the record ending at offset {end} of {segment.path} no longer matches "
                     "its checksum: the file was changed behind the spool's back or the disk "
@@ -568,148 +535,12 @@ class Spool:
             at = end - begin
         return out
 
-    def _forget(self, segment: _Segment) -> None:
+    def _forget(self, segment: Segment) -> None:
         fd = self._read_fds.pop(segment.number, None)
         if fd is not None:
             os.close(fd)
 
     # -- internals: recovery -----------------------------------------------------
-
-    def _path(self, number: int) -> Path:
-        return self.directory / f"{number:08d}{_SUFFIX}"
-
-    def _recover(self) -> None:
-        committed = self._read_position()
-        for leftover in self.directory.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)
-        numbers = sorted(
-            int(p.name[: -len(_SUFFIX)])
-            for p in self.directory.glob("*" + _SUFFIX)
-            if p.name[: -len(_SUFFIX)].isdigit()
-        )
-        floor = committed.segment if committed is not None else 0
-        for number in numbers:
-            path = self._path(number)
-            if number < floor:
-                # Acked; the process stopped between writing the position and deleting.
-                path.unlink(missing_ok=True)
-                continue
-            segment = self._scan(number, path, last=number == numbers[-1])
-            if segment is not None:
-                self._segments.append(segment)
-        self._next_number = max([floor, *numbers]) + 1
-        if not self._segments:
-            self._read = None
-            return
-        first = self._segments[0]
-        if committed is not None and committed.segment == first.number:
-            # Snap to a record boundary at or before the committed offset: a position
-            # beyond what survived a power cut, or a damaged one, replays (duplicates)
-            # instead of skipping.
-            offset = len(MAGIC)
-            index = bisect_right(first.ends, committed.offset)
-            if index:
-                offset = first.ends[index - 1]
-            self._read = SpoolPosition(first.number, offset)
-        else:
-            self._read = SpoolPosition(first.number, len(MAGIC))
-        read = self._read
-        for segment in self._segments:
-            low = read.offset if segment.number == read.segment else len(MAGIC)
-            self._records += len(segment.ends) - bisect_right(segment.ends, low)
-            self._pending_bytes += segment.size - low
-            self._disk_bytes += segment.size
-        if self._records == 0:
-            # Everything was acked: start the next append on a fresh segment.
-            self._drop_consumed()
-
-    def _read_position(self) -> SpoolPosition | None:
-        path = self.directory / _POSITION_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        if len(data) == _POSITION.size:
-            segment, offset, crc = _POSITION.unpack(data)
-            if zlib.crc32(data[:16]) == crc:
-                return SpoolPosition(segment, offset)
-        log.warning(
-            "the spool's committed position %s is damaged; replaying the spool from its "
-            "oldest record (already delivered events are sent again, counted once)",
-            path,
-        )
-        return None
-
-    def _scan(self, number: int, path: Path, *, last: bool) -> _Segment | None:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            magic = f.read(len(MAGIC))
-            if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
-                # Created, crashed before the magic was written: holds no record.
-                path.unlink()
-                return None
-            if magic != MAGIC:
-                self._quarantine(path, 0, size, "does not start with the spool's magic")
-                path.unlink()
-                return None
-            segment = _Segment(number, path, size)
-            at = len(MAGIC)
-            while at < size:
-                header = f.read(RECORD_HEADER.size)
-                if len(header) < RECORD_HEADER.size:
-                    break
-                length, crc = RECORD_HEADER.unpack(header)
-                if length > MAX_RECORD_BYTES or at + RECORD_HEADER.size + length > size:
-                    break
-                payload = f.read(length)
-                if _crc(header[:4], payload) != crc:
-                    break
-                at += RECORD_HEADER.size + length
-                segment.ends.append(at)
-        if at < size:
-            why = "torn tail (interrupted write)" if last else "corrupt record"
-            self._quarantine(path, at, size, why, error=not last)
-            with path.open("r+b") as f:
-                f.truncate(at)
-                os.fsync(f.fileno())
-            segment.size = at
-        if len(segment.ends) == 0 and not last:
-            path.unlink()
-            return None
-        return segment
-
-    def _quarantine(
-        self, path: Path, start: int, end: int, why: str, *, error: bool = False
-    ) -> None:
-        target_dir = self.directory / _QUARANTINE
-        target_dir.mkdir(exist_ok=True)
-        target = target_dir / f"{path.name}.{start}.bin"
-        with path.open("rb") as src, target.open("wb") as dst:
-            src.seek(start)
-            dst.write(src.read(end - start))
-            dst.flush()
-            os.fsync(dst.fileno())
-        if error:
-            log.error(
-                "spool segment %s: %s at offset %d; the %d bytes from there on (records that "
-                "are no longer replayed) were moved to %s for inspection",
-                path,
-                why,
-                start,
-                end - start,
-                target,
-            )
-        else:
-            log.warning(
-                "spool segment %s: %s at offset %d; cut %d bytes (kept in %s)",
-                path,
-                why,
-                start,
-                end - start,
-                target,
-            )
-
-    # -- internals: lifecycle ----------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
@@ -728,61 +559,14 @@ class Spool:
             segment.path.unlink(missing_ok=True)
         self._segments.clear()
         self._disk_bytes = 0
-        (self.directory / _POSITION_FILE).unlink(missing_ok=True)
+        (self.directory / POSITION_FILE).unlink(missing_ok=True)
 
     def _release(self, *, remove_lock_file: bool = False) -> None:
         fd, self._lock_fd = self._lock_fd, -1
-        if fd < 0:
-            return
-        if remove_lock_file:
-            # Unlinked while still locked: a process that opened the old file meanwhile
-            # notices (the inode check in _acquire_lock) and takes a fresh one.
-            with contextlib.suppress(OSError):
-                (self.directory / _LOCK_FILE).unlink()
-        os.close(fd)
+        if fd >= 0:
+            release_lock(self.directory, fd, remove_lock_file=remove_lock_file)
 
 
 def _is_end(ends: array[int], offset: int) -> bool:
     index = bisect_left(ends, offset)
     return index < len(ends) and ends[index] == offset
-
-
-def _acquire_lock(directory: Path) -> int:
-    path = directory / _LOCK_FILE
-    for _ in range(100):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            # A closing sibling removed the (then empty) parent directories meanwhile.
-            directory.mkdir(parents=True, exist_ok=True)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            with contextlib.suppress(OSError):
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            who = f"process {holder}" if holder else "another process"
-            raise SpoolLockedError(
-                f"the spool directory {directory} is in use by {who}. Each gateway process "
-                "needs a spool of its own: give this one another directory "
-                "(TALLY_PRODUCER_SPOOL_DIR, or a distinct client_id for the default), or stop "
-                "the other. If no such process runs, its lock died with it and this is a "
-                "second Gateway with the same spool inside this process."
-            ) from None
-        except OSError:
-            os.close(fd)
-            raise
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            # The previous owner removed the lock file between our open and flock.
-            os.close(fd)
-            continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
-    raise SpoolLockedError(f"could not lock the spool directory {directory}: it keeps changing")
