@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -243,7 +242,7 @@ async def test_a_lone_event_goes_out_as_a_single_event() -> None:
     fake = FakeProducer()
     async with make(fake, linger_ms=1) as gw:
         await gw.record(req("acct-1", 0))
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: len(fake.sent) == 1)  # by linger, before close flushes
     (sent,) = fake.sent
     assert sent.content_type == CONTENT_TYPE_SINGLE
     assert isinstance(orjson.loads(sent.value), dict)
@@ -304,7 +303,9 @@ async def test_record_waits_when_the_buffer_is_full_and_resumes() -> None:
                 await gw.record(req(f"acct-{n % 7}", n))
 
         task = asyncio.create_task(produce())
-        await asyncio.sleep(0.05)
+        # Waiting for room pushes partial buffers out: once 50 - 38 events were sent,
+        # record() has had to wait.
+        await wait_for(lambda: sum(len(s.events()) for s in fake.sent) >= 50 - 38)
         assert not task.done()
         assert gw.stats.events_recorded == 50
         assert gw.stats.events_pending == 50
@@ -377,9 +378,8 @@ async def test_flush_waits_for_acknowledgements() -> None:
         for n in range(15):
             await gw.record(req("acct-1", n))
         flush = asyncio.create_task(gw.flush())
-        await asyncio.sleep(0.02)
+        await wait_for(lambda: len(fake.sent) == 2)
         assert not flush.done()
-        assert len(fake.sent) == 2
         fake.ack_all()
         await flush
         assert gw.stats.events_acked == 15
@@ -691,14 +691,14 @@ async def test_policy_block_makes_record_wait_and_loses_nothing() -> None:
             done += 1
 
     task = asyncio.create_task(produce())
-    for _ in range(50):
-        before = done
-        await asyncio.sleep(0.3)
-        if done == before:
-            break
-    else:
-        pytest.fail("record() never had to wait")
-    # It waits because the spool is full and memory holds max_buffered_events.
+    # It waits once the spool is full and memory holds max_buffered_events.
+    await wait_for(
+        lambda: (
+            gw.stats.events_pending == 50 and gw.stats.spool_bytes > 2 * 4_096 + 65_536 - 4 * 4_096
+        ),
+        seconds=30,
+    )
+    assert done < 2_000
     assert not task.done()
     assert gw.stats.events_pending == 50
     assert gw.stats.spool_bytes > 2 * 4_096 + 65_536 - 4 * 4_096
@@ -718,9 +718,9 @@ async def test_close_is_bounded_and_spools_when_kafka_hangs(data_dir: Path) -> N
     await gw.start()
     for n in range(12):
         await gw.record(req("acct-1", n))
-    started = time.monotonic()
-    assert await gw.close(timeout=1.0) == 12
-    assert time.monotonic() - started < 3
+    # Kafka never answers: close gives up after its timeout (the guard only catches a
+    # hang) and spools what was not acknowledged.
+    assert await asyncio.wait_for(gw.close(timeout=1.0), 20) == 12
     assert fake.stopped
     assert spool_files(gw)
 
