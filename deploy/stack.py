@@ -125,6 +125,8 @@ class WorkerProcesses(Service):
 
     async def on_start(self) -> None:
         await asyncio.to_thread(self.processes.start)
+        pids = list(self.processes.pids().values())
+        log.info("tally up: %d worker processes %s", len(pids), pids)
 
     @Service.task
     async def _watch(self) -> None:

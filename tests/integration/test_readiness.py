@@ -204,6 +204,7 @@ async def test_readyz_queries_the_store_at_most_once_per_interval(
 
 async def test_an_idle_sink_restates_its_markers_with_a_write_time(store: Store) -> None:
     sink = Sink(store, "127.0.0.1:9", "r", "e")  # no Kafka needed to write markers
+    sink._gate = sink.gates.take([0, 1])  # as after an assignment of partitions 0 and 1
     sink._positions = {0: 5, 1: 7}
     before = datetime.now(UTC)
     assert queries.pipeline_marks(store, "e", "r").sink_wrote is None
