@@ -72,16 +72,13 @@ class TopicSetupError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Quorum:
-    """The KRaft cluster one broker+controller node belongs to (deploy/kafka_cluster.py).
-
-    Every node is a voter; `replication` is the cluster's replication factor (internal
-    topics included), with `min.insync.replicas` 2 from three nodes on, so that an
-    acknowledged write survives the loss of any one broker.
-    """
+    """The KRaft cluster one broker+controller node belongs to (deploy/kafka_cluster.py):
+    every node a voter (`voters`: node id -> controller port on HOST). `replication`
+    holds for every topic, with `min.insync.replicas` 2 from three nodes on, so that an
+    acknowledged write survives the loss of any one broker."""
 
     node_id: int
     voters: Mapping[int, int]
-    """node id -> its controller port on HOST."""
     cluster_id: str
 
     @property
