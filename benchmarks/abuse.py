@@ -63,8 +63,8 @@ ANALYTICS_PATH = "/api/v1/analytics/usage"
 
 
 def seed(url: str, database: str, keys_file: pathlib.Path) -> None:
+    from benchmarks.api import seed_accounts
     from processors.rollup import COLUMNS, marker_rows
-    from query_api.keys import hash_key, new_key
     from schemas.events import REQUEST
     from schemas.store import Store
 
@@ -72,22 +72,7 @@ def seed(url: str, database: str, keys_file: pathlib.Path) -> None:
     store.migrate()
     now = datetime.now(UTC)
     ids = [f"good-{i:03d}" for i in range(GOOD_ACCOUNTS)] + [HEAVY_ACCOUNT]
-    store.insert(
-        "accounts",
-        [[a, "pro", 1, now, now, 1] for a in ids],
-        ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
-    )
-    keys: list[str] = []
-    key_rows: list[list[object]] = []
-    for a in ids:
-        key, prefix = new_key()
-        keys.append(key)
-        key_rows.append([prefix, hash_key(key), a, False, now, None, 1])
-    store.insert(
-        "api_keys",
-        key_rows,
-        ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
-    )
+    keys = seed_accounts(store, dict.fromkeys(ids, "pro"), now)
     rng = random.Random(16)
     this_minute = now.replace(second=0, microsecond=0)
     rows: list[list[object]] = []

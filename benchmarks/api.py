@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks._procs import child_env, cpu_seconds, python_module, rss_mib, running, wait_http
 
@@ -83,9 +83,35 @@ end
 # -- seeding (runs in a child process: it opens the store) ----------------------------
 
 
+if TYPE_CHECKING:
+    from schemas.store import Store
+
+
+def seed_accounts(store: Store, plans: dict[str, str], now: datetime) -> list[str]:
+    """Accounts on their plans, each with a fresh key (returned in the same order)."""
+    from query_api.keys import hash_key, new_key
+
+    store.insert(
+        "accounts",
+        [[a, plan, 1, now, now, 1] for a, plan in plans.items()],
+        ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
+    )
+    keys: list[str] = []
+    key_rows: list[list[object]] = []
+    for a in plans:
+        key, prefix = new_key()
+        keys.append(key)
+        key_rows.append([prefix, hash_key(key), a, False, now, None, 1])
+    store.insert(
+        "api_keys",
+        key_rows,
+        ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
+    )
+    return keys
+
+
 def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> None:
     from processors.rollup import COLUMNS, marker_rows
-    from query_api.keys import hash_key, new_key
     from schemas.events import REQUEST, STREAM_OPENED
     from schemas.store import Store
 
@@ -98,22 +124,7 @@ def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> Non
     span_min = max(1, int((now - week_start).total_seconds() // 60))
     plans = ("free", "pro", "max")
     ids = [f"bench-{i:07d}" for i in range(accounts)]
-    store.insert(
-        "accounts",
-        [[a, plans[i % 3], 1, now, now, 1] for i, a in enumerate(ids)],
-        ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
-    )
-    keys: list[str] = []
-    key_rows: list[list[object]] = []
-    for a in ids:
-        key, prefix = new_key()
-        keys.append(key)
-        key_rows.append([prefix, hash_key(key), a, False, now, None, 1])
-    store.insert(
-        "api_keys",
-        key_rows,
-        ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
-    )
+    keys = seed_accounts(store, {a: plans[i % 3] for i, a in enumerate(ids)}, now)
     batch: list[list[object]] = []
     for i, a in enumerate(ids):
         for _ in range(ROWS_PER_ACCOUNT):
