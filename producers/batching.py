@@ -2,7 +2,7 @@
 batch message (`seal`) when it is full, when its oldest event waited `linger_s`, or when
 the gateway needs room or a flush.
 
-Events are placed as Kafka's default partitioner places key = subject (CONTRACT §1), so
+Events are placed as Kafka's default partitioner places key = subject (docs/api.md#partitioning), so
 a batch only ever holds events of its own partition. One of three encodings, chosen
 when the gateway starts (`Encoding`).
 """
