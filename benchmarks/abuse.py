@@ -120,20 +120,28 @@ def _oversized(host: str, port: int, until: float, statuses: Counter[str]) -> No
             conn.close()
 
 
+def _get(
+    conn: http.client.HTTPConnection, path: str, key: str, statuses: Counter[str]
+) -> http.client.HTTPConnection:
+    """One GET, its status counted; the connection to go on with (a new one after a reset)."""
+    try:
+        conn.request("GET", path, headers={"X-API-Key": key})
+        response = conn.getresponse()
+        response.read()
+        statuses[str(response.status)] += 1
+        return conn
+    except OSError:
+        statuses["reset"] += 1
+        conn.close()
+        return http.client.HTTPConnection(conn.host, conn.port, timeout=conn.timeout)
+
+
 def _guesser(host: str, port: int, until: float, statuses: Counter[str]) -> None:
     conn = http.client.HTTPConnection(host, port, timeout=10)
     rng = random.Random()
     while time.monotonic() < until:
         key = f"tly_{rng.getrandbits(48):012x}_" + "G" * 32
-        try:
-            conn.request("GET", USAGE_PATH, headers={"X-API-Key": key})
-            response = conn.getresponse()
-            response.read()
-            statuses[str(response.status)] += 1
-        except OSError:
-            statuses["reset"] += 1
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn = _get(conn, USAGE_PATH, key, statuses)
 
 
 def _analyst(host: str, port: int, key: str, until: float, statuses: Counter[str]) -> None:
@@ -150,15 +158,7 @@ def _analyst(host: str, port: int, key: str, until: float, statuses: Counter[str
             f"{ANALYTICS_PATH}?window=minute&group_by=route&from={since}"
             f"&to={now.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         )
-        try:
-            conn.request("GET", path, headers={"X-API-Key": key})
-            response = conn.getresponse()
-            response.read()
-            statuses[str(response.status)] += 1
-        except OSError:
-            statuses["reset"] += 1
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn = _get(conn, path, key, statuses)
 
 
 ABUSE_MIX = ("oversized", "oversized", "guesser", "guesser", "guesser") + ("analyst",) * (
