@@ -27,7 +27,6 @@ import secrets
 import signal
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from typing import Final
@@ -128,7 +127,7 @@ class LocalClickHouse(ChildServer):
         )
         self._token = secrets.token_hex(8)
         self._launch()
-        self._wait_ready(timeout)
+        self._wait_ready("ClickHouse server", timeout, self._ours, every_s=0.05)
 
     def __repr__(self) -> str:
         return f"LocalClickHouse({self.url}, data={self.server_dir}, pid={self.pid})"
@@ -176,24 +175,6 @@ class LocalClickHouse(ChildServer):
         except OSError as exc:
             return f"{type(exc).__name__}: {exc}"
         return None if ours else f"another server answers on {self.url}"
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self._proc
-            assert proc is not None
-            code = proc.poll()
-            if code is not None:
-                self.kill()
-                raise RuntimeError(self._failure(f"The ClickHouse server exited with code {code}"))
-            why = self._ours()
-            if why is None:
-                return
-            if time.monotonic() >= deadline:
-                self.kill()
-                what = f"The ClickHouse server was not ready within {timeout:.0f}s ({why})"
-                raise RuntimeError(self._failure(what))
-            time.sleep(0.05)
 
     def _failure(self, what: str) -> str:
         out = tail(self.stdout_file, 15)

@@ -24,7 +24,6 @@ import pathlib
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future
@@ -446,28 +445,14 @@ class LocalKafka(ChildServer):
 
     def wait_ready(self, timeout: float, brokers: int = 1) -> None:
         """Return once this broker serves metadata listing `brokers` registered brokers."""
-        deadline = time.monotonic() + timeout
-        why = "not probed yet"
-        while True:
-            proc = self._proc
-            assert proc is not None
-            code = proc.poll()
-            if code is not None:
-                self.kill()
-                raise RuntimeError(self._failure(f"The Kafka broker exited with code {code}"))
-            if accepts_connections(self.port):
-                # Only ask Kafka once something listens: aiokafka logs every refused connect.
-                why = _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0, brokers)) or ""
-                if not why:
-                    return
-            else:
-                why = f"nothing listens on {self.bootstrap} yet"
-            if time.monotonic() >= deadline:
-                self.kill()
-                raise RuntimeError(
-                    self._failure(f"The Kafka broker was not ready within {timeout:.0f}s ({why})")
-                )
-            time.sleep(0.2)
+
+        def probe() -> str | None:
+            if not accepts_connections(self.port):
+                return f"nothing listens on {self.bootstrap} yet"
+            # Only ask Kafka once something listens: aiokafka logs every refused connect.
+            return _run_coroutine(lambda: _broker_ready(self.bootstrap, 3.0, brokers))
+
+        self._wait_ready("Kafka broker", timeout, probe, every_s=0.2)
 
     def _failure(self, what: str) -> str:
         log = tail(self.server_log)

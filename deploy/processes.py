@@ -332,6 +332,34 @@ class ChildServer:
         self._finalizer = weakref.finalize(self, shutdown, proc, self.stop_timeout, self.pid_file)
         return proc
 
+    def _wait_ready(
+        self, what: str, timeout: float, probe: Callable[[], str | None], every_s: float
+    ) -> None:
+        """Poll `probe` (None once ready, else why not) every `every_s` seconds until it
+        says ready. A child that exits, or a `timeout` that passes, kills it and raises
+        a RuntimeError that `_failure` words (its logs, and what to do)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self._proc
+            assert proc is not None
+            code = proc.poll()
+            if code is not None:
+                self.kill()
+                raise RuntimeError(self._failure(f"The {what} exited with code {code}"))
+            why = probe()
+            if why is None:
+                return
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise RuntimeError(
+                    self._failure(f"The {what} was not ready within {timeout:.0f}s ({why})")
+                )
+            time.sleep(every_s)
+
+    def _failure(self, what: str) -> str:
+        """`what` went wrong, with the child's last log lines and what to do next."""
+        raise NotImplementedError
+
     def _disarm(self) -> None:
         if self._finalizer is not None:
             self._finalizer.detach()
