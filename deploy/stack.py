@@ -12,7 +12,6 @@ next time), then the broker.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,6 @@ from aiokafka import AIOKafkaConsumer
 from mode import Service
 from prometheus_client import REGISTRY
 
-from deploy.cli_support import redact
 from deploy.kafka_local import ensure_topics
 from deploy.settings import StackSettings
 from deploy.topology import (
@@ -36,6 +34,7 @@ from deploy.topology import (
     Topology,
     brokers_for,
     ensure_stack_topics,
+    print_banner,
     run_demo,
     up_server,
 )
@@ -421,31 +420,7 @@ def up(
         api = create_app(settings, store)
         keys = demo_keys(store, settings) if demo else []
         api_url = f"http://{settings.api_host}:{settings.api_port}"
-        if as_json:
-            banner = {
-                "command": "up",
-                "status": "starting",
-                "api_url": api_url,
-                "docs_url": f"{api_url}/docs",
-                "kafka_bootstrap": bootstrap,
-                "events_topic": settings.events_topic,
-                "store": redact(settings.store_url),
-                "database": settings.store_database,
-                "demo_keys": keys,
-            }
-            print(json.dumps(banner), flush=True)
-        else:
-            topic = settings.events_topic
-            print(f"tally: Kafka bootstrap {bootstrap}  (topic {topic})", flush=True)
-            print(
-                f"tally: store {redact(settings.store_url)} database {settings.store_database}",
-                flush=True,
-            )
-            print("tally: press Ctrl-C to stop", flush=True)
-            print(f"tally: API {api_url}  (OpenAPI at /docs)", flush=True)
-            if demo:
-                print("tally: demo API keys (shown once):", flush=True)
-                print("\n".join(keys), flush=True)
+        print_banner(settings, bootstrap, settings.store_url, [api_url], keys, as_json)
         sink = new_sink(settings, store)
         attach_sink(api, sink)  # the API's usage view follows the sink's writes
         services: list[Service] = [

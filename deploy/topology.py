@@ -290,7 +290,17 @@ def up_server(topology: Topology, settings: StackSettings, demo: bool, as_json: 
         if server is not None:
             supervisor.servers.append(server)
         supervisor.start()
-        _banner(topology, settings, bootstrap, url, keys, supervisor, as_json)
+        print_banner(
+            settings,
+            bootstrap,
+            url,
+            api_urls(topology, settings),
+            keys,
+            as_json,
+            processes=supervisor.pids(),
+            running=f"{topology.workers} workers, {topology.sinks} sinks, "
+            f"{topology.api_replicas} API processes; ",
+        )
         try:
             asyncio.run(_supervise(supervisor, settings, demo))
         finally:
@@ -338,16 +348,20 @@ async def run_demo(settings: StackSettings) -> None:
     )
 
 
-def _banner(
-    topology: Topology,
+def print_banner(
     settings: StackSettings,
     bootstrap: str,
     store_url: str,
+    urls: list[str],
     keys: list[str],
-    supervisor: Supervisor,
     as_json: bool,
+    processes: dict[str, int] | None = None,
+    running: str = "",
 ) -> None:
-    urls = api_urls(topology, settings)
+    """What `tally up` started, on stdout: lines for people, or one JSON line for scripts.
+
+    `processes`: the children's pids by name; `running`: what runs, for the text.
+    """
     if as_json:
         banner = {
             "command": "up",
@@ -359,18 +373,14 @@ def _banner(
             "events_topic": settings.events_topic,
             "store": redact(store_url),
             "database": settings.store_database,
-            "processes": supervisor.pids(),
+            "processes": processes or {},
             "demo_keys": keys,
         }
         print(json.dumps(banner), flush=True)
         return
     print(f"tally: Kafka bootstrap {bootstrap}  (topic {settings.events_topic})", flush=True)
     print(f"tally: store {redact(store_url)} database {settings.store_database}", flush=True)
-    print(
-        f"tally: {topology.workers} workers, {topology.sinks} sinks, "
-        f"{topology.api_replicas} API processes; press Ctrl-C to stop",
-        flush=True,
-    )
+    print(f"tally: {running}press Ctrl-C to stop", flush=True)
     for url in urls:
         print(f"tally: API {url}  (OpenAPI at /docs)", flush=True)
     if keys:
