@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -95,13 +95,6 @@ class DemoGateways(Service):
     @Service.task
     async def _send(self) -> None:
         await run_demo(self.settings)
-
-
-@contextmanager
-def kafka_for(settings: StackSettings, brokers: int = 1) -> Iterator[str]:
-    """The broker to use: the configured one, or a local broker or cluster for the duration."""
-    with brokers_for(settings, brokers) as bootstrap:
-        yield bootstrap
 
 
 class WorkerProcesses(Service):
@@ -411,7 +404,7 @@ def up(
     from deploy.serve import ApiService
     from query_api.app import attach_sink, create_app
 
-    with kafka_for(settings, topology.brokers) as bootstrap:
+    with brokers_for(settings, topology.brokers) as bootstrap:
         asyncio.run(ensure_stack_topics(settings, bootstrap))
         # The worker and the demo gateways talk to the broker we just made sure of.
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})

@@ -238,7 +238,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
     from deploy import stack
 
     @contextlib.contextmanager
-    def kafka_for(settings: Any, brokers: int = 1) -> Iterator[str]:
+    def brokers_for(settings: Any, brokers: int = 1) -> Iterator[str]:
         yield "kafka-1:9092"
 
     async def ensure_stack_topics(settings: Any, bootstrap: str) -> None:
@@ -248,7 +248,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
         return None
 
     ran: list[Any] = []
-    monkeypatch.setattr(stack, "kafka_for", kafka_for)
+    monkeypatch.setattr(stack, "brokers_for", brokers_for)
     monkeypatch.setattr(stack, "ensure_stack_topics", ensure_stack_topics)
     monkeypatch.setattr(stack, "await_coordinators", await_coordinators)
     monkeypatch.setattr(stack, "open_store", lambda settings: FakeStore("u", "d"))
