@@ -282,9 +282,13 @@ def log_tally_lines() -> None:
         tally.addHandler(logs.handler("text"))
         tally.propagate = False
     tally.setLevel(logging.INFO)
-    sender = logging.getLogger("aiokafka.producer.sender")
-    if not any(isinstance(f, ExpectedRetries) for f in sender.filters):
-        sender.addFilter(ExpectedRetries())
+    for name, expected in (
+        ("aiokafka.producer.sender", ExpectedRetries),
+        ("aiokafka.consumer.group_coordinator", Rebalancing),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, expected) for f in logger.filters):
+            logger.addFilter(expected())
 
 
 class ExpectedRetries(logging.Filter):
@@ -304,6 +308,21 @@ class ExpectedRetries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.WARNING and "NotEnoughReplicasError" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+class Rebalancing(logging.Filter):
+    """aiokafka's WARNING for a heartbeat answered "the group is rebalancing", as INFO.
+
+    That answer is how a group member learns that another joined or left (a second
+    worker or sink starting, a restart, a scale-out): it rejoins at once, and Kafka's
+    own Java client logs the same event at INFO. A member that cannot rejoin is
+    reported by the errors that follow.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "because it is rebalancing" in str(record.msg):
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
