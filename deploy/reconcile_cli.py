@@ -44,16 +44,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from deploy.admin_cli import (
-    DEFAULT_API_URL,
-    AdminCliError,
-    HttpBackend,
-    StoreBackend,
-    account_id,
-    api_answers,
-    open_store_backend,
-    table,
-)
+from deploy.admin_backend import AdminCliError, HttpBackend, api_answers
+from deploy.admin_cli import DEFAULT_API_URL, account_id, table
+from deploy.admin_store import StoreBackend, open_store_backend
 from processors.decode import Limits
 from processors.reconcile import (
     AccountTotals,
