@@ -1,6 +1,6 @@
 """The admin commands' backend that opens the store itself (no API running, or no key).
 
-It runs the admin API's own operations (query_api/routes/admin.py) in this process, so
+It runs the admin API's own operations (query_api/admin_ops.py) in this process, so
 the CLI and the API answer alike. The embedded chdb store admits one process: while
 `tally up` or `tally api` holds it, opening fails and the message says to go
 through the API instead.
@@ -52,7 +52,7 @@ class StoreBackend:
         from pydantic import ValidationError
 
         from query_api.admin_models import AccountCreateIn
-        from query_api.routes.admin import create_account
+        from query_api.admin_ops import create_account
 
         try:
             body = AccountCreateIn(id=account_id, plan=plan)
@@ -62,7 +62,7 @@ class StoreBackend:
         return _dump(out)
 
     def list_accounts(self) -> list[Json]:
-        from query_api.routes.admin import PAGE_MAX, list_accounts
+        from query_api.admin_ops import PAGE_MAX, list_accounts
 
         found: list[Json] = []
         after = ""
@@ -74,31 +74,31 @@ class StoreBackend:
             after = page.meta.next_after
 
     def get_account(self, account_id: str) -> Json:
-        from query_api.routes.admin import get_account
+        from query_api.admin_ops import get_account
 
         return _dump(self._do(get_account, self.accounts, account_id))
 
     def set_plan(self, account_id: str, plan: str) -> Json:
         from query_api.admin_models import PlanChangeIn
-        from query_api.routes.admin import set_plan
+        from query_api.admin_ops import set_plan
 
         body = PlanChangeIn(plan=plan)
         return _dump(self._do(set_plan, self.accounts, self.plans, account_id, body))
 
     def create_key(self, account_id: str | None) -> Json:
         from query_api.admin_models import KeyCreateIn
-        from query_api.routes.admin import create_key
+        from query_api.admin_ops import create_key
 
         body = KeyCreateIn(admin=True) if account_id is None else KeyCreateIn(account=account_id)
         return _dump(self._do(create_key, self.accounts, body))
 
     def list_keys(self, account_id: str | None) -> list[Json]:
-        from query_api.routes.admin import list_keys
+        from query_api.admin_ops import list_keys
 
         return [_dump(k) for k in self._do(list_keys, self.accounts, account_id)]
 
     def revoke_key(self, key_prefix: str) -> Json:
-        from query_api.routes.admin import revoke_key
+        from query_api.admin_ops import revoke_key
 
         return _dump(self._do(revoke_key, self.accounts, key_prefix))
 

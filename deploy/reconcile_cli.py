@@ -156,7 +156,7 @@ class StoreTotals:
     def totals(
         self, topic: str, since: datetime, until: datetime, account: str | None
     ) -> StoredView:
-        from query_api.routes.admin import account_totals
+        from query_api.admin_ops import account_totals
 
         out = account_totals(self.store, topic, since, until, account)
         return view_of(out.model_dump(mode="json"), topic, since, until)

@@ -47,8 +47,8 @@ from processors.sink import TABLE, RollupStore
 from processors.windows import format_time
 from producers import events as build
 from producers.gateway import Gateway
+from query_api.admin_ops import account_totals
 from query_api.app import create_app
-from query_api.routes.admin import account_totals
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 from schemas.store import Store
