@@ -14,20 +14,9 @@ from urllib.parse import quote
 
 import httpx
 
-EXIT_REFUSED = 1
-EXIT_UNAVAILABLE = 2
+from deploy.exceptions import EXIT_REFUSED, EXIT_UNAVAILABLE, AdminCliError
 
 Json = dict[str, Any]
-
-
-class AdminCliError(Exception):
-    """One line saying what went wrong and what to do; `status` is the HTTP-like status."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_REFUSED, status: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-        self.status = status
 
 
 class Backend(Protocol):

@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from deploy.admin_backend import AdminCliError, Backend, HttpBackend, Json, api_answers
+from deploy.admin_backend import Backend, HttpBackend, Json, api_answers
 from deploy.admin_store import open_store_backend
+from deploy.exceptions import AdminCliError
 from query_api.admin_models import ACCOUNT_ID_PATTERN
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"

@@ -15,14 +15,15 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from deploy.admin_backend import EXIT_REFUSED, EXIT_UNAVAILABLE, AdminCliError, Json
+from deploy.admin_backend import Json
 from deploy.cli_support import redact
+from deploy.exceptions import EXIT_REFUSED, EXIT_UNAVAILABLE, AdminCliError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
     from query_api.plans import Plan
-    from schemas.store import Store, StoreError
+    from schemas.store import Store
 
 
 class StoreBackend:
@@ -177,6 +178,7 @@ def store_unavailable_message(
 def open_store_backend(api_url: str, api_up: bool) -> StoreBackend:
     from query_api.plans import load_plans
     from query_api.settings import ApiSettings
+    from schemas.exceptions import StoreError
     from schemas.settings import load
     from schemas.store import Store
 

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from deploy.admin_backend import AdminCliError, HttpBackend, api_answers
+from deploy.admin_backend import HttpBackend, api_answers
 from deploy.admin_cli import DEFAULT_API_URL, account_id, table
 from deploy.admin_store import StoreBackend, open_store_backend
+from deploy.exceptions import AdminCliError, ReconcileError
 from processors.decode import Limits
 from processors.reconcile import (
     AccountTotals,
@@ -72,14 +73,6 @@ STALL_S = 30.0
 KAFKA_TIMEOUT_S = 30.0
 TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_MAX = datetime(2100, 1, 1, tzinfo=UTC)
-
-
-class ReconcileError(Exception):
-    """The check could not be made; one line saying what to do (exit 2)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 def limits_of(settings: WorkerSettings) -> Limits:

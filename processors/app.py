@@ -39,8 +39,9 @@ from faust.types import TP
 
 from processors.decode import Limits
 from processors.deltas import Delta, encode, encode_bodies
+from processors.exceptions import FencedError
 from processors.failure import EXIT_UNSAFE, retry_delay
-from processors.output import FencedError, PartitionOutput, Record, dead_letter_record
+from processors.output import PartitionOutput, Record, dead_letter_record
 from processors.pipeline import BatchResult, Message, Pipeline
 from processors.replay import Redelivered, Resumer
 from processors.settings import WorkerSettings

@@ -33,11 +33,13 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from processors.deltas import Frame, read
+from processors.exceptions import SinkFencedError
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
-from processors.sink_fence import Gate, Gates, SinkFencedError
+from processors.sink_fence import Gate, Gates
 from processors.sink_group import SinkRebalance
 from processors.timing import Timings
+from schemas.exceptions import OperatorError
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
@@ -326,9 +328,10 @@ class Sink:
                 return sorted(found)
             await consumer._client.force_metadata_update()
             await asyncio.sleep(0.5)
-        raise RuntimeError(
-            f"topic {self.rollups_topic} does not exist; start a worker (it creates it) "
-            "or create it with as many partitions as the events topic"
+        raise OperatorError(
+            f"topic {self.rollups_topic} does not exist;",
+            "start a worker (it creates it) or create it with as many partitions as the "
+            "events topic",
         )
 
     async def _apply_owned(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:

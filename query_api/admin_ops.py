@@ -15,13 +15,7 @@ from datetime import datetime
 from processors.reconcile import align_range, stored_totals
 from processors.windows import format_time
 from query_api import queries
-from query_api.accounts import (
-    Account,
-    AccountExistsError,
-    AccountStore,
-    KeyInfo,
-    UnknownAccountError,
-)
+from query_api.accounts import Account, AccountStore, KeyInfo
 from query_api.admin_models import (
     AccountCreatedOut,
     AccountCreateIn,
@@ -40,6 +34,7 @@ from query_api.admin_models import (
     TotalsOut,
 )
 from query_api.errors import ApiError
+from query_api.exceptions import AccountExistsError, UnknownAccountError
 from query_api.plans import Plan
 from schemas.store import Store
 

@@ -20,14 +20,11 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from schemas.cluster import ClusterDDLError, check_shards, render, valid_cluster
+from schemas.cluster import check_shards, render, valid_cluster
+from schemas.exceptions import ClusterDDLError, StoreError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-
-
-class StoreError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -63,18 +60,22 @@ class Store:
     def __init__(self, url: str, database: str, cluster: str = "") -> None:
         if not _IDENT.fullmatch(database):
             raise StoreError(
-                f"database name {database!r} is not a plain identifier; "
-                "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)"
+                f"database name {database!r} is not a plain identifier;",
+                "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)",
+                _redact(url),
             )
         if not valid_cluster(cluster):
             raise StoreError(
-                f"cluster name {cluster!r} is not a plain name; use letters, digits, _ and - "
-                "(TALLY_CLICKHOUSE_CLUSTER)"
+                f"cluster name {cluster!r} is not a plain name;",
+                "use letters, digits, _ and - (TALLY_CLICKHOUSE_CLUSTER)",
+                _redact(url),
             )
         if cluster and url.startswith("chdb:"):
             raise StoreError(
                 "TALLY_CLICKHOUSE_CLUSTER needs a ClickHouse server; the embedded store is one "
-                "process. Set TALLY_CLICKHOUSE_URL to http(s)://... or unset the cluster."
+                "process.",
+                "Set TALLY_CLICKHOUSE_URL to http(s)://... or unset the cluster.",
+                _redact(url),
             )
         self.url = url
         self.database = database
@@ -88,8 +89,9 @@ class Store:
             self._client = _client(url, database)
         except Exception as exc:
             raise StoreError(
-                f"cannot open the ClickHouse store at {_redact(url)}: {exc}. Check "
-                "TALLY_CLICKHOUSE_URL; an embedded path may be held by another process."
+                f"cannot open the ClickHouse store at {_redact(url)}: {exc}.",
+                "Check TALLY_CLICKHOUSE_URL; an embedded path may be held by another process.",
+                _redact(url),
             ) from exc
 
     @property
@@ -194,7 +196,7 @@ class Store:
         try:
             check_shards(self.cluster, int(shards[0][0]) if shards else 0)
         except ClusterDDLError as exc:
-            raise StoreError(str(exc)) from exc
+            raise StoreError(str(exc), url=_redact(self.url)) from exc
 
     def _sync_replicas(self) -> None:
         # A sink resuming on another replica than its predecessor wrote to must

@@ -11,10 +11,11 @@ import httpx
 import pytest
 
 from deploy import admin_backend, admin_cli
-from deploy.admin_backend import AdminCliError, Backend, HttpBackend
+from deploy.admin_backend import Backend, HttpBackend
 from deploy.admin_cli import SHOWN_ONCE, choose_backend, execute, fields, table
 from deploy.admin_store import store_unavailable_message
 from deploy.cli import parser
+from deploy.exceptions import AdminCliError
 
 KEY = "tly_3f9c2a7b1d04_" + "Q" * 32
 CREATED = "2026-02-01T09:30:00.000Z"
