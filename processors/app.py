@@ -169,9 +169,7 @@ class RollupWorker:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            results = {
-                p: self.pipeline.process(msgs, wire=True) for p, msgs in by_partition.items()
-            }
+            results = {p: self.pipeline.process(msgs) for p, msgs in by_partition.items()}
         finally:
             if collecting:
                 gc.enable()
