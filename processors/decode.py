@@ -32,6 +32,7 @@ from schemas.events import (
     StreamClosedEvent,
     StreamOpenedEvent,
 )
+from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
 
 AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
@@ -77,7 +78,7 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_message_bytes: int = 1_000_000
+    max_message_bytes: int = WORKER_MAX_MESSAGE_BYTES
     max_event_bytes: int = 64_000
     max_future: timedelta = timedelta(minutes=5)
     max_lateness: timedelta = timedelta(days=35)

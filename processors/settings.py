@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
 from schemas.settings import TallySettings
 
 
@@ -49,7 +50,9 @@ class WorkerSettings(TallySettings):
     max_future_s: float = Field(
         300.0, ge=0, description="Events further ahead than this are rejected (time_in_future)."
     )
-    max_message_bytes: int = Field(1_000_000, ge=1_024, description="Larger messages: oversized.")
+    max_message_bytes: int = Field(
+        WORKER_MAX_MESSAGE_BYTES, ge=1_024, description="Larger messages: oversized."
+    )
     max_event_bytes: int = Field(64_000, ge=512, description="Larger events: oversized.")
     metrics_port: int | None = Field(
         None,
