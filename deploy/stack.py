@@ -299,7 +299,7 @@ class ExpectedRetries(logging.Filter):
     a worker's next transaction on a partition often starts while the coordinator
     is still writing the previous one's commit markers, and the broker answers that
     send with the retriable NOT_ENOUGH_REPLICAS (for clients of aiokafka's produce
-    version). aiokafka retries it, about 100 ms later, and succeeds: dozens of such
+    version). aiokafka retries it shortly after, and succeeds: dozens of such
     WARNINGs a minute under `tally up --demo`, none with the broker's
     transaction.partition.verification.enable=false (measured; the verification
     guards against hanging transactions, so it stays on). The worker's producers

@@ -220,8 +220,8 @@ class RollupWorker:
     async def _take_over_all(self, partitions: Iterable[int]) -> None:
         """Take over each partition not owned yet, once however many callers ask.
 
-        Side by side: a rebalance hands over many partitions at once, and one after
-        another each took ~40 ms of round trips (0.3 s at 8 partitions).
+        Side by side: a rebalance hands over many partitions at once, and each takeover
+        is several round trips to the coordinator; one after another, they add up.
         """
         waits: list[asyncio.Future[None]] = []
         for partition in partitions:
@@ -360,9 +360,10 @@ class RollupWorker:
 
         A commit can fail after the coordinator recorded it (the EndTxn reply
         lost, a broker restart mid-commit): the coordinator then completes it.
-        Sending the same records again would count the batch twice, as the kill
-        tests caught. A fresh producer's InitProducerId waits until the earlier
-        transaction is committed or aborted; only then do the witnesses say which.
+        Sending the same records again would count the batch twice (what
+        tests/e2e/test_faults.py's kills provoke). A fresh producer's InitProducerId
+        waits until the earlier transaction is committed or aborted; only then do the
+        witnesses say which.
         False (retry the batch) when it was aborted or the answer is unknown yet.
         """
         if self._outputs.get(partition) is not output:

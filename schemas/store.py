@@ -133,7 +133,7 @@ class Store:
 
         The embedded engine gets `settings` in the statement: clickhouse-connect's
         chdb backend applies per-call settings by reading their values from
-        system.settings, SETting each and SETting it back, ~9 ms per call here.
+        system.settings, SETting each and SETting it back: several statements per call.
         """
         into = f"INSERT INTO {table} ({', '.join(columns)})"
         with self._lock:

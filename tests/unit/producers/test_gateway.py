@@ -386,7 +386,7 @@ async def test_flush_waits_for_acknowledgements() -> None:
 
 
 async def test_a_failed_delivery_surfaces_from_flush_and_close() -> None:
-    # Without a spool, a failure is the caller's to handle, as before the spool existed.
+    # Without a spool, nothing keeps an undelivered batch: the failure is the caller's.
     # (With one, a TimeoutError means "spool it": see the spool tests below.)
     fake = FakeProducer()
     gw = make(fake, spool=False)
