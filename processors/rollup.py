@@ -171,27 +171,16 @@ class RollupBuilder:
         ]
 
 
-def marker_rows(
-    topic: str, next_offsets: dict[int, int], reflected_until: dict[int, datetime]
+def offset_markers(
+    topic: str, next_offsets: dict[int, int], reflected_ms: dict[int, int]
 ) -> list[list[object]]:
-    """Per partition: the next offset not yet counted, and the time its data reflects."""
+    """Per partition of `topic`: the next offset not yet counted, and the time (epoch ms)
+    its data reflects, as marker rows in the wire layout (`RollupBuilder.wire_rows`)
+    that the sink writes in the same INSERT as the deltas they cover."""
     return [
         [
-            MARKER_ACCOUNT,
-            EPOCH,
-            MARKER_TYPE,
-            topic,
-            "",
-            "",
-            partition,
-            "",
-            0,
-            0,
-            0.0,
-            0,
-            0,
-            reflected_until.get(partition, EPOCH),
-            offset,
+            *(MARKER_ACCOUNT, 0, MARKER_TYPE, topic, "", "", partition, ""),
+            *(0, 0, 0.0, 0, 0, reflected_ms.get(partition, 0), offset),
         ]
         for partition, offset in sorted(next_offsets.items())
     ]
