@@ -31,15 +31,8 @@ from pydantic import SecretStr
 
 from deploy.kafka_local import ensure_topics
 from deploy.processes import free_port
-from deploy.reconcile_cli import (
-    EXIT_DRIFT,
-    EXIT_ERROR,
-    EXIT_OK,
-    ApiTotals,
-    StoreTotals,
-    TotalsSource,
-    run_reconcile,
-)
+from deploy.reconcile_cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, run_reconcile
+from deploy.reconcile_source import ApiTotals, StoreTotals, TotalsSource
 from deploy.stack import running_pipeline
 from processors.rollup import MARKER_ACCOUNT, offset_markers
 from processors.settings import WorkerSettings
