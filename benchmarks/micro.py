@@ -34,6 +34,26 @@ def best(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
+def batch_messages(docs_by_partition: list[list[bytes]]) -> list[Message]:
+    """Each partition's documents as batch messages of BATCH_EVENTS events."""
+    found: list[Message] = []
+    for p, docs in enumerate(docs_by_partition):
+        for i in range(0, len(docs), BATCH_EVENTS):
+            value = b"[" + b",".join(docs[i : i + BATCH_EVENTS]) + b"]"
+            found.append(Message(p, i // BATCH_EVENTS, value, 0))
+    return found
+
+
+def _store_rows(messages: list[Message], now: datetime, limits: Limits) -> list[list[object]]:
+    """The messages' events folded into rows in the store's columns (the delta codec's
+    input)."""
+    builder = RollupBuilder()
+    for m in messages:
+        for event in decode_flat(m.value, now, limits)[0]:
+            builder.add_flat(event)
+    return builder.rows()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
@@ -50,14 +70,6 @@ def main() -> None:
         raw = orjson.dumps(doc)
         by_partition[p].append(raw)
         resent[p].extend([raw, raw] if rng.random() < DUPLICATE_RATE else [raw])
-
-    def batch_messages(docs_by_partition: list[list[bytes]]) -> list[Message]:
-        found: list[Message] = []
-        for p, docs in enumerate(docs_by_partition):
-            for i in range(0, len(docs), BATCH_EVENTS):
-                value = b"[" + b",".join(docs[i : i + BATCH_EVENTS]) + b"]"
-                found.append(Message(p, i // BATCH_EVENTS, value, 0))
-        return found
 
     messages = batch_messages(by_partition)
     resent_messages = batch_messages(resent)
@@ -94,12 +106,7 @@ def main() -> None:
         finally:
             gc.enable()
 
-    # The same events as rows in the store's columns, for the delta codec's figures.
-    builder = RollupBuilder()
-    for m in messages:
-        for event in decode_flat(m.value, now, limits)[0]:
-            builder.add_flat(event)
-    rows = builder.rows()
+    rows = _store_rows(messages, now, limits)
     delta = Delta(0, 1, 0, rows)
     encoded = encode(delta)
     figures = {
