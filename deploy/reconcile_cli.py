@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from deploy.admin_cli import DEFAULT_API_URL, account_id
 from deploy.exceptions import ReconcileError
 from deploy.reconcile_report import as_json, as_text
-from deploy.reconcile_scan import check_range, limits_of, reconcile
+from deploy.reconcile_scan import check_range, reconcile
 from deploy.reconcile_source import TotalsSource, choose_source
 from processors.windows import format_time
 
@@ -76,7 +76,7 @@ async def run_reconcile(
         outcome = await reconcile(
             bootstrap=settings.bootstrap,
             topic=settings.events_topic,
-            limits=limits_of(settings),
+            limits=settings.limits(),
             start=start,
             end=end,
             source=source,

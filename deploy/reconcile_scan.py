@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
 from deploy.exceptions import ReconcileError
@@ -20,21 +20,11 @@ from processors.reconcile import DriftReport, Recount, RecountStats, align_range
 from processors.windows import format_time
 
 if TYPE_CHECKING:
-    from processors.settings import WorkerSettings
+    pass
 
 STALL_S = 30.0
 """No record for this long while offsets remain to be read: Kafka is not answering."""
 KAFKA_TIMEOUT_S = 30.0
-
-
-def limits_of(settings: WorkerSettings) -> Limits:
-    """The worker's limits, built as processors/app.py builds them."""
-    return Limits(
-        max_message_bytes=settings.max_message_bytes,
-        max_event_bytes=settings.max_event_bytes,
-        max_future=timedelta(seconds=settings.max_future_s),
-        max_lateness=timedelta(seconds=settings.max_lateness_s),
-    )
 
 
 @dataclass(frozen=True, slots=True)

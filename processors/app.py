@@ -30,14 +30,12 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import faust
 from faust.tables import TableManager
 from faust.types import TP
 
-from processors.decode import Limits
 from processors.deltas import Delta, encode, encode_bodies
 from processors.exceptions import FencedError
 from processors.failure import EXIT_UNSAFE, retry_delay
@@ -82,12 +80,7 @@ class RollupWorker:
         self.stats = WorkerStats()
         self.pipeline = Pipeline(
             settings.events_topic,
-            Limits(
-                max_message_bytes=settings.max_message_bytes,
-                max_event_bytes=settings.max_event_bytes,
-                max_future=timedelta(seconds=settings.max_future_s),
-                max_lateness=timedelta(seconds=settings.max_lateness_s),
-            ),
+            settings.limits(),
             settings.dedup_window_s,
             settings.dedup_max_keys,
         )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic import Field
 
+from processors.decode import Limits
 from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
 from schemas.settings import TallySettings
 
@@ -69,3 +72,13 @@ class WorkerSettings(TallySettings):
     def sink_group_id(self) -> str:
         """The sinks' consumer group: TALLY_SINK_GROUP, or `<rollups topic>.sinks`."""
         return self.sink_group or f"{self.rollups_topic}.sinks"
+
+    def limits(self) -> Limits:
+        """The validation bounds these settings set, as the worker and `tally reconcile`
+        apply them (the same settings must give both the same verdicts)."""
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_event_bytes=self.max_event_bytes,
+            max_future=timedelta(seconds=self.max_future_s),
+            max_lateness=timedelta(seconds=self.max_lateness_s),
+        )
