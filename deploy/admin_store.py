@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from deploy.admin_backend import Json
-from deploy.cli_support import redact
 from deploy.exceptions import EXIT_REFUSED, EXIT_UNAVAILABLE, AdminCliError
+from schemas.settings import redact
 
 if TYPE_CHECKING:
     from pydantic import ValidationError

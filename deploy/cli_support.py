@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
-from urllib.parse import urlparse
 
 from schemas import logs
 from schemas.exceptions import OperatorError, StoreError
@@ -40,13 +39,6 @@ def emit(data: Mapping[str, Any], text: str, as_json: bool, out: TextIO | None =
     """A command's result: one JSON document, or the text for people, on stdout."""
     stream = out or sys.stdout
     print(json.dumps(data, default=str) if as_json else text, file=stream, flush=True)
-
-
-def redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
 
 
 def embedded_path(store_url: str) -> Path | None:

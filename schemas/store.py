@@ -22,6 +22,7 @@ from clickhouse_connect.driver.client import Client
 
 from schemas.cluster import check_shards, render, valid_cluster
 from schemas.exceptions import ClusterDDLError, StoreError
+from schemas.settings import redact
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -62,20 +63,20 @@ class Store:
             raise StoreError(
                 f"database name {database!r} is not a plain identifier;",
                 "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)",
-                _redact(url),
+                redact(url),
             )
         if not valid_cluster(cluster):
             raise StoreError(
                 f"cluster name {cluster!r} is not a plain name;",
                 "use letters, digits, _ and - (TALLY_CLICKHOUSE_CLUSTER)",
-                _redact(url),
+                redact(url),
             )
         if cluster and url.startswith("chdb:"):
             raise StoreError(
                 "TALLY_CLICKHOUSE_CLUSTER needs a ClickHouse server; the embedded store is one "
                 "process.",
                 "Set TALLY_CLICKHOUSE_URL to http(s)://... or unset the cluster.",
-                _redact(url),
+                redact(url),
             )
         self.url = url
         self.database = database
@@ -89,9 +90,9 @@ class Store:
             self._client = _client(url, database)
         except Exception as exc:
             raise StoreError(
-                f"cannot open the ClickHouse store at {_redact(url)}: {exc}.",
+                f"cannot open the ClickHouse store at {redact(url)}: {exc}.",
                 "Check TALLY_CLICKHOUSE_URL; an embedded path may be held by another process.",
-                _redact(url),
+                redact(url),
             ) from exc
 
     @property
@@ -196,7 +197,7 @@ class Store:
         try:
             check_shards(self.cluster, int(shards[0][0]) if shards else 0)
         except ClusterDDLError as exc:
-            raise StoreError(str(exc), url=_redact(self.url)) from exc
+            raise StoreError(str(exc), url=redact(self.url)) from exc
 
     def _sync_replicas(self) -> None:
         # A sink resuming on another replica than its predecessor wrote to must
@@ -239,10 +240,3 @@ def _setting(name: str) -> str:
 
 def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
