@@ -8,7 +8,8 @@ the same whichever answered.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -16,7 +17,37 @@ import httpx
 
 from deploy.exceptions import EXIT_REFUSED, EXIT_UNAVAILABLE, AdminCliError
 
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
 Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTarget:
+    """The admin API a command would go through, and whether it can."""
+
+    url: str
+    admin_key: str | None
+    up: bool
+    """It answered `/healthz`."""
+
+    @property
+    def why_not(self) -> str:
+        """Why the command opens the store instead (for its stderr line)."""
+        if self.up:
+            return "the API answers but no admin key was given"
+        return f"no API answers at {self.url}"
+
+
+def api_target(
+    api_url: str | None,
+    admin_key: str | None,
+    environ: Mapping[str, str],
+    probe: Callable[[str], bool],
+) -> ApiTarget:
+    """The flags (--api-url, --admin-key), else TALLY_API_URL / TALLY_ADMIN_KEY, probed."""
+    url = (api_url or environ.get("TALLY_API_URL") or DEFAULT_API_URL).rstrip("/")
+    return ApiTarget(url, admin_key or environ.get("TALLY_ADMIN_KEY") or None, probe(url))
 
 
 class Backend(Protocol):

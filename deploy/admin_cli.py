@@ -26,12 +26,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from deploy.admin_backend import Backend, HttpBackend, Json, api_answers
+from deploy.admin_backend import (
+    DEFAULT_API_URL,
+    Backend,
+    HttpBackend,
+    Json,
+    api_answers,
+    api_target,
+)
 from deploy.admin_store import open_store_backend
 from deploy.exceptions import AdminCliError
 from query_api.admin_models import ACCOUNT_ID_PATTERN
 
-DEFAULT_API_URL = "http://127.0.0.1:8000"
 SHOWN_ONCE = (
     "tally: this API key is shown once and cannot be recovered: store it now "
     "(Tally keeps only its hash)."
@@ -48,16 +54,11 @@ def choose_backend(
     open_store: BackendOpener = open_store_backend,
 ) -> tuple[Backend, str]:
     """The backend for this run, and why it was picked (for stderr)."""
-    api_url = (args.api_url or environ.get("TALLY_API_URL") or DEFAULT_API_URL).rstrip("/")
-    admin_key = args.admin_key or environ.get("TALLY_ADMIN_KEY") or None
-    api_up = probe(api_url)
-    if api_up and admin_key:
-        return HttpBackend(api_url, admin_key), "tally: using the admin API at " + api_url
-    backend = open_store(api_url, api_up)
-    reason = (
-        "the API answers but no admin key was given" if api_up else f"no API answers at {api_url}"
-    )
-    return backend, f"tally: using {backend.description}: {reason}"
+    api = api_target(args.api_url, args.admin_key, environ, probe)
+    if api.up and api.admin_key is not None:
+        return HttpBackend(api.url, api.admin_key), "tally: using the admin API at " + api.url
+    backend = open_store(api.url, api.up)
+    return backend, f"tally: using {backend.description}: {api.why_not}"
 
 
 # -- the commands ----------------------------------------------------------------------

@@ -40,7 +40,8 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from deploy.admin_cli import DEFAULT_API_URL, account_id
+from deploy.admin_backend import DEFAULT_API_URL
+from deploy.admin_cli import account_id
 from deploy.exceptions import ReconcileError
 from deploy.reconcile_report import as_json, as_text
 from deploy.reconcile_scan import check_range, reconcile

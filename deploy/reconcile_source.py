@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from deploy.admin_backend import HttpBackend, api_answers
-from deploy.admin_cli import DEFAULT_API_URL
+from deploy.admin_backend import HttpBackend, api_answers, api_target
 from deploy.admin_store import StoreBackend, open_store_backend
 from deploy.exceptions import AdminCliError, ReconcileError
 from processors.reconcile import AccountTotals
@@ -126,17 +125,13 @@ def choose_source(
 ) -> tuple[TotalsSource, str]:
     """The admin API when it answers and an admin key is set, else the store (as the admin
     CLI decides); and a line for stderr saying which and why."""
-    api_url = (args.api_url or environ.get("TALLY_API_URL") or DEFAULT_API_URL).rstrip("/")
-    admin_key = args.admin_key or environ.get("TALLY_ADMIN_KEY") or None
-    api_up = probe(api_url)
-    if api_up and admin_key:
-        return ApiTotals(api_url, admin_key), f"tally: reading rollups through the API at {api_url}"
+    api = api_target(args.api_url, args.admin_key, environ, probe)
+    if api.up and api.admin_key is not None:
+        through = f"tally: reading rollups through the API at {api.url}"
+        return ApiTotals(api.url, api.admin_key), through
     try:
-        backend = open_store(api_url, api_up)
+        backend = open_store(api.url, api.up)
     except AdminCliError as exc:
         raise ReconcileError(exc.message) from None
-    reason = (
-        "the API answers but no admin key was given" if api_up else f"no API answers at {api_url}"
-    )
     source = StoreTotals(backend.store, backend)
-    return source, f"tally: reading rollups from {backend.description}: {reason}"
+    return source, f"tally: reading rollups from {backend.description}: {api.why_not}"
