@@ -6,7 +6,7 @@ opened and closed streams, minutes over weeks before and after the clocks used,
 accounts with no rollups and rollups with no account, freshness markers. The view
 is loaded, then for many accounts at several instants `view.usage_reads` must equal
 `queries.usage_reads` field for field. More random INSERTs then go both to the store
-(`RollupStore.write`) and to the view (`apply`, the sink's listener), and the
+(`RollupStore.write_json`) and to the view (`apply`, the sink's listener), and the
 comparison runs again; keys and revocation likewise.
 """
 
