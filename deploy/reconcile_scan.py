@@ -11,16 +11,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from deploy.exceptions import ReconcileError
 from deploy.reconcile_source import StoredView, TotalsSource
 from processors.decode import Limits
 from processors.reconcile import DriftReport, Recount, RecountStats, align_range, compare
 from processors.windows import format_time
-
-if TYPE_CHECKING:
-    pass
 
 STALL_S = 30.0
 """No record for this long while offsets remain to be read: Kafka is not answering."""
