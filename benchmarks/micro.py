@@ -20,7 +20,7 @@ import orjson
 
 from benchmarks.dataset import BATCH_EVENTS, DUPLICATE_RATE, PARTITIONS, _Generator
 from processors.decode import Limits, decode_flat, decode_message
-from processors.deltas import Delta, decode, encode, read
+from processors.deltas import Delta, decode, encode, read, store_rows
 from processors.pipeline import Message, Pipeline
 from processors.rollup import RollupBuilder
 
@@ -51,7 +51,7 @@ def _store_rows(messages: list[Message], now: datetime, limits: Limits) -> list[
     for m in messages:
         for event in decode_flat(m.value, now, limits)[0]:
             builder.add_flat(event)
-    return builder.rows()
+    return store_rows(builder.wire_rows())
 
 
 def main() -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from processors.deltas import store_rows
 from processors.rollup import (
     COLUMNS,
     MARKER_ACCOUNT,
@@ -15,7 +16,7 @@ T0 = datetime(2026, 3, 29, 10, 15, 42, 123000, tzinfo=UTC)
 
 
 def _rows(builder: RollupBuilder) -> list[dict[str, object]]:
-    return [dict(zip(COLUMNS, row, strict=True)) for row in builder.rows()]
+    return [dict(zip(COLUMNS, row, strict=True)) for row in store_rows(builder.wire_rows())]
 
 
 def test_streams_are_keyed_by_stream_id_and_keep_their_latest_time() -> None:
