@@ -63,8 +63,11 @@ ANALYTICS_PATH = "/api/v1/analytics/usage"
 
 
 def seed(url: str, database: str, keys_file: pathlib.Path) -> None:
+    import orjson
+
     from benchmarks.api import seed_accounts
-    from processors.rollup import COLUMNS, marker_rows
+    from processors.rollup import COLUMNS, offset_markers
+    from processors.sink import RollupStore
     from schemas.events import REQUEST
     from schemas.store import Store
 
@@ -90,8 +93,9 @@ def seed(url: str, database: str, keys_file: pathlib.Path) -> None:
                 [HEAVY_ACCOUNT, minute, REQUEST, f"/v1/route-{r}", "POST", "large-1", 200, "",
                  2, 2_000_000, 240.0, 600, 1800, minute, 0]
             )  # fmt: skip
-    rows.extend(marker_rows("tally.events", {0: 1}, {0: now}))
     store.insert("rollup_minute", rows, COLUMNS)
+    markers = offset_markers("tally.events", {0: 1}, {0: int(now.timestamp() * 1000)})
+    RollupStore(store).write_json(orjson.dumps(markers)[1:-1], len(markers))
     for table in ("accounts", "api_keys", "rollup_minute"):
         store.command(f"OPTIMIZE TABLE {table} FINAL")
     store.close()

@@ -111,7 +111,10 @@ def seed_accounts(store: Store, plans: dict[str, str], now: datetime) -> list[st
 
 
 def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> None:
-    from processors.rollup import COLUMNS, marker_rows
+    import orjson
+
+    from processors.rollup import COLUMNS, offset_markers
+    from processors.sink import RollupStore
     from schemas.events import REQUEST, STREAM_OPENED
     from schemas.store import Store
 
@@ -143,11 +146,13 @@ def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> Non
             store.insert("rollup_minute", batch, COLUMNS)
             batch = []
     # Freshness markers, as the sink writes them: every partition counted up to now.
-    partitions = range(PARTITIONS)
-    batch.extend(
-        marker_rows(EVENTS_TOPIC, dict.fromkeys(partitions, 1), dict.fromkeys(partitions, now))
-    )
     store.insert("rollup_minute", batch, COLUMNS)
+    partitions = range(PARTITIONS)
+    now_ms = int(now.timestamp() * 1000)
+    markers = offset_markers(
+        EVENTS_TOPIC, dict.fromkeys(partitions, 1), dict.fromkeys(partitions, now_ms)
+    )
+    RollupStore(store).write_json(orjson.dumps(markers)[1:-1], len(markers))
     # A long-running deployment has its parts merged; a freshly bulk-loaded one
     # would make every FINAL read pay for dozens of parts the benchmark created.
     for table in ("accounts", "api_keys", "rollup_minute"):

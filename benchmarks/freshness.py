@@ -229,26 +229,17 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def run(
+def _up_settings(
     bootstrap: str,
     workdir: pathlib.Path,
-    scale: float,
-    overrides: Mapping[str, str] | None = None,
-    rate: float = RATE,
-) -> dict[str, float]:
-    """`overrides`: TALLY_* settings for `tally up`; `rate` below RATE separates the
-    pipeline's own latency from a shortage of CPU (development only)."""
-    from deploy.processes import free_port
-
-    workdir = pathlib.Path(workdir) / "freshness"
-    workdir.mkdir(parents=True, exist_ok=True)
-    duration = max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))
-    probes = int(duration / PROBE_INTERVAL_S)
-    name = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+    name: str,
+    port: int,
+    admin_key: str,
+    overrides: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """The environment of the measured `tally up`: topics and group of its own."""
     topic = f"{name}.events"
-    port = free_port()
-    admin_key = secrets.token_urlsafe(32)
-    settings = {
+    return {
         "TALLY_KAFKA_BOOTSTRAP": bootstrap,
         "TALLY_DATA_DIR": str(workdir / "data"),
         "TALLY_EVENTS_TOPIC": topic,
@@ -268,6 +259,28 @@ def run(
         "TALLY_UP_WORKER_PROCESSES": "1",
         **(overrides or {}),
     }
+
+
+def run(
+    bootstrap: str,
+    workdir: pathlib.Path,
+    scale: float,
+    overrides: Mapping[str, str] | None = None,
+    rate: float = RATE,
+) -> dict[str, float]:
+    """`overrides`: TALLY_* settings for `tally up`; `rate` below RATE separates the
+    pipeline's own latency from a shortage of CPU (development only)."""
+    from deploy.processes import free_port
+
+    workdir = pathlib.Path(workdir) / "freshness"
+    workdir.mkdir(parents=True, exist_ok=True)
+    duration = max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))
+    probes = int(duration / PROBE_INTERVAL_S)
+    name = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+    topic = f"{name}.events"
+    port = free_port()
+    admin_key = secrets.token_urlsafe(32)
+    settings = _up_settings(bootstrap, workdir, name, port, admin_key, overrides)
     base = f"http://127.0.0.1:{port}"
     with running(
         "tally up", python_module("deploy.cli", "up"), child_env(settings), workdir / "up.log"

@@ -237,6 +237,41 @@ def _stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
         profiler.wait()
 
 
+async def _until_counted(
+    admin: AIOKafkaAdminClient,
+    worker: _procs.Child,
+    sink: Sink,
+    group: str,
+    topic: str,
+    ends: dict[int, int],
+    started: float,
+) -> float | None:
+    """Poll until the store counts every event; when the worker committed its last
+    offsets (perf_counter), None if it had not by then. A progress line a second."""
+    traced = 0.0
+    committed: dict[int, int] = {}
+    worker_done: float | None = None
+    while True:
+        worker.check()
+        now = time.perf_counter()
+        if worker_done is None:
+            committed = await _committed(admin, group, topic)
+            if _reaches(committed, ends):
+                worker_done = now
+        if now - traced >= 1.0:
+            traced = now
+            print(
+                f"t={now - started:6.2f}s worker committed={sum(committed.values())} "
+                f"done={worker_done is not None} "
+                f"sink messages={sink.stats.messages} rows={sink.stats.rows} "
+                f"inserts={sink.stats.inserts}",
+                flush=True,
+            )
+        if _all_counted(sink, ends, started):
+            return worker_done
+        await asyncio.sleep(0.1)
+
+
 async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
     settings, store = await _prepared(bootstrap, workdir, ds)
     await ensure_rollups_topic(settings)
@@ -255,7 +290,6 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
         }
     )
     sink = new_sink(settings, store)
-    worker_done: float | None = None
     log = _child.RESULTS / "processor-worker.log"
     log.unlink(missing_ok=True)
     launched = time.perf_counter()
@@ -274,27 +308,9 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
-            traced = 0.0
-            committed: dict[int, int] = {}
-            while True:
-                w.check()
-                now = time.perf_counter()
-                if worker_done is None:
-                    committed = await _committed(admin, settings.consumer_group, ds.topic)
-                    if _reaches(committed, ends):
-                        worker_done = now
-                if now - traced >= 1.0:
-                    traced = now
-                    print(
-                        f"t={now - started:6.2f}s worker committed={sum(committed.values())} "
-                        f"done={worker_done is not None} "
-                        f"sink messages={sink.stats.messages} rows={sink.stats.rows} "
-                        f"inserts={sink.stats.inserts}",
-                        flush=True,
-                    )
-                if _all_counted(sink, ends, started):
-                    break
-                await asyncio.sleep(0.1)
+            worker_done = await _until_counted(
+                admin, w, sink, settings.consumer_group, ds.topic, ends, started
+            )
             finished = time.perf_counter()
             sink_cpu = time.process_time() - cpu_started
             worker_cpu = _procs.cpu_seconds(w.pid) - worker_cpu_started

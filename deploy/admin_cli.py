@@ -5,7 +5,7 @@ Two backends, chosen on every run (the one used is named on stderr):
 - the admin HTTP API, when `TALLY_API_URL` (default http://127.0.0.1:8000) answers
   `/healthz` and an admin key is at hand (`--admin-key` or `TALLY_ADMIN_KEY`);
 - otherwise the store itself, through the same operations the API runs
-  (query_api/routes/admin.py), so both answer alike.
+  (deploy/admin_store.py), so both answer alike.
 
 The embedded chdb store admits one process: while `tally up` or `tally api` holds
 it, the CLI can only go through the API, and says so when it cannot.
@@ -18,386 +18,31 @@ taken, unknown plan...); 2 no way to reach accounts (API/store/configuration).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
-from urllib.parse import quote, urlparse
+from typing import Any, TextIO
 
-import httpx
-
+from deploy.admin_backend import (
+    DEFAULT_API_URL,
+    Backend,
+    HttpBackend,
+    Json,
+    api_answers,
+    api_target,
+)
+from deploy.admin_store import open_store_backend
+from deploy.exceptions import AdminCliError
 from query_api.admin_models import ACCOUNT_ID_PATTERN
 
-if TYPE_CHECKING:
-    from pydantic import ValidationError
-
-    from query_api.plans import Plan
-    from schemas.store import Store
-
-DEFAULT_API_URL = "http://127.0.0.1:8000"
 SHOWN_ONCE = (
     "tally: this API key is shown once and cannot be recovered: store it now "
     "(Tally keeps only its hash)."
 )
-EXIT_REFUSED = 1
-EXIT_UNAVAILABLE = 2
 _ACCOUNT_ID = re.compile(ACCOUNT_ID_PATTERN)
-
-Json = dict[str, Any]
-
-
-class AdminCliError(Exception):
-    """One line saying what went wrong and what to do; `status` is the HTTP-like status."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_REFUSED, status: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-        self.status = status
-
-
-class Backend(Protocol):
-    """What the commands need; both backends return the admin API's `data` shapes."""
-
-    @property
-    def description(self) -> str: ...
-
-    def create_account(self, account_id: str, plan: str | None) -> Json: ...
-
-    def list_accounts(self) -> list[Json]: ...
-
-    def get_account(self, account_id: str) -> Json: ...
-
-    def set_plan(self, account_id: str, plan: str) -> Json: ...
-
-    def create_key(self, account_id: str | None) -> Json: ...
-
-    def list_keys(self, account_id: str | None) -> list[Json]: ...
-
-    def revoke_key(self, key_prefix: str) -> Json: ...
-
-    def close(self) -> None: ...
-
-
-# -- backend: the admin HTTP API ------------------------------------------------------
-
-
-def _segment(value: str) -> str:
-    # Dots too: a client would otherwise fold an id like ".." out of the path.
-    return quote(value, safe="").replace(".", "%2E")
-
-
-class HttpBackend:
-    def __init__(
-        self, api_url: str, admin_key: str, transport: httpx.BaseTransport | None = None
-    ) -> None:
-        self.api_url = api_url.rstrip("/")
-        self._client = httpx.Client(
-            base_url=self.api_url,
-            headers={"X-API-Key": admin_key, "User-Agent": "tally-cli"},
-            timeout=30.0,
-            transport=transport,
-        )
-
-    @property
-    def description(self) -> str:
-        return f"the admin API at {self.api_url}"
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        body: Json | None = None,
-        params: Mapping[str, str | int] | None = None,
-    ) -> Json:
-        try:
-            response = self._client.request(
-                method, "/api/v1/admin" + path, json=body, params=params
-            )
-        except httpx.HTTPError as exc:
-            raise AdminCliError(
-                f"the admin API at {self.api_url} did not answer ({exc}); check that the "
-                "stack runs, or unset TALLY_ADMIN_KEY to work on the store directly",
-                EXIT_UNAVAILABLE,
-            ) from None
-        if response.status_code == 401:
-            raise AdminCliError(
-                f"the API at {self.api_url} refused the admin key (401); set TALLY_ADMIN_KEY "
-                "(or --admin-key) to the TALLY_ADMIN_KEY the API runs with, or to a key from "
-                "`tally keys create --admin`",
-                EXIT_UNAVAILABLE,
-                401,
-            )
-        if response.status_code == 403:
-            raise AdminCliError(
-                "the key given is an account key, not an admin key; set TALLY_ADMIN_KEY "
-                "(or --admin-key) to an admin key",
-                EXIT_UNAVAILABLE,
-                403,
-            )
-        try:
-            doc: Any = response.json()
-        except ValueError:
-            doc = None
-        if response.is_error:
-            message = f"the API answered {response.status_code}"
-            if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-                message = str(doc["error"].get("message", message))
-            raise AdminCliError(message, EXIT_REFUSED, response.status_code)
-        if not isinstance(doc, dict) or "data" not in doc:
-            raise AdminCliError(
-                f"{self.api_url} answered {method} {path} with something that is not a Tally "
-                "admin response; check TALLY_API_URL",
-                EXIT_UNAVAILABLE,
-            )
-        return doc
-
-    def create_account(self, account_id: str, plan: str | None) -> Json:
-        body: Json = {"id": account_id}
-        if plan is not None:
-            body["plan"] = plan
-        data: Json = self._call("POST", "/accounts", body)["data"]
-        return data
-
-    def list_accounts(self) -> list[Json]:
-        found: list[Json] = []
-        after = ""
-        while True:
-            doc = self._call("GET", "/accounts", params={"limit": 1000, "after": after})
-            found.extend(doc["data"])
-            after = (doc.get("meta") or {}).get("next_after") or ""
-            if not after:
-                return found
-
-    def get_account(self, account_id: str) -> Json:
-        data: Json = self._call("GET", f"/accounts/{_segment(account_id)}")["data"]
-        return data
-
-    def set_plan(self, account_id: str, plan: str) -> Json:
-        data: Json = self._call("PUT", f"/accounts/{_segment(account_id)}", {"plan": plan})["data"]
-        return data
-
-    def create_key(self, account_id: str | None) -> Json:
-        body: Json = {"admin": True} if account_id is None else {"account": account_id}
-        data: Json = self._call("POST", "/keys", body)["data"]
-        return data
-
-    def list_keys(self, account_id: str | None) -> list[Json]:
-        params = {"account": account_id} if account_id is not None else None
-        data: list[Json] = self._call("GET", "/keys", params=params)["data"]
-        return data
-
-    def revoke_key(self, key_prefix: str) -> Json:
-        data: Json = self._call("DELETE", f"/keys/{_segment(key_prefix)}")["data"]
-        return data
-
-    def close(self) -> None:
-        self._client.close()
-
-
-def api_answers(api_url: str, timeout_s: float = 2.0) -> bool:
-    """True when a Tally API answers `/healthz` at `api_url`."""
-    try:
-        response = httpx.get(api_url.rstrip("/") + "/healthz", timeout=timeout_s)
-        return response.status_code == 200 and response.json().get("status") == "ok"
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return False
-
-
-# -- backend: the store directly -----------------------------------------------------
-
-
-class StoreBackend:
-    """The API's own operations, run in this process against the store."""
-
-    def __init__(self, store: Store, plans: Mapping[str, Plan], default_plan: str) -> None:
-        from query_api.accounts import AccountStore
-
-        self.store = store
-        self.accounts = AccountStore(store)
-        self.plans = plans
-        self.default_plan = default_plan
-
-    @property
-    def description(self) -> str:
-        return f"the store directly ({_redact(self.store.url)}, database {self.store.database})"
-
-    def _do(self, operation: Callable[..., Any], *args: Any) -> Any:
-        from query_api.errors import ApiError
-
-        try:
-            return operation(*args)
-        except ApiError as exc:
-            raise AdminCliError(exc.message, EXIT_REFUSED, exc.status) from None
-
-    def create_account(self, account_id: str, plan: str | None) -> Json:
-        from pydantic import ValidationError
-
-        from query_api.admin_models import AccountCreateIn
-        from query_api.routes.admin import create_account
-
-        try:
-            body = AccountCreateIn(id=account_id, plan=plan)
-        except ValidationError as exc:
-            raise AdminCliError(_validation_message(exc), EXIT_REFUSED, 422) from None
-        out = self._do(create_account, self.accounts, self.plans, self.default_plan, body)
-        return _dump(out)
-
-    def list_accounts(self) -> list[Json]:
-        from query_api.routes.admin import PAGE_MAX, list_accounts
-
-        found: list[Json] = []
-        after = ""
-        while True:
-            page = self._do(list_accounts, self.accounts, PAGE_MAX, after)
-            found.extend(_dump(a) for a in page.data)
-            if page.meta.next_after is None:
-                return found
-            after = page.meta.next_after
-
-    def get_account(self, account_id: str) -> Json:
-        from query_api.routes.admin import get_account
-
-        return _dump(self._do(get_account, self.accounts, account_id))
-
-    def set_plan(self, account_id: str, plan: str) -> Json:
-        from query_api.admin_models import PlanChangeIn
-        from query_api.routes.admin import set_plan
-
-        body = PlanChangeIn(plan=plan)
-        return _dump(self._do(set_plan, self.accounts, self.plans, account_id, body))
-
-    def create_key(self, account_id: str | None) -> Json:
-        from query_api.admin_models import KeyCreateIn
-        from query_api.routes.admin import create_key
-
-        body = KeyCreateIn(admin=True) if account_id is None else KeyCreateIn(account=account_id)
-        return _dump(self._do(create_key, self.accounts, body))
-
-    def list_keys(self, account_id: str | None) -> list[Json]:
-        from query_api.routes.admin import list_keys
-
-        return [_dump(k) for k in self._do(list_keys, self.accounts, account_id)]
-
-    def revoke_key(self, key_prefix: str) -> Json:
-        from query_api.routes.admin import revoke_key
-
-        return _dump(self._do(revoke_key, self.accounts, key_prefix))
-
-    def close(self) -> None:
-        self.store.close()
-
-
-def _dump(model: Any) -> Json:
-    dumped: Json = model.model_dump(mode="json")
-    return dumped
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error.get("loc", ()))
-        parts.append(f"{where or 'request'}: {error.get('msg')}")
-    return "; ".join(parts)
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
-
-
-@contextlib.contextmanager
-def _native_stderr() -> Iterator[list[str]]:
-    """Capture what native code (chdb) writes to fd 2, e.g. its lock failure."""
-    captured: list[str] = []
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield captured
-        return
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", "replace"))
-
-
-def _held(text: str) -> bool:
-    return "Cannot lock file" in text or "already running" in text
-
-
-def store_unavailable_message(
-    store_url: str, api_url: str, api_up: bool, detail: str, held: bool
-) -> str:
-    """Why the store could not be opened, and what to do instead (one line)."""
-    if api_up:
-        why = f"the API at {api_url} answers but no admin key was given"
-        todo = (
-            "set TALLY_ADMIN_KEY (or pass --admin-key) to the admin key the API runs with "
-            "(restart it with TALLY_ADMIN_KEY set if it has none)"
-        )
-    else:
-        why = f"no Tally API answers at {api_url}"
-        todo = (
-            "start the stack (`tally up`, or `tally api`) with TALLY_ADMIN_KEY set and run this "
-            "again with the same TALLY_ADMIN_KEY (and TALLY_API_URL if it is elsewhere)"
-        )
-    if held:
-        return (
-            f"the embedded store {store_url} is held by another process (a running `tally up`, "
-            f"`tally api` or `tally worker`; chdb admits one) and {why}. To fix: {todo}; or stop "
-            "the process holding it."
-        )
-    return (
-        f"cannot open the store {_redact(store_url)} ({detail}) and {why}. To fix: check "
-        f"TALLY_CLICKHOUSE_URL / TALLY_CLICKHOUSE_DATABASE, or {todo}."
-    )
-
-
-def open_store_backend(api_url: str, api_up: bool) -> StoreBackend:
-    from query_api.plans import load_plans
-    from query_api.settings import ApiSettings
-    from schemas.settings import load
-    from schemas.store import Store, StoreError
-
-    settings = load(ApiSettings)
-    store_url = settings.store_url
-    detail = ""
-    with _native_stderr() as native:
-        try:
-            store = Store(store_url, settings.store_database, settings.clickhouse_cluster or "")
-            store.migrate()
-        except StoreError as exc:
-            store = None
-            detail = str(exc.__cause__ or exc)
-        except Exception as exc:  # a server that refuses a migration, say
-            store = None
-            detail = f"{type(exc).__name__}: {exc}"
-    noise = "".join(native).strip()
-    if store is None:
-        held = store_url.startswith("chdb:") and (_held(noise) or _held(detail))
-        detail = detail.splitlines()[0] if detail else (noise.splitlines() or ["unknown"])[-1]
-        raise AdminCliError(
-            store_unavailable_message(store_url, api_url, api_up, detail, held), EXIT_UNAVAILABLE
-        )
-    if noise:
-        print(noise, file=sys.stderr)
-    return StoreBackend(store, load_plans(settings.plans), settings.default_plan)
-
 
 BackendOpener = Callable[[str, bool], Backend]
 
@@ -409,16 +54,11 @@ def choose_backend(
     open_store: BackendOpener = open_store_backend,
 ) -> tuple[Backend, str]:
     """The backend for this run, and why it was picked (for stderr)."""
-    api_url = (args.api_url or environ.get("TALLY_API_URL") or DEFAULT_API_URL).rstrip("/")
-    admin_key = args.admin_key or environ.get("TALLY_ADMIN_KEY") or None
-    api_up = probe(api_url)
-    if api_up and admin_key:
-        return HttpBackend(api_url, admin_key), "tally: using the admin API at " + api_url
-    backend = open_store(api_url, api_up)
-    reason = (
-        "the API answers but no admin key was given" if api_up else f"no API answers at {api_url}"
-    )
-    return backend, f"tally: using {backend.description}: {reason}"
+    api = api_target(args.api_url, args.admin_key, environ, probe)
+    if api.up and api.admin_key is not None:
+        return HttpBackend(api.url, api.admin_key), "tally: using the admin API at " + api.url
+    backend = open_store(api.url, api.up)
+    return backend, f"tally: using {backend.description}: {api.why_not}"
 
 
 # -- the commands ----------------------------------------------------------------------

@@ -7,8 +7,9 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
-from deploy.cli_support import emit, guarded, load_service, redact
+from deploy.cli_support import emit, guarded, load_service
 from schemas import logs
+from schemas.settings import redact
 
 if TYPE_CHECKING:
     from processors.settings import WorkerSettings

@@ -1,9 +1,10 @@
 """What every `tally` command shares: settings + logging, --json output, operator errors.
 
-A command that fails for a reason an operator can fix (Kafka unreachable, the
-embedded store held by another process, a port in use, a bad store URL) prints
-one line saying what happened and what to do, on stderr, and exits 2: no
-traceback. Anything else is a bug and keeps its traceback.
+A command that fails for a reason an operator can fix (an `OperatorError` of
+schemas/exceptions.py: the embedded store held by another process, a bad store
+URL, a port taken; or Kafka unreachable) prints one line saying what happened and
+what to do, on stderr, and exits 2: no traceback. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -13,25 +14,18 @@ import errno
 import fcntl
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
-from urllib.parse import urlparse
 
 from schemas import logs
+from schemas.exceptions import OperatorError, StoreError
 from schemas.settings import TallySettings, load
 
 EXIT_UNAVAILABLE = 2
-# schemas/store.py names the target in its message: "... store at <url>: <why>".
-_STORE_URL = re.compile(r"store at (chdb:\S+?):")
 
 S = TypeVar("S", bound=TallySettings)
-
-
-class OperatorError(Exception):
-    """A failure the operator can fix; the message says how."""
 
 
 def load_service(cls: type[S]) -> S:
@@ -45,13 +39,6 @@ def emit(data: Mapping[str, Any], text: str, as_json: bool, out: TextIO | None =
     """A command's result: one JSON document, or the text for people, on stdout."""
     stream = out or sys.stdout
     print(json.dumps(data, default=str) if as_json else text, file=stream, flush=True)
-
-
-def redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
 
 
 def embedded_path(store_url: str) -> Path | None:
@@ -87,30 +74,35 @@ def store_held(store_url: str) -> bool:
 
 
 def explain(exc: BaseException, environ: Mapping[str, str] | None = None) -> str | None:
-    """What went wrong and what to do, for the failures an operator meets; None otherwise."""
-    from aiokafka.errors import KafkaError
+    """What went wrong and what to do, for a failure the operator can fix; None for a bug.
 
-    from deploy.kafka_local import TopicSetupError
-    from schemas.store import StoreError
+    The operator's failures are Tally's `OperatorError`s (a `StoreError` held by
+    another process named by its `url`), an unreachable Kafka and a port in use.
+    Anything else, a plain RuntimeError or KeyError included, is a bug: None, so
+    that it keeps its traceback.
+    """
+    from aiokafka.errors import (
+        KafkaConnectionError,
+        KafkaTimeoutError,
+        NodeNotReadyError,
+        RequestTimedOutError,
+    )
 
     env = os.environ if environ is None else environ
-    bootstrap = env.get("TALLY_KAFKA_BOOTSTRAP") or "127.0.0.1:9092 (the default)"
-    if isinstance(exc, OperatorError):
-        return str(exc)
     if isinstance(exc, StoreError):
-        found = _STORE_URL.search(str(exc))
-        url = found.group(1) if found else ""
-        if url and store_held(url):
+        if exc.url and store_held(exc.url):
             return (
-                f"the embedded store {url} is held by another process (a running `tally up`, "
-                "`tally api`, `tally sink` or `tally migrate`; chdb admits one process per "
-                "data path). Stop that process, or administer through its API "
+                f"the embedded store {exc.url} is held by another process (a running "
+                "`tally up`, `tally api`, `tally sink` or `tally migrate`; chdb admits one "
+                "process per data path). Stop that process, or administer through its API "
                 "(TALLY_API_URL, TALLY_ADMIN_KEY)."
             )
         return str(exc)
-    if isinstance(exc, TopicSetupError):
-        return f"{exc} Check TALLY_KAFKA_BOOTSTRAP (now {bootstrap})."
-    if isinstance(exc, KafkaError):
+    if isinstance(exc, OperatorError):
+        return str(exc)
+    unreachable = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError)
+    if isinstance(exc, unreachable):
+        bootstrap = env.get("TALLY_KAFKA_BOOTSTRAP") or "127.0.0.1:9092 (the default)"
         return (
             f"cannot reach Kafka at {bootstrap} ({exc}). Start a broker "
             "(`tally up` starts one), or set TALLY_KAFKA_BOOTSTRAP to host:port of a running one."
@@ -121,10 +113,6 @@ def explain(exc: BaseException, environ: Mapping[str, str] | None = None) -> str
             "process may run: stop it, or choose other ports (TALLY_API_PORT, "
             "TALLY_METRICS_PORT, TALLY_KAFKA_PORT)."
         )
-    if type(exc) is RuntimeError:
-        # Tally's own start-up checks (no broker jars, no java, a missing topic)
-        # raise plain RuntimeErrors whose message already says what to do.
-        return str(exc)
     return None
 
 

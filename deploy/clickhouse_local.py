@@ -32,6 +32,7 @@ import urllib.request
 from typing import Final
 
 from deploy.clickhouse_serve import HOST, LISTENER_MARK
+from deploy.exceptions import LocalServerError
 from deploy.processes import ChildServer, kill_stale, port_is_free, tail
 from schemas.settings import DEFAULT_DATA_DIR
 
@@ -115,7 +116,7 @@ class LocalClickHouse(ChildServer):
         self.data_path.mkdir(parents=True, exist_ok=True)
         kill_stale_server(self.server_dir)
         if not port_is_free(self.port):
-            raise RuntimeError(
+            raise LocalServerError(
                 f"Cannot start the local ClickHouse server: {HOST}:{self.port} is taken by "
                 "another process. If that is a ClickHouse server you want to use, set "
                 f"TALLY_CLICKHOUSE_URL={self.url}; otherwise stop that process or choose "
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: done.set())
     try:
         server.start()
-    except RuntimeError as exc:
+    except LocalServerError as exc:
         print(f"clickhouse_local: {exc}", file=sys.stderr)
         return 1
     print(

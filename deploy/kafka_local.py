@@ -33,6 +33,7 @@ from typing import Any, Final, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
+from deploy.exceptions import LocalServerError, TopicSetupError
 from deploy.processes import (
     HOST,
     ChildServer,
@@ -60,10 +61,6 @@ __all__ = [
 LOG4J2_CONFIG: Final = pathlib.Path(__file__).resolve().parent / "kafka" / "log4j2.properties"
 NODE_ID: Final = 1
 _T = TypeVar("_T")
-
-
-class TopicSetupError(RuntimeError):
-    """A topic exists in a shape we cannot use, or the broker refused to create it."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -173,10 +170,10 @@ def new_cluster_id() -> str:
 
 
 def kafka_jars(libs_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The broker jars, or a RuntimeError saying how to get them."""
+    """The broker jars, or a LocalServerError saying how to get them."""
     jars = sorted(libs_dir.glob("*.jar")) if libs_dir.is_dir() else []
     if not any(jar.name.startswith("kafka_") for jar in jars):
-        raise RuntimeError(
+        raise LocalServerError(
             f"No Kafka broker jars in {libs_dir} (expected kafka_2.13-*.jar and its "
             "dependencies). Run `make setup` in the repository root: it copies them from "
             "Maven Central as listed in deploy/kafka/pom.xml. Or point TALLY_KAFKA_BOOTSTRAP "
@@ -191,7 +188,7 @@ def find_java() -> str:
         return str(pathlib.Path(java_home) / "bin" / "java")
     found = shutil.which("java")
     if found is None:
-        raise RuntimeError(
+        raise LocalServerError(
             "`java` not found (PATH, JAVA_HOME): the local Kafka broker needs a JDK 17 or "
             "newer. Install one, or point TALLY_KAFKA_BOOTSTRAP at an existing broker."
         )
@@ -372,7 +369,7 @@ class LocalKafka(ChildServer):
     def _check_port(self, port: int, what: str) -> None:
         if port_is_free(port):
             return
-        raise RuntimeError(
+        raise LocalServerError(
             f"Cannot start the local {what}: {HOST}:{port} is already taken by "
             "another process. If that is a Kafka broker you want to use, set "
             f"TALLY_KAFKA_BOOTSTRAP={HOST}:{port} and no local broker is started; "
@@ -427,12 +424,12 @@ class LocalKafka(ChildServer):
                 cmd, capture_output=True, text=True, timeout=timeout, check=False
             )
         except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(
+            raise LocalServerError(
                 f"Formatting Kafka storage in {self.log_dir} took over {timeout:.0f}s."
             ) from exc
         if result.returncode != 0 or not is_formatted(self.log_dir):
             output = (result.stdout + result.stderr).strip()[-3000:]
-            raise RuntimeError(
+            raise LocalServerError(
                 f"Formatting Kafka storage in {self.log_dir} failed "
                 f"(exit code {result.returncode}):\n{output}\n"
                 f"Check the jars in {self.libs_dir} (`make setup` restores them) and that "
@@ -508,7 +505,8 @@ async def ensure_topics(
         if loop.time() >= deadline:
             raise TopicSetupError(
                 f"Could not create/verify topics {sorted(topics)} on {bootstrap} within "
-                f"{timeout:.0f}s: {pending}. Is the broker running and reachable?"
+                f"{timeout:.0f}s: {pending}. Is the broker running and reachable?",
+                f"Check TALLY_KAFKA_BOOTSTRAP (now {bootstrap}).",
             )
         await asyncio.sleep(0.25)
 
@@ -543,7 +541,8 @@ async def _ensure_topics_once(
                     return f"topic {name!r}: {error.__name__}"
                 raise TopicSetupError(
                     f"Topic {name!r} on {bootstrap} is unusable: {error.__name__}: "
-                    f"{error.description}"
+                    f"{error.description}",
+                    f"Check TALLY_KAFKA_BOOTSTRAP (now {bootstrap}).",
                 )
             have = len(meta["partitions"])
             if have < wanted:
@@ -569,7 +568,8 @@ async def _ensure_topics_once(
                     return f"creating {entry['topic']!r}: {error.__name__}: {message}"
                 raise TopicSetupError(
                     f"Kafka at {bootstrap} refused to create topic {entry['topic']!r}: "
-                    f"{error.__name__}: {message}"
+                    f"{error.__name__}: {message}",
+                    f"Check TALLY_KAFKA_BOOTSTRAP (now {bootstrap}).",
                 )
             # Re-read: another process may have won the race with a different shape.
             return "waiting for the new topics to appear in metadata"

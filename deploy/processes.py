@@ -28,6 +28,8 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
+from deploy.exceptions import LocalServerError
+
 HOST: Final = "127.0.0.1"
 _PR_SET_PDEATHSIG: Final = 1
 _T = TypeVar("_T")
@@ -44,7 +46,7 @@ def free_port(host: str = HOST, exclude: frozenset[int] = frozenset()) -> int:
             port: int = sock.getsockname()[1]
         if port not in exclude and port != 9092:
             return port
-    raise RuntimeError("could not find a free TCP port")
+    raise LocalServerError("could not find a free TCP port")
 
 
 def port_is_free(port: int, host: str = HOST) -> bool:
@@ -205,7 +207,7 @@ def kill_stale(
     PDEATHSIG makes this rare (it needs a non-Linux host), but a leftover holds its port
     and its data's lock for ever. The pid file's process counts as the leftover only
     while its command line holds every one of `marks` (pids are reused). One whose owner
-    is still its parent and alive belongs to a running stack: a RuntimeError saying
+    is still its parent and alive belongs to a running stack: a LocalServerError saying
     `in_use(pid, owner)`, not garbage.
     """
     try:
@@ -217,7 +219,7 @@ def kill_stale(
         pid_file.unlink(missing_ok=True)  # gone, or the pid belongs to another process now
         return None
     if proc_ppid(pid) == owner and pid_alive(owner):
-        raise RuntimeError(in_use(pid, owner))
+        raise LocalServerError(in_use(pid, owner))
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -337,7 +339,7 @@ class ChildServer:
     ) -> None:
         """Poll `probe` (None once ready, else why not) every `every_s` seconds until it
         says ready. A child that exits, or a `timeout` that passes, kills it and raises
-        a RuntimeError that `_failure` words (its logs, and what to do)."""
+        a LocalServerError that `_failure` words (its logs, and what to do)."""
         deadline = time.monotonic() + timeout
         while True:
             proc = self._proc
@@ -345,13 +347,13 @@ class ChildServer:
             code = proc.poll()
             if code is not None:
                 self.kill()
-                raise RuntimeError(self._failure(f"The {what} exited with code {code}"))
+                raise LocalServerError(self._failure(f"The {what} exited with code {code}"))
             why = probe()
             if why is None:
                 return
             if time.monotonic() >= deadline:
                 self.kill()
-                raise RuntimeError(
+                raise LocalServerError(
                     self._failure(f"The {what} was not ready within {timeout:.0f}s ({why})")
                 )
             time.sleep(every_s)

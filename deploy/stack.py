@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer
 from mode import Service
 from prometheus_client import REGISTRY
 
+from deploy.exceptions import TopicSetupError
 from deploy.kafka_local import ensure_topics
 from deploy.settings import StackSettings
 from deploy.topology import (
@@ -176,9 +177,9 @@ async def ensure_rollups_topic(settings: WorkerSettings) -> None:
             await consumer._client.force_metadata_update()
             await asyncio.sleep(0.5)
         if not partitions:
-            raise RuntimeError(
-                f"topic {settings.events_topic} does not exist on {settings.bootstrap}; "
-                "create it (`tally up` does) or set TALLY_EVENTS_TOPIC"
+            raise TopicSetupError(
+                f"topic {settings.events_topic} does not exist on {settings.bootstrap};",
+                "create it (`tally up` does) or set TALLY_EVENTS_TOPIC",
             )
     finally:
         await consumer.stop()
@@ -298,7 +299,7 @@ class ExpectedRetries(logging.Filter):
     a worker's next transaction on a partition often starts while the coordinator
     is still writing the previous one's commit markers, and the broker answers that
     send with the retriable NOT_ENOUGH_REPLICAS (for clients of aiokafka's produce
-    version). aiokafka retries it, about 100 ms later, and succeeds: dozens of such
+    version). aiokafka retries it shortly after, and succeeds: dozens of such
     WARNINGs a minute under `tally up --demo`, none with the broker's
     transaction.partition.verification.enable=false (measured; the verification
     guards against hanging transactions, so it stays on). The worker's producers

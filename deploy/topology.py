@@ -32,10 +32,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from deploy.cli_support import redact
 from deploy.kafka_local import LocalKafka, ensure_topics
 from deploy.processes import SPAWNER, ChildServer, die_with_parent_hook
 from deploy.settings import StackSettings
+from schemas.settings import redact
 
 log = logging.getLogger("tally.up")
 

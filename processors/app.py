@@ -30,17 +30,16 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import faust
 from faust.tables import TableManager
 from faust.types import TP
 
-from processors.decode import Limits
 from processors.deltas import Delta, encode, encode_bodies
+from processors.exceptions import FencedError
 from processors.failure import EXIT_UNSAFE, retry_delay
-from processors.output import FencedError, PartitionOutput, Record, dead_letter_record
+from processors.output import PartitionOutput, Record, dead_letter_record
 from processors.pipeline import BatchResult, Message, Pipeline
 from processors.replay import Redelivered, Resumer
 from processors.settings import WorkerSettings
@@ -81,12 +80,7 @@ class RollupWorker:
         self.stats = WorkerStats()
         self.pipeline = Pipeline(
             settings.events_topic,
-            Limits(
-                max_message_bytes=settings.max_message_bytes,
-                max_event_bytes=settings.max_event_bytes,
-                max_future=timedelta(seconds=settings.max_future_s),
-                max_lateness=timedelta(seconds=settings.max_lateness_s),
-            ),
+            settings.limits(),
             settings.dedup_window_s,
             settings.dedup_max_keys,
         )
@@ -168,9 +162,7 @@ class RollupWorker:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            results = {
-                p: self.pipeline.process(msgs, wire=True) for p, msgs in by_partition.items()
-            }
+            results = {p: self.pipeline.process(msgs) for p, msgs in by_partition.items()}
         finally:
             if collecting:
                 gc.enable()
@@ -221,8 +213,8 @@ class RollupWorker:
     async def _take_over_all(self, partitions: Iterable[int]) -> None:
         """Take over each partition not owned yet, once however many callers ask.
 
-        Side by side: a rebalance hands over many partitions at once, and one after
-        another each took ~40 ms of round trips (0.3 s at 8 partitions).
+        Side by side: a rebalance hands over many partitions at once, and each takeover
+        is several round trips to the coordinator; one after another, they add up.
         """
         waits: list[asyncio.Future[None]] = []
         for partition in partitions:
@@ -361,9 +353,10 @@ class RollupWorker:
 
         A commit can fail after the coordinator recorded it (the EndTxn reply
         lost, a broker restart mid-commit): the coordinator then completes it.
-        Sending the same records again would count the batch twice, as the kill
-        tests caught. A fresh producer's InitProducerId waits until the earlier
-        transaction is committed or aborted; only then do the witnesses say which.
+        Sending the same records again would count the batch twice (what
+        tests/e2e/test_faults.py's kills provoke). A fresh producer's InitProducerId
+        waits until the earlier transaction is committed or aborted; only then do the
+        witnesses say which.
         False (retry the batch) when it was aborted or the answer is unknown yet.
         """
         if self._outputs.get(partition) is not output:

@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 from pydantic import ValidationError
@@ -32,41 +32,43 @@ from schemas.events import (
     StreamClosedEvent,
     StreamOpenedEvent,
 )
+from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
 
 AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
 log = logging.getLogger("tally.worker")
 
-# Reasons, as written into the dead-letter record's `tally-reason` header.
-MALFORMED_JSON = "malformed_json"
-NOT_AN_EVENT = "not_an_event"
-EMPTY_BATCH = "empty_batch"
-OVERSIZED = "oversized"
-MISSING_ATTRIBUTE = "missing_attribute"
-INVALID_ATTRIBUTE = "invalid_attribute"
-UNKNOWN_TYPE = "unknown_type"
-UNSUPPORTED_SPECVERSION = "unsupported_specversion"
-TIME_IN_FUTURE = "time_in_future"
-TOO_LATE = "too_late"
-DECODE_FAILED = "decode_failed"
-REASONS = (
-    MALFORMED_JSON,
-    NOT_AN_EVENT,
-    EMPTY_BATCH,
-    OVERSIZED,
-    MISSING_ATTRIBUTE,
-    INVALID_ATTRIBUTE,
-    UNKNOWN_TYPE,
-    UNSUPPORTED_SPECVERSION,
-    TIME_IN_FUTURE,
-    TOO_LATE,
-    DECODE_FAILED,
-)
+Reason = Literal[
+    "malformed_json",
+    "not_an_event",
+    "empty_batch",
+    "oversized",
+    "missing_attribute",
+    "invalid_attribute",
+    "unknown_type",
+    "unsupported_specversion",
+    "time_in_future",
+    "too_late",
+    "decode_failed",
+]
+"""Why a message or an element was rejected, as written into the dead-letter record's
+`tally-reason` header (docs/api.md#dead-letter-topic documents each)."""
+MALFORMED_JSON: Final[Reason] = "malformed_json"
+NOT_AN_EVENT: Final[Reason] = "not_an_event"
+EMPTY_BATCH: Final[Reason] = "empty_batch"
+OVERSIZED: Final[Reason] = "oversized"
+MISSING_ATTRIBUTE: Final[Reason] = "missing_attribute"
+INVALID_ATTRIBUTE: Final[Reason] = "invalid_attribute"
+UNKNOWN_TYPE: Final[Reason] = "unknown_type"
+UNSUPPORTED_SPECVERSION: Final[Reason] = "unsupported_specversion"
+TIME_IN_FUTURE: Final[Reason] = "time_in_future"
+TOO_LATE: Final[Reason] = "too_late"
+DECODE_FAILED: Final[Reason] = "decode_failed"
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    reason: str
+    reason: Reason
     detail: str
     raw: bytes
     """The message's bytes, or for one element of a batch, that element re-encoded."""
@@ -76,7 +78,7 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_message_bytes: int = 1_000_000
+    max_message_bytes: int = WORKER_MAX_MESSAGE_BYTES
     max_event_bytes: int = 64_000
     max_future: timedelta = timedelta(minutes=5)
     max_lateness: timedelta = timedelta(days=35)
@@ -264,7 +266,7 @@ def _check(
     return event, None
 
 
-def check_time(time: datetime, now: datetime, limits: Limits) -> tuple[str, str] | None:
+def check_time(time: datetime, now: datetime, limits: Limits) -> tuple[Reason, str] | None:
     """The clock-dependent rules of docs/api.md#validity; None when the time is acceptable."""
     if time > now + limits.max_future:
         return TIME_IN_FUTURE, (
@@ -277,7 +279,7 @@ def check_time(time: datetime, now: datetime, limits: Limits) -> tuple[str, str]
     return None
 
 
-def _explain(doc: dict[str, Any], exc: ValidationError) -> tuple[str, str]:
+def _explain(doc: dict[str, Any], exc: ValidationError) -> tuple[Reason, str]:
     if doc.get("specversion") != "1.0" and "specversion" in doc:
         return UNSUPPORTED_SPECVERSION, f'specversion must be "1.0", got {doc["specversion"]!r}'
     kind = doc.get("type")

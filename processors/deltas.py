@@ -237,7 +237,14 @@ def read(value: bytes) -> Frame:
 def decode(value: bytes) -> Delta:
     """Parse a delta message, rows included; raises ValueError on anything else."""
     frame = read(value)
-    wire = frame.wire_rows()
+    rows = store_rows(frame.wire_rows())
+    return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final)
+
+
+def store_rows(wire: list[list[Any]]) -> list[list[object]]:
+    """Wire rows (`RollupBuilder.wire_rows`, with or without offset_end) in the store's
+    column types: the minute and last_time as UTC datetimes, offset_end 0 (deltas
+    carry none, markers do). The inverse of what `encode` does to `Delta.rows`."""
     # One datetime per distinct minute (a delta holds few), and no per-row helper call.
     minutes: dict[Any, datetime] = {}
     rows: list[list[object]] = []
@@ -251,6 +258,6 @@ def decode(value: bytes) -> Delta:
             at = minutes[minute] = fromtimestamp(minute, UTC)
         row[1] = at
         row.append(fromtimestamp(cells[13] / 1000, UTC))
-        row.append(0)  # offset_end: deltas carry none, markers do
+        row.append(0)
         append(row)
-    return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final)
+    return rows

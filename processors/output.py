@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
 from aiokafka.structs import TopicPartition
 
+from processors.exceptions import FencedError
 from processors.pipeline import DeadLetter
 
 log = logging.getLogger("tally.worker")
@@ -59,10 +60,6 @@ def dead_letter_record(
         headers.append(("tally-original-bytes", str(len(value)).encode()))
         value = value[:DLQ_MAX_VALUE_BYTES]
     return (dlq_topic, key, value, None, headers)
-
-
-class FencedError(Exception):
-    """Another worker owns this partition now; this one must let it go."""
 
 
 class PartitionOutput:

@@ -47,9 +47,6 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class BatchResult:
-    rows: list[list[object]]
-    """Delta rows in the store's columns (RollupBuilder.rows); the caller adds the
-    offset markers to the same INSERT. Empty with `process(wire=True)`."""
     dead_letters: list[DeadLetter]
     next_offsets: dict[int, int]
     published_until_ms: dict[int, int] = field(default_factory=dict)
@@ -63,8 +60,8 @@ class BatchResult:
     parity tests read it to prove that the fold they compare really ran."""
     by_type: dict[str, int] = field(default_factory=dict)
     bodies: list[tuple[bytes, int]] = field(default_factory=list)
-    """With `process(wire=True)`: the rows as delta row parts and their row counts,
-    each part within one delta message (processors/deltas.py `encode_bodies`)."""
+    """The rollup rows as delta row parts and their row counts, each part within one
+    delta message (processors/deltas.py `encode_bodies`)."""
 
 
 def _utcnow() -> datetime:
@@ -96,9 +93,6 @@ class Pipeline:
         self._resume: dict[int, int] = {}
         self._dedup: dict[int, Deduplicator | Dedup] = {}
 
-    def knows(self, partition: int) -> bool:
-        return partition in self._resume
-
     def resume(self, partition: int, next_offset: int) -> None:
         """Start a partition: offsets below `next_offset` are already counted."""
         self._resume[partition] = next_offset
@@ -120,13 +114,13 @@ class Pipeline:
     def dedup_keys(self) -> int:
         return sum(len(d) for d in self._dedup.values())
 
-    def process(self, messages: Iterable[Message], wire: bool = False) -> BatchResult:
-        """Fold a batch of messages. `wire`: the rows as delta row parts
-        (`BatchResult.bodies`, what the worker publishes), folded natively when
-        tally_fold is installed; otherwise as rows in the store's columns."""
+    def process(self, messages: Iterable[Message]) -> BatchResult:
+        """Fold a batch of messages into delta row parts (`BatchResult.bodies`, what the
+        worker publishes): natively when tally_fold is installed and usable, else by
+        the Python reference (RollupBuilder)."""
         now = self._clock()
         limits = self.limits
-        fold = self._fold if wire else None
+        fold = self._fold
         builder = RollupBuilder()
         if fold is None:
             add: Callable[[Flat], None] = builder.add_flat
@@ -136,7 +130,7 @@ class Pipeline:
             lo_us, hi_us = _bounds_us(now, limits)
             max_message, max_event = limits.max_message_bytes, limits.max_event_bytes
         requests = opened = closed = 0
-        result = BatchResult(rows=[], dead_letters=[], next_offsets={})
+        result = BatchResult(dead_letters=[], next_offsets={})
         resume, dedups = self._resume, self._dedup
         next_offsets, published = result.next_offsets, result.published_until_ms
         by_type: dict[str, int] = {}
@@ -192,10 +186,8 @@ class Pipeline:
         result.counted, result.duplicates, result.by_type = counted, duplicates, by_type
         if fold is not None:
             result.bodies = fold.bodies(BODY_BUDGET)
-        elif wire:
-            result.bodies = wire_bodies(builder.wire_rows())
         else:
-            result.rows = builder.rows()
+            result.bodies = wire_bodies(builder.wire_rows())
         return result
 
     def _remember(self, dedup: Deduplicator | Dedup, value: bytes | None, now: datetime) -> None:

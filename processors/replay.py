@@ -5,9 +5,9 @@ processors/output.py), then learns where counting resumes: everything below
 that offset was counted, in a committed transaction. Two witnesses say where:
 the group's committed offset, and the `next_offset` of the last committed delta
 on rollups partition p (written in the same transaction). The larger wins: the
-kill tests caught the group offset reading one batch behind after a `kill -9`
-of worker and broker together, while the rollups log, read_committed, cannot
-be behind its own transactions. To recognise re-sends of counted events, the
+group offset can read one batch behind after a `kill -9` of worker and broker
+together (tests/e2e/test_faults.py kills both), while the rollups log,
+read_committed, cannot be behind its own transactions. To recognise re-sends of counted events, the
 worker then re-reads the dedup window before that offset, without counting.
 """
 

@@ -96,49 +96,11 @@ class RollupBuilder:
     def __len__(self) -> int:
         return len(self._totals)
 
-    def rows(self) -> list[list[object]]:
-        minutes: dict[int, datetime] = {}
-        rows: list[list[object]] = []
-        for (
-            account,
-            minute,
-            kind,
-            route,
-            method,
-            model,
-            status,
-            stream_id,
-        ), t in self._totals.items():
-            at = minutes.get(minute)
-            if at is None:
-                at = minutes[minute] = datetime.fromtimestamp(minute, UTC)
-            rows.append(
-                [
-                    account,
-                    at,
-                    kind,
-                    route,
-                    method,
-                    model,
-                    status,
-                    stream_id,
-                    t[1],
-                    t[2],
-                    t[3],
-                    t[4],
-                    t[5],
-                    t[0],
-                    0,
-                ]
-            )
-        return rows
-
     def wire_rows(self) -> list[list[object]]:
-        """rows() in the layout deltas go on the wire in (processors/deltas.py).
-
-        Minute in epoch seconds, last_time in epoch milliseconds and offset_end 0,
-        exactly what `deltas.encode` makes of rows(), without building the
-        datetimes only to take them apart again: the worker's hot path.
+        """The folded rows in the layout deltas go on the wire in (processors/deltas.py):
+        `COLUMNS` order, the minute in epoch seconds, last_time in epoch milliseconds,
+        offset_end 0. No datetime is built per row: this is the worker's hot path
+        (`deltas.store_rows` gives the store's types where a caller needs them).
         """
         return [
             [
@@ -171,27 +133,16 @@ class RollupBuilder:
         ]
 
 
-def marker_rows(
-    topic: str, next_offsets: dict[int, int], reflected_until: dict[int, datetime]
+def offset_markers(
+    topic: str, next_offsets: dict[int, int], reflected_ms: dict[int, int]
 ) -> list[list[object]]:
-    """Per partition: the next offset not yet counted, and the time its data reflects."""
+    """Per partition of `topic`: the next offset not yet counted, and the time (epoch ms)
+    its data reflects, as marker rows in the wire layout (`RollupBuilder.wire_rows`)
+    that the sink writes in the same INSERT as the deltas they cover."""
     return [
         [
-            MARKER_ACCOUNT,
-            EPOCH,
-            MARKER_TYPE,
-            topic,
-            "",
-            "",
-            partition,
-            "",
-            0,
-            0,
-            0.0,
-            0,
-            0,
-            reflected_until.get(partition, EPOCH),
-            offset,
+            *(MARKER_ACCOUNT, 0, MARKER_TYPE, topic, "", "", partition, ""),
+            *(0, 0, 0.0, 0, 0, reflected_ms.get(partition, 0), offset),
         ]
         for partition, offset in sorted(next_offsets.items())
     ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic import Field
 
+from processors.decode import Limits
+from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
 from schemas.settings import TallySettings
 
 
@@ -49,7 +53,9 @@ class WorkerSettings(TallySettings):
     max_future_s: float = Field(
         300.0, ge=0, description="Events further ahead than this are rejected (time_in_future)."
     )
-    max_message_bytes: int = Field(1_000_000, ge=1_024, description="Larger messages: oversized.")
+    max_message_bytes: int = Field(
+        WORKER_MAX_MESSAGE_BYTES, ge=1_024, description="Larger messages: oversized."
+    )
     max_event_bytes: int = Field(64_000, ge=512, description="Larger events: oversized.")
     metrics_port: int | None = Field(
         None,
@@ -66,3 +72,13 @@ class WorkerSettings(TallySettings):
     def sink_group_id(self) -> str:
         """The sinks' consumer group: TALLY_SINK_GROUP, or `<rollups topic>.sinks`."""
         return self.sink_group or f"{self.rollups_topic}.sinks"
+
+    def limits(self) -> Limits:
+        """The validation bounds these settings set, as the worker and `tally reconcile`
+        apply them (the same settings must give both the same verdicts)."""
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_event_bytes=self.max_event_bytes,
+            max_future=timedelta(seconds=self.max_future_s),
+            max_lateness=timedelta(seconds=self.max_lateness_s),
+        )

@@ -33,11 +33,13 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from processors.deltas import Frame, read
+from processors.exceptions import SinkFencedError
 from processors.failure import EXIT_UNSAFE, retry_delay
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
-from processors.sink_fence import Gate, Gates, SinkFencedError
+from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, offset_markers
+from processors.sink_fence import Gate, Gates
 from processors.sink_group import SinkRebalance
 from processors.timing import Timings
+from schemas.exceptions import OperatorError
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
@@ -109,19 +111,10 @@ class RollupStore:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def write(self, rows: list[list[object]]) -> None:
-        """Append deltas and markers in one INSERT: all of them land, or none."""
-        if len(rows) > MAX_ROWS_PER_INSERT:
-            raise ValueError(
-                f"{len(rows)} rows in one INSERT would be split into several parts and "
-                f"lose atomicity (limit {MAX_ROWS_PER_INSERT})"
-            )
-        if rows:
-            self.store.insert(TABLE, rows, COLUMNS)
-
     def write_json(self, body: bytes, count: int, table: str = TABLE) -> None:
-        """`write` for `count` rows already encoded as the deltas' wire rows (version 2),
-        into `table`: `rollup_minute` itself or a sink's write gate onto it."""
+        """Append `count` rows, deltas and their offset markers, encoded as the deltas'
+        wire rows (version 2), in one INSERT into `table` (`rollup_minute` itself or a
+        sink's write gate onto it): all of them land, or none."""
         if count > MAX_ROWS_PER_INSERT:
             raise ValueError(
                 f"{count} rows in one INSERT would be split into several parts and "
@@ -326,9 +319,10 @@ class Sink:
                 return sorted(found)
             await consumer._client.force_metadata_update()
             await asyncio.sleep(0.5)
-        raise RuntimeError(
-            f"topic {self.rollups_topic} does not exist; start a worker (it creates it) "
-            "or create it with as many partitions as the events topic"
+        raise OperatorError(
+            f"topic {self.rollups_topic} does not exist;",
+            "start a worker (it creates it) or create it with as many partitions as the "
+            "events topic",
         )
 
     async def _apply_owned(self, batches: Iterable[tuple[TopicPartition, list[object]]]) -> None:
@@ -418,10 +412,10 @@ class Sink:
         # The rollups partitions' markers carry when the sink wrote them: /readyz
         # tells a sink that stopped writing from workers that stopped reporting.
         written_ms = int(time.time() * 1000)
-        markers = _marker_rows(self.rollups_topic, applied, dict.fromkeys(applied, written_ms))
+        markers = offset_markers(self.rollups_topic, applied, dict.fromkeys(applied, written_ms))
         # Freshness per events partition, for meta.updated_at (see queries.py).
         counted = {p: self._counted[p] for p in fresh}
-        markers += _marker_rows(self.events_topic, counted, fresh)
+        markers += offset_markers(self.events_topic, counted, fresh)
         body = b",".join([*rows, orjson.dumps(markers)[1:-1]])
         started = time.perf_counter()
         await self._write_once(body, count + len(markers), applied)
@@ -451,7 +445,7 @@ class Sink:
             if gate is None or not positions:
                 return
             written_ms = int(time.time() * 1000)
-            markers = _marker_rows(
+            markers = offset_markers(
                 self.rollups_topic, positions, dict.fromkeys(positions, written_ms)
             )
             try:
@@ -513,16 +507,3 @@ class Sink:
 
     def stop(self) -> None:
         self._stopping.set()
-
-
-def _marker_rows(
-    topic: str, next_offsets: dict[int, int], reflected_ms: dict[int, int]
-) -> list[list[object]]:
-    """rollup.marker_rows in the wire layout: epoch seconds and milliseconds."""
-    return [
-        [
-            *(MARKER_ACCOUNT, 0, MARKER_TYPE, topic, "", "", partition, ""),
-            *(0, 0, 0.0, 0, 0, reflected_ms.get(partition, 0), offset),
-        ]
-        for partition, offset in sorted(next_offsets.items())
-    ]

@@ -44,10 +44,6 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)(_mv)?$")
 TARGET = "rollup_minute"
 
 
-class SinkFencedError(Exception):
-    """This sink's write gate is gone: another sink took its partitions over."""
-
-
 @dataclass(frozen=True)
 class Gate:
     """One gate: the table a sink INSERTs into for the partitions it holds."""

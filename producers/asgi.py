@@ -52,18 +52,31 @@ import contextlib
 import logging
 import math
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, Protocol, TypeVar
 
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producers import events
+from producers.asgi_call import Call, CallMeter
 from producers.events import AnyEvent
 from schemas.events import MAX_UNITS
+
+__all__ = [
+    "DEFAULT_UNITS_HEADER",
+    "DEFAULT_UNMETERED_PATHS",
+    "STREAM_CONTENT_TYPES",
+    "UNMATCHED_ROUTE",
+    "Call",
+    "MeteringMiddleware",
+    "MeteringStats",
+    "Recorder",
+    "Resolver",
+    "event_stream",
+    "from_header",
+    "from_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +89,6 @@ STREAM_CONTENT_TYPES: Final = ("text/event-stream",)
 _LABEL_MAX: Final = 256
 UNMATCHED_ROUTE: Final = "unmatched"
 """The `route` of calls no route template matched: one constant label."""
-_METHOD_MAX: Final = 16
 
 _T = TypeVar("_T")
 
@@ -85,28 +97,6 @@ class Recorder(Protocol):
     """Where events go: `producers.gateway.Gateway` (tests pass fakes)."""
 
     async def record(self, event: AnyEvent) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """What the middleware knows about a call when it asks the resolvers."""
-
-    scope: Scope
-    status: int | None
-    """The response status; None when no response started (the app raised)."""
-    response_headers: tuple[tuple[bytes, bytes], ...] = ()
-
-    def request_header(self, name: str) -> str | None:
-        return _header(self.scope.get("headers", ()), name)
-
-    def response_header(self, name: str) -> str | None:
-        return _header(self.response_headers, name)
-
-    @property
-    def state(self) -> Mapping[str, Any]:
-        """What the app set on `request.state` (Starlette keeps it in the scope)."""
-        state = self.scope.get("state")
-        return state if isinstance(state, Mapping) else {}
 
 
 Resolver = Callable[[Call], _T | None]
@@ -245,7 +235,7 @@ class MeteringMiddleware:
             self.stats.calls_skipped += 1
             await self.app(scope, receive, send)
             return
-        call = _CallMeter(self, scope)
+        call = CallMeter(self, scope)
         try:
             await self.app(scope, call.receive(receive), call.send(send))
         except asyncio.CancelledError:
@@ -426,219 +416,7 @@ class MeteringMiddleware:
         self._report(kind, message, *args, exc=exc)
 
 
-class _CallMeter:
-    """The metering of one HTTP call: watches its messages, emits its events once."""
-
-    def __init__(self, meter: MeteringMiddleware, scope: Scope) -> None:
-        self.meter = meter
-        self.scope = scope
-        self.root_path: str = scope.get("root_path", "")
-        self.at = datetime.now(UTC)
-        self.t0 = time.monotonic()
-        self.status: int | None = None
-        self.headers: tuple[tuple[bytes, bytes], ...] = ()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.body_messages = 0
-        self.complete = False
-        self.disconnected = False
-        self.send_failed = False
-        self.request_done = False
-        self.resolved = False
-        self.subject: str | None = None
-        self.stream_id: str | None = None
-        self.stream_t0 = 0.0
-        self.stream_done = False
-
-    def receive(self, receive: Receive) -> Receive:
-        async def wrapped() -> Message:
-            message = await receive()
-            try:
-                kind = message["type"]
-                if kind == "http.request":
-                    self.bytes_in += len(message.get("body", b""))
-                elif kind == "http.disconnect" and not self.complete:
-                    self.disconnected = True
-            except Exception:
-                self.meter.report("receive", "metering could not read a request message", exc=True)
-            return message
-
-        return wrapped
-
-    def send(self, send: Send) -> Send:
-        async def wrapped(message: Message) -> None:
-            kind = message["type"]
-            final = False
-            if kind == "http.response.start":
-                self._guard(self._started, message)
-            elif kind == "http.response.body":
-                final = not message.get("more_body", False)
-                self._guard(self._body, message)
-            elif kind == "http.response.pathsend":
-                final = True
-            try:
-                await send(message)
-            except BaseException:
-                self.send_failed = True
-                raise
-            if final:
-                self.complete = True
-                self._guard(self._completed, None)
-
-        return wrapped
-
-    def finish(self, outcome: str | None) -> None:
-        """After the app returned (outcome None) or raised; emits what is still due."""
-        try:
-            if self.status is None and outcome is None and self.disconnected:
-                self.status = 499  # the client left before any response (nginx's code)
-            if not self.request_done:
-                self._request(latency_s=time.monotonic() - self.t0)
-            if self.stream_id is not None and not self.stream_done:
-                if self.send_failed or self.disconnected:
-                    reason = "client_disconnect"
-                else:
-                    reason = outcome or ("completed" if self.complete else "error")
-                self._close_stream(reason)
-        except Exception:
-            self.meter.report("finish", "metering failed at the end of a call", exc=True)
-
-    # -- the events ---------------------------------------------------------
-
-    def _guard(self, step: Callable[[Message | None], None], message: Message | None) -> None:
-        try:
-            step(message)
-        except Exception:
-            self.meter.report("send", "metering failed on a response message", exc=True)
-
-    def _started(self, message: Message | None) -> None:
-        assert message is not None
-        self.status = int(message["status"])
-        self.headers = tuple(message.get("headers") or ())
-        if self.meter.streams(self._call()):
-            self._open_stream()
-
-    def _body(self, message: Message | None) -> None:
-        assert message is not None
-        self.body_messages += 1
-        self.bytes_out += len(message.get("body", b""))
-        if (
-            self.body_messages == 1
-            and message.get("more_body", False)
-            and self.stream_id is None
-            and self.meter.chunked_streams
-        ):
-            self._open_stream()
-
-    def _completed(self, _: Message | None) -> None:
-        if not self.request_done:
-            self._request(latency_s=time.monotonic() - self.t0)
-        if self.stream_id is not None and not self.stream_done:
-            self._close_stream("completed")
-
-    def _call(self) -> Call:
-        return Call(self.scope, self.status, self.headers)
-
-    def _account(self) -> str | None:
-        # Asked once per call: the request and its stream belong to the same account.
-        if not self.resolved:
-            self.resolved = True
-            self.subject = self.meter.account_of(self._call())
-        return self.subject
-
-    def _request(self, *, latency_s: float, streaming: bool = False) -> None:
-        self.request_done = True
-        meter = self.meter
-        subject = self._account()
-        if subject is None:
-            meter.stats.calls_without_account += 1
-            return
-        call = self._call()
-        status = 500 if self.status is None else self.status
-        method = self.scope.get("method")
-        try:
-            event = events.request(
-                subject,
-                meter.source,
-                units=meter.units_of(call),
-                route=meter.route_of(self.scope, self.root_path),
-                method=method if isinstance(method, str) and len(method) <= _METHOD_MAX else None,
-                status=status if 100 <= status <= 599 else None,
-                model=meter.model_of(call),
-                latency_ms=max(0.0, latency_s * 1000),
-                bytes_in=self.bytes_in,
-                bytes_out=None if streaming else self.bytes_out,
-                time=self.at,
-            )
-        except Exception as exc:
-            # Typically an account id the contract does not allow as a subject.
-            meter.report(
-                "build", "request of account %r NOT metered: %s", subject, _first_line(exc)
-            )
-            return
-        meter.stats.calls_metered += 1
-        meter.enqueue(event)
-
-    def _open_stream(self) -> None:
-        if not self.request_done:
-            self._request(latency_s=time.monotonic() - self.t0, streaming=True)
-        subject = self._account()
-        if subject is None:
-            return
-        meter = self.meter
-        stream_id = uuid.uuid4().hex
-        try:
-            event = events.stream_opened(
-                subject,
-                meter.source,
-                stream_id,
-                route=meter.route_of(self.scope, self.root_path),
-                model=meter.model_of(self._call()),
-                time=self.at,
-            )
-        except Exception as exc:
-            meter.report("build", "stream of %r NOT metered: %s", subject, _first_line(exc))
-            return
-        self.stream_id = stream_id
-        self.stream_t0 = time.monotonic()
-        meter.stats.streams_opened += 1
-        meter.enqueue(event)
-
-    def _close_stream(self, reason: str) -> None:
-        self.stream_done = True
-        if self.stream_id is None or self.subject is None:
-            return
-        meter = self.meter
-        elapsed = time.monotonic() - self.stream_t0
-        try:
-            event = events.stream_closed(
-                self.subject,
-                meter.source,
-                self.stream_id,
-                units=meter.stream_units_of(self._call()),
-                duration_ms=max(0.0, elapsed * 1000),
-                reason=reason,
-            )
-        except Exception as exc:
-            meter.report("build", "stream close NOT metered: %s", _first_line(exc))
-            return
-        meter.stats.streams_closed += 1
-        meter.enqueue(event)
-
-
-def _header(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
-    wanted = name.lower().encode("latin-1")
-    for key, value in headers:
-        if key.lower() == wanted:
-            return value.decode("latin-1")
-    return None
-
-
 def _label(value: object) -> str | None:
     if isinstance(value, str) and 1 <= len(value) <= _LABEL_MAX:
         return value
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

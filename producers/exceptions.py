@@ -1,13 +1,19 @@
 """What the gateway library raises beyond ValueError (bad arguments, unsendable events)
-and RuntimeError (a gateway used outside its lifecycle); `producers.spool` has its own
-(SpoolError, SpoolLockedError)."""
+and RuntimeError (a gateway used outside its lifecycle).
+
+Each derives from `schemas.exceptions.TallyError` (the tree is drawn there) and
+keeps the builtin base callers catch: a `GatewaySendError` is a RuntimeError, a
+`FlushTimeoutError` a TimeoutError. Every refusal of the spool, full or locked, is
+a `SpoolError`.
+"""
 
 from __future__ import annotations
 
 from producers.events import AnyEvent
+from schemas.exceptions import OperatorError, TallyError
 
 
-class GatewaySendError(RuntimeError):
+class GatewaySendError(TallyError, RuntimeError):
     """Kafka did not acknowledge some messages; their events were not delivered."""
 
     def __init__(
@@ -20,7 +26,20 @@ class GatewaySendError(RuntimeError):
         self.causes = causes
 
 
-class SpoolFullError(RuntimeError):
+class GatewayStartError(OperatorError):
+    """`start` could not reach the events topic (broker down, no such topic, a topic
+    whose partitions are not 0..n-1); the hint says what to check."""
+
+
+class SpoolError(TallyError, RuntimeError):
+    """The spool cannot be used as asked."""
+
+
+class SpoolLockedError(SpoolError):
+    """Another process (or another Spool in this one) owns the directory."""
+
+
+class SpoolFullError(SpoolError):
     """Kafka is unreachable and the spool is full: this event was NOT recorded."""
 
     def __init__(self, message: str, event: AnyEvent) -> None:
@@ -28,7 +47,7 @@ class SpoolFullError(RuntimeError):
         self.event = event
 
 
-class FlushTimeoutError(TimeoutError):
+class FlushTimeoutError(TallyError, TimeoutError):
     """`flush` gave up waiting; the events are still buffered and still being sent."""
 
     def __init__(self, message: str, pending: int) -> None:

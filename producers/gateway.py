@@ -61,7 +61,12 @@ from typing import Final, NoReturn, Self
 from producers.batches import Batch
 from producers.batching import Batcher
 from producers.events import AnyEvent, batch_encoder, encode_event
-from producers.exceptions import FlushTimeoutError, GatewaySendError, SpoolFullError
+from producers.exceptions import (
+    FlushTimeoutError,
+    GatewaySendError,
+    GatewayStartError,
+    SpoolFullError,
+)
 from producers.gateway_config import Overrides, default_spool_dir, resolve
 from producers.kafka_edge import (
     Headers,
@@ -95,6 +100,7 @@ __all__ = [
     "FlushTimeoutError",
     "Gateway",
     "GatewaySendError",
+    "GatewayStartError",
     "GatewayStats",
     "Headers",
     "KafkaProducer",

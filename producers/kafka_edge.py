@@ -17,6 +17,7 @@ from typing import Any, Final, Protocol
 
 from aiokafka import errors as kafka_errors
 
+from producers.exceptions import GatewayStartError
 from schemas.kafka import BROKER_MESSAGE_MAX_BYTES, COMPRESSION, REQUEST_OVERHEAD_BYTES
 
 log = logging.getLogger("producers.gateway")
@@ -160,17 +161,18 @@ class Link:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
-            raise RuntimeError(
-                f"cannot produce to topic {self._topic!r} at {self._bootstrap}: {exc!r}. "
+            raise GatewayStartError(
+                f"cannot produce to topic {self._topic!r} at {self._bootstrap}: {exc!r}.",
                 "Check that the broker is up and the topic exists (`tally up` creates it), "
-                f"or set TALLY_KAFKA_BOOTSTRAP / TALLY_EVENTS_TOPIC.{waiting}"
+                f"or set TALLY_KAFKA_BOOTSTRAP / TALLY_EVENTS_TOPIC.{waiting}",
             ) from exc
         count = len(partitions or ())
         if count == 0 or set(partitions) != set(range(count)):
             await producer.stop()
-            raise RuntimeError(
+            raise GatewayStartError(
                 f"topic {self._topic!r} at {self._bootstrap} reports partitions "
-                f"{sorted(partitions or ())}; expected 0..n-1. Check the topic."
+                f"{sorted(partitions or ())}; expected 0..n-1.",
+                "Check the topic.",
             )
         self.producer = producer
         return count

@@ -58,14 +58,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
 
+from producers.exceptions import SpoolError, SpoolLockedError
 from producers.spool_files import (
     MAGIC,
     MAX_RECORD_BYTES,
     POSITION_FILE,
     RECORD_HEADER,
     Segment,
-    SpoolError,
-    SpoolLockedError,
     SpoolPosition,
     acquire_lock,
     encode_record,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from producers.exceptions import SpoolLockedError
+
 log = logging.getLogger("producers.spool")
 
 MAGIC: Final = b"TLYSPL01"
@@ -25,14 +27,6 @@ _POSITION: Final = struct.Struct("<QQI")
 LOCK_FILE: Final = "lock"
 POSITION_FILE: Final = "position"
 SUFFIX: Final = ".seg"
-
-
-class SpoolError(RuntimeError):
-    """The spool cannot be used as asked."""
-
-
-class SpoolLockedError(SpoolError):
-    """Another process (or another Spool in this one) owns the directory."""
 
 
 class SpoolPosition(NamedTuple):

@@ -10,18 +10,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from query_api.exceptions import AccountExistsError, UnknownAccountError
 from query_api.keys import hash_key, new_key, prefix_of, same_key
 from schemas.store import Store
 
 SUBJECT_MAX = 128
-
-
-class AccountExistsError(Exception):
-    pass
-
-
-class UnknownAccountError(Exception):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from query_api.limits import api_limit_headers
 from query_api.ratelimit import Decision
+from schemas.exceptions import TallyError
 
 log = logging.getLogger("tally.api")
 
@@ -42,7 +43,9 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class ApiError(Exception):
+class ApiError(TallyError):
+    """A refusal the API answers with the error envelope: `status`, `code`, `message`."""
+
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status

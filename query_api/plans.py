@@ -12,6 +12,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from query_api.exceptions import PlanConfigError
+
 
 class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -72,10 +74,6 @@ DEFAULT_PLANS: dict[str, Plan] = {
         ),
     )
 }
-
-
-class PlanConfigError(ValueError):
-    pass
 
 
 def load_plans(overrides: str | None) -> dict[str, Plan]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
@@ -166,3 +167,58 @@ def usage_reads(
         active_streams=next((int(n) for kind, _, n, _, _, _ in rows if kind == 1), 0),
         reflected_until=next((t for kind, _, n, _, t, _ in rows if kind == 2 and n), None),
     )
+
+
+class UsageRow(NamedTuple):
+    """One account's rollups of one event type, summed over a range."""
+
+    account: str
+    type: str
+    events: int
+    units_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTotals:
+    usage: list[UsageRow]
+    counted_offsets: dict[int, int] | None
+    """Per partition of the events topic, the next offset not counted; None: no markers."""
+
+
+def account_totals(
+    store: Store, topic: str, since: datetime, until: datetime, account: str | None
+) -> StoredTotals:
+    """Every account's (or `account`'s) rollups over the minutes [since, until), by type,
+    and the offsets of `topic` they reflect.
+
+    One SELECT reads both the totals and the offset markers: ClickHouse answers a
+    query from one snapshot of the table's parts, and deltas are written in one
+    INSERT with the markers of the events offsets they cover, so the offsets are
+    exactly those the totals cover even while rollups are being written (what
+    `tally reconcile` needs to compare like with like).
+    """
+    rows = store.query(
+        "SELECT account, type, if(account = {m:String}, status, 0) AS part, "
+        "sum(events), sum(units_micro), max(offset_end) FROM rollup_minute "
+        "WHERE (account != {m:String} AND minute >= {since:DateTime} "
+        "AND minute < {until:DateTime} AND ({a:String} = '' OR account = {a:String})) "
+        "OR (account = {m:String} AND type = {mt:String} AND route = {topic:String}) "
+        "GROUP BY account, type, part",
+        {
+            "m": MARKER_ACCOUNT,
+            "mt": MARKER_TYPE,
+            "topic": topic,
+            "since": since,
+            "until": until,
+            "a": account or "",
+        },
+    )
+    offsets: dict[int, int] | None = None
+    usage: list[UsageRow] = []
+    for acct, kind, part, events, units_micro, offset_end in rows:
+        if acct == MARKER_ACCOUNT:
+            offsets = offsets or {}
+            offsets[int(part)] = int(offset_end)
+        else:
+            usage.append(UsageRow(str(acct), str(kind), int(events), int(units_micro)))
+    return StoredTotals(usage, offsets)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import re
 
+from schemas.exceptions import ClusterDDLError
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 ZK_PATH = "'/clickhouse/tables/{shard}/{database}/{table}'"
 REPLICA = "'{replica}'"
@@ -50,10 +52,6 @@ _ALTER_OR_DROP = re.compile(
 # family prefix ('', 'Aggregating', 'Replacing', 'Summing', ...).
 _ENGINE = re.compile(r"\bENGINE\s*=\s*(?P<family>[A-Za-z]*)MergeTree\b(?P<args>\s*\([^)]*\))?")
 _ANY_ENGINE = re.compile(r"\bENGINE\s*=\s*(?P<name>[A-Za-z]+)")
-
-
-class ClusterDDLError(ValueError):
-    pass
 
 
 def valid_cluster(cluster: str) -> bool:

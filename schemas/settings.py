@@ -107,6 +107,14 @@ class TallySettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
+def redact(url: str) -> str:
+    """`url` with its password, if any, replaced by *** (for logs and messages)."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
 def load(cls: type[S]) -> S:
     """Build settings from the environment or exit with every problem listed."""
     try:

@@ -20,14 +20,12 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from schemas.cluster import ClusterDDLError, check_shards, render, valid_cluster
+from schemas.cluster import check_shards, render, valid_cluster
+from schemas.exceptions import ClusterDDLError, StoreError
+from schemas.settings import redact
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-
-
-class StoreError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -63,18 +61,22 @@ class Store:
     def __init__(self, url: str, database: str, cluster: str = "") -> None:
         if not _IDENT.fullmatch(database):
             raise StoreError(
-                f"database name {database!r} is not a plain identifier; "
-                "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)"
+                f"database name {database!r} is not a plain identifier;",
+                "use letters, digits and _ (TALLY_CLICKHOUSE_DATABASE)",
+                redact(url),
             )
         if not valid_cluster(cluster):
             raise StoreError(
-                f"cluster name {cluster!r} is not a plain name; use letters, digits, _ and - "
-                "(TALLY_CLICKHOUSE_CLUSTER)"
+                f"cluster name {cluster!r} is not a plain name;",
+                "use letters, digits, _ and - (TALLY_CLICKHOUSE_CLUSTER)",
+                redact(url),
             )
         if cluster and url.startswith("chdb:"):
             raise StoreError(
                 "TALLY_CLICKHOUSE_CLUSTER needs a ClickHouse server; the embedded store is one "
-                "process. Set TALLY_CLICKHOUSE_URL to http(s)://... or unset the cluster."
+                "process.",
+                "Set TALLY_CLICKHOUSE_URL to http(s)://... or unset the cluster.",
+                redact(url),
             )
         self.url = url
         self.database = database
@@ -88,8 +90,9 @@ class Store:
             self._client = _client(url, database)
         except Exception as exc:
             raise StoreError(
-                f"cannot open the ClickHouse store at {_redact(url)}: {exc}. Check "
-                "TALLY_CLICKHOUSE_URL; an embedded path may be held by another process."
+                f"cannot open the ClickHouse store at {redact(url)}: {exc}.",
+                "Check TALLY_CLICKHOUSE_URL; an embedded path may be held by another process.",
+                redact(url),
             ) from exc
 
     @property
@@ -131,7 +134,7 @@ class Store:
 
         The embedded engine gets `settings` in the statement: clickhouse-connect's
         chdb backend applies per-call settings by reading their values from
-        system.settings, SETting each and SETting it back, ~9 ms per call here.
+        system.settings, SETting each and SETting it back: several statements per call.
         """
         into = f"INSERT INTO {table} ({', '.join(columns)})"
         with self._lock:
@@ -194,7 +197,7 @@ class Store:
         try:
             check_shards(self.cluster, int(shards[0][0]) if shards else 0)
         except ClusterDDLError as exc:
-            raise StoreError(str(exc)) from exc
+            raise StoreError(str(exc), url=redact(self.url)) from exc
 
     def _sync_replicas(self) -> None:
         # A sink resuming on another replica than its predecessor wrote to must
@@ -237,10 +240,3 @@ def _setting(name: str) -> str:
 
 def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url

@@ -1,54 +1,43 @@
 """Administration (docs/api.md#administration): plans, accounts, keys, totals. Admin keys only.
 
-Each route is a thin async wrapper around a blocking operation below; the
-operations are also what `tally accounts|keys` runs when it opens the store
-directly (deploy/admin_cli.py), so the CLI and the API answer alike. Nothing is
-cached: a plan change or a revocation holds from the very next request.
+Each route is a thin async wrapper around a blocking operation of
+query_api/admin_ops.py, which the CLI runs too when it opens the store directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
 
-from processors.reconcile import stored_totals
-from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
-from processors.windows import format_time
-from query_api.accounts import (
-    Account,
-    AccountExistsError,
-    AccountStore,
-    KeyInfo,
-    UnknownAccountError,
-)
 from query_api.admin_models import (
-    AccountCreatedOut,
     AccountCreatedResponse,
     AccountCreateIn,
-    AccountOut,
     AccountResponse,
     AccountsOut,
-    AccountTotalsOut,
-    KeyCreatedOut,
     KeyCreatedResponse,
     KeyCreateIn,
-    KeyOut,
-    KeyRevokedOut,
     KeyRevokedResponse,
     KeysOut,
-    PageMeta,
-    PlanChangedOut,
     PlanChangedResponse,
     PlanChangeIn,
-    PlanOut,
     PlansOut,
-    TotalsMeta,
     TotalsOut,
+)
+from query_api.admin_ops import (
+    PAGE_MAX,
+    account_totals,
+    create_account,
+    create_key,
+    get_account,
+    list_accounts,
+    list_keys,
+    list_plans,
+    revoke_key,
+    set_plan,
 )
 from query_api.deps import NO_STORE_HEADER, AdminDep, ServicesDep, no_store
 from query_api.errors import (
@@ -57,10 +46,8 @@ from query_api.errors import (
     ApiError,
     ErrorBody,
 )
-from query_api.plans import Plan
-from query_api.routes.analytics import FromQuery, ToQuery, check_range, minute_range
+from query_api.routes.analytics import FromQuery, ToQuery, check_range
 from schemas.events import SUBJECT_PATTERN
-from schemas.store import Store
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
@@ -83,184 +70,7 @@ _KEY_SHOWN: dict[int | str, dict[str, object]] = {
     201: {"description": "Created; the key is in the body", "headers": NO_STORE_HEADER}
 }
 
-PAGE_MAX = 1000
-ENV_ADMIN_PREFIX = "env:TALLY_ADMIN_KEY"
 _SUBJECT = re.compile(SUBJECT_PATTERN)
-
-
-# -- the operations (blocking; shared with the CLI) -------------------------------
-
-
-def _account_out(account: Account) -> AccountOut:
-    return AccountOut(id=account.id, plan=account.plan, created_at=format_time(account.created_at))
-
-
-def _key_out(info: KeyInfo) -> KeyOut:
-    return KeyOut(
-        key_prefix=info.prefix,
-        account=info.account,
-        admin=info.admin,
-        created_at=format_time(info.created_at),
-        revoked_at=format_time(info.revoked_at) if info.revoked_at else None,
-    )
-
-
-def _no_account(account_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no account {account_id!r}")
-
-
-def check_plan(plan: str, plans: Mapping[str, Plan], field: str = "plan") -> str:
-    if plan not in plans:
-        known = ", ".join(sorted(plans))
-        raise ApiError(
-            422, "validation_error", f"{field}: unknown plan {plan!r}; known plans: {known}"
-        )
-    return plan
-
-
-def list_plans(plans: Mapping[str, Plan]) -> list[PlanOut]:
-    return [PlanOut.model_validate(plans[name].model_dump()) for name in sorted(plans)]
-
-
-def create_account(
-    accounts: AccountStore, plans: Mapping[str, Plan], default_plan: str, body: AccountCreateIn
-) -> AccountCreatedOut:
-    if body.plan is None:
-        if default_plan not in plans:
-            known = ", ".join(sorted(plans))
-            raise ApiError(
-                422,
-                "validation_error",
-                f"plan: none given and the default plan {default_plan!r} (TALLY_DEFAULT_PLAN) "
-                f"is not a known plan; name one of: {known}",
-            )
-        plan = default_plan
-    else:
-        plan = check_plan(body.plan, plans)
-    try:
-        account = accounts.create(body.id, plan)
-    except AccountExistsError:
-        raise ApiError(409, "conflict", f"account {body.id!r} exists already") from None
-    key, _ = accounts.create_key(account.id, admin=False)
-    return AccountCreatedOut(id=account.id, plan=account.plan, api_key=key)
-
-
-def list_accounts(accounts: AccountStore, limit: int, after: str) -> AccountsOut:
-    page = accounts.page(limit=limit, after=after)
-    next_after = page[-1].id if len(page) == limit else None
-    return AccountsOut(data=[_account_out(a) for a in page], meta=PageMeta(next_after=next_after))
-
-
-def get_account(accounts: AccountStore, account_id: str) -> AccountOut:
-    account = accounts.get(account_id)
-    if account is None:
-        raise _no_account(account_id)
-    return _account_out(account)
-
-
-def set_plan(
-    accounts: AccountStore, plans: Mapping[str, Plan], account_id: str, body: PlanChangeIn
-) -> PlanChangedOut:
-    # An unknown account is 404 whatever the body says: the resource comes first.
-    if accounts.get(account_id) is None:
-        raise _no_account(account_id)
-    plan = check_plan(body.plan, plans)
-    try:
-        account = accounts.set_plan(account_id, plan)
-    except UnknownAccountError:
-        raise _no_account(account_id) from None
-    return PlanChangedOut(id=account.id, plan=account.plan)
-
-
-def create_key(accounts: AccountStore, body: KeyCreateIn) -> KeyCreatedOut:
-    try:
-        key, info = accounts.create_key(body.account, admin=body.account is None)
-    except UnknownAccountError:
-        raise _no_account(body.account or "") from None
-    return KeyCreatedOut(
-        key_prefix=info.prefix, api_key=key, account=info.account, admin=info.admin
-    )
-
-
-def list_keys(accounts: AccountStore, account_id: str | None) -> list[KeyOut]:
-    if account_id is not None and accounts.get(account_id) is None:
-        raise _no_account(account_id)
-    return [_key_out(info) for info in accounts.keys(account_id)]
-
-
-def revoke_key(accounts: AccountStore, key_prefix: str) -> KeyRevokedOut:
-    if key_prefix == ENV_ADMIN_PREFIX:
-        raise ApiError(
-            404,
-            "not_found",
-            "TALLY_ADMIN_KEY is not a stored key; unset or change it where the API runs",
-        )
-    if not accounts.revoke_key(key_prefix):
-        raise ApiError(404, "not_found", f"no active key with prefix {key_prefix!r}")
-    return KeyRevokedOut(key_prefix=key_prefix, revoked=True)
-
-
-def account_totals(
-    store: Store, topic: str, start: datetime, end: datetime, account: str | None
-) -> TotalsOut:
-    """Per-account totals over the minutes starting in [start, end), and the offsets
-    of `topic` they reflect.
-
-    One SELECT reads both the totals and the offset markers: ClickHouse answers a
-    query from one snapshot of the table's parts, and deltas are written in one
-    INSERT with the markers of the events offsets they cover, so the offsets are
-    exactly those the totals cover even while rollups are being written (what
-    `tally reconcile` needs to compare like with like).
-    """
-    since, until = minute_range(start, end)
-    rows = store.query(
-        "SELECT account, type, if(account = {m:String}, status, 0) AS part, "
-        "sum(events), sum(units_micro), max(offset_end) FROM rollup_minute "
-        "WHERE (account != {m:String} AND minute >= {since:DateTime} "
-        "AND minute < {until:DateTime} AND ({a:String} = '' OR account = {a:String})) "
-        "OR (account = {m:String} AND type = {mt:String} AND route = {topic:String}) "
-        "GROUP BY account, type, part",
-        {
-            "m": MARKER_ACCOUNT,
-            "mt": MARKER_TYPE,
-            "topic": topic,
-            "since": since,
-            "until": until,
-            "a": account or "",
-        },
-    )
-    offsets: dict[str, int] | None = None
-    usage: list[tuple[str, str, int, int]] = []
-    for acct, kind, part, events, units_micro, offset_end in rows:
-        if acct == MARKER_ACCOUNT:
-            offsets = offsets or {}
-            offsets[str(int(part))] = int(offset_end)
-        else:
-            usage.append((str(acct), str(kind), int(events), int(units_micro)))
-    totals = stored_totals(usage)
-    data = [
-        AccountTotalsOut(
-            account=name,
-            requests=t.requests,
-            units=t.units_micro / 1_000_000,
-            units_micro=t.units_micro,
-            events=dict(sorted(t.events.items())),
-        )
-        for name, t in sorted(totals.items())
-    ]
-    meta = TotalsMeta(
-        from_=format_time(start),
-        to=format_time(end),
-        minutes_from=format_time(since),
-        minutes_to=format_time(max(since, until)),
-        account=account,
-        accounts=len(data),
-        topic=topic,
-        counted_offsets=dict(sorted(offsets.items(), key=lambda kv: int(kv[0])))
-        if offsets is not None
-        else None,
-    )
-    return TotalsOut(data=data, meta=meta)
 
 
 # -- the routes --------------------------------------------------------------------

@@ -232,7 +232,7 @@ def fast_routes(app: FastAPI) -> dict[str, tuple[BaseRoute, ASGIApp]]:
 
     Answers exactly as through the router: the same endpoint, its ApiErrors through
     the app's own handler for them (as Starlette's exception middleware would call
-    it), anything else propagating to the server-error handler as before. Routing
+    it), anything else propagating to the server-error handler, as routed. Routing
     and the exception middleware otherwise cost about as much CPU as the answer
     (benchmarks/api.py); tests/integration/test_api_fast_path.py compares the two.
     """

@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from processors.rollup import RollupBuilder, marker_rows
-from processors.sink import RollupStore
+from processors.rollup import RollupBuilder, offset_markers
 from producers import events as build
 from query_api.accounts import AccountStore
 from query_api.app import create_app
@@ -29,6 +28,7 @@ from query_api.deps import Services
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, RequestEvent, StreamClosedEvent
 from schemas.store import Store
+from tests.rollups import ms, write_wire
 
 pytestmark = pytest.mark.integration
 
@@ -221,15 +221,15 @@ async def api(store_url: str) -> AsyncIterator[Api]:
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
     events = _traffic(random.Random(20260105))
-    sink = RollupStore(store)
     half = len(events) // 2
     for part in (events[:half], events[half:]):  # the same keys in two parts
         builder = RollupBuilder()
         for event in part:
             builder.add(event)
-        sink.write(builder.rows())
+        write_wire(store, builder.wire_rows())
     # Offset markers (reserved account '') ride along, as the sink writes them.
-    sink.write(marker_rows(settings.events_topic, {0: 500, 1: 400}, {0: BASE + SPAN, 1: BASE}))
+    fresh = {0: ms(BASE + SPAN), 1: ms(BASE)}
+    write_wire(store, offset_markers(settings.events_topic, {0: 500, 1: 400}, fresh))
 
     accounts = AccountStore(store)
     keys: dict[str, dict[str, str]] = {"admin": {"X-API-Key": ADMIN_KEY}}

@@ -37,13 +37,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from processors.rollup import RollupBuilder, marker_rows
-from processors.sink import RollupStore
+from processors.rollup import RollupBuilder, offset_markers
 from producers import events as build
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.store import Store
+from tests.rollups import ms, write_wire
 
 pytestmark = pytest.mark.integration
 
@@ -91,9 +91,8 @@ def seeded(store_url: str, kafka_bootstrap: str) -> Iterator[Seeded]:
         t = now - timedelta(minutes=3 * i, seconds=7)
         builder.add(build.request(ACCOUNT, "gw-1", units=1.5, route="/v1/chat", status=200, time=t))
     builder.add(build.stream_opened(ACCOUNT, "gw-1", "s-1", route="/v1/chat", time=now))
-    sink = RollupStore(store)
-    sink.write(builder.rows())
-    sink.write(marker_rows(settings_.events_topic, {0: 40}, {0: now}))
+    write_wire(store, builder.wire_rows())
+    write_wire(store, offset_markers(settings_.events_topic, {0: 40}, {0: ms(now)}))
 
     accounts = AccountStore(store)
     accounts.create(ACCOUNT, "pro")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from deploy.stack import running_pipeline
-from processors.rollup import COLUMNS, marker_rows
+from processors.rollup import offset_markers
 from processors.settings import WorkerSettings
 from producers import events as build
 from producers.gateway import Gateway
@@ -24,6 +24,7 @@ from query_api.app import create_app
 from query_api.queries import reflected_until
 from query_api.settings import ApiSettings
 from schemas.store import Store
+from tests.rollups import ms, write_wire
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +37,8 @@ async def test_a_lagging_partition_holds_updated_at_back(store: Store) -> None:
     accounts.create("acme", "pro")
     key, _ = accounts.create_key("acme", admin=False)
     fresh, lagging = NOW - timedelta(seconds=1), NOW - timedelta(seconds=120, milliseconds=500)
-    store.insert(
-        "rollup_minute",
-        marker_rows(topic, {0: 10, 1: 7, 2: 3}, {0: fresh, 1: lagging, 2: fresh}),
-        COLUMNS,
-    )
+    reflected = {0: ms(fresh), 1: ms(lagging), 2: ms(fresh)}
+    write_wire(store, offset_markers(topic, {0: 10, 1: 7, 2: 3}, reflected))
     for mode in ("auto", "off"):
         settings = ApiSettings(
             clickhouse_url=store.url,

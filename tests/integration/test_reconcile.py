@@ -31,27 +31,20 @@ from pydantic import SecretStr
 
 from deploy.kafka_local import ensure_topics
 from deploy.processes import free_port
-from deploy.reconcile_cli import (
-    EXIT_DRIFT,
-    EXIT_ERROR,
-    EXIT_OK,
-    ApiTotals,
-    StoreTotals,
-    TotalsSource,
-    run_reconcile,
-)
+from deploy.reconcile_cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, run_reconcile
+from deploy.reconcile_source import ApiTotals, StoreTotals, TotalsSource
 from deploy.stack import running_pipeline
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, marker_rows
+from processors.rollup import MARKER_ACCOUNT, offset_markers
 from processors.settings import WorkerSettings
-from processors.sink import TABLE, RollupStore
 from processors.windows import format_time
 from producers import events as build
 from producers.gateway import Gateway
+from query_api.admin_ops import account_totals
 from query_api.app import create_app
-from query_api.routes.admin import account_totals
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 from schemas.store import Store
+from tests.rollups import write_wire
 
 pytestmark = pytest.mark.integration
 
@@ -276,9 +269,10 @@ async def test_reconcile_finds_no_drift_then_exactly_the_corrupted_account(
     # One extra delta for one account, in a minute inside the range.
     victim = sorted(counted.expected)[len(counted.expected) // 2]
     minute = _ceil_minute(counted.start) + 5 * MINUTE
-    row: list[object] = [victim, minute, REQUEST, "/v1/x", "", "", 0, "", 1, 250_000]
-    row += [0.0, 0, 0, minute, 0]
-    await asyncio.to_thread(RollupStore(store).write, [row])
+    at = int(minute.timestamp())
+    row: list[object] = [victim, at, REQUEST, "/v1/x", "", "", 0, "", 1, 250_000]
+    row += [0.0, 0, 0, at * 1000, 0]
+    await asyncio.to_thread(write_wire, store, [row])
 
     code, report, err = await _reconcile(counted, StoreTotals(store))
     assert code == EXIT_DRIFT, err
@@ -397,8 +391,9 @@ async def test_admin_totals_route(api: tuple[httpx.AsyncClient, Store], unique_n
     def row(account: str, minute: datetime, kind: str, events: int, micro: int) -> list[object]:
         stream = "" if kind == REQUEST else "s1"
         status = 200 if kind == REQUEST else 0
-        head: list[object] = [account, minute, kind, "", "", "", status, stream]
-        return [*head, events, micro, 0.0, 0, 0, minute, 0]
+        at = int(minute.timestamp())
+        head: list[object] = [account, at, kind, "", "", "", status, stream]
+        return [*head, events, micro, 0.0, 0, 0, at * 1000, 0]
 
     rows = [
         row("acme", t0, REQUEST, 3, 3_000_000),
@@ -408,11 +403,10 @@ async def test_admin_totals_route(api: tuple[httpx.AsyncClient, Store], unique_n
         row("acme", t0 + 60 * MINUTE, REQUEST, 7, 7_000_000),  # after the range
         row("globex", t0 + 59 * MINUTE, REQUEST, 1, 100_000),
         row("globex", t0 - MINUTE, REQUEST, 9, 9_000_000),  # before the range
-        *marker_rows(f"{unique_name}.events", {0: 120, 1: 80}, {}),
-        *marker_rows("another.topic", {0: 999}, {}),
+        *offset_markers(f"{unique_name}.events", {0: 120, 1: 80}, {}),
+        *offset_markers("another.topic", {0: 999}, {}),
     ]
-    assert all(len(r) == len(COLUMNS) for r in rows)
-    await asyncio.to_thread(store.insert, TABLE, rows, COLUMNS)
+    await asyncio.to_thread(write_wire, store, rows)
     headers = {"X-API-Key": ADMIN_KEY}
     params = {"from": "2026-03-29T10:00:00Z", "to": "2026-03-29T11:00:00Z"}
 

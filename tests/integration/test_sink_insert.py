@@ -1,8 +1,9 @@
-"""The sink's INSERT of raw wire rows: the same stored values as the row-by-row path, one part.
+"""The sink's INSERT of raw wire rows: the same stored values as typed rows, one part.
 
 The sink hands the deltas' row bytes to ClickHouse (INSERT ... SELECT from the
 JSONCompactEachRow rows) instead of building Python rows for clickhouse-connect.
-These tests hold it to what the old path stored, and to the one-part atomicity
+These tests hold it to what clickhouse-connect stores from the same rows decoded into
+Python values (`_typed_path`, the oracle), and to the one-part atomicity
 the exactly-once design rests on (docs/exactly-once.md), on both stores: the embedded
 engine reads the rows from a file, a ClickHouse server as INSERT ... FROM input() with
 the INSERT's settings sent as HTTP settings (schemas/store.py).
@@ -19,8 +20,8 @@ import pytest
 from aiokafka.structs import TopicPartition
 
 from processors.deltas import Delta, decode, encode, read
-from processors.rollup import EPOCH, MARKER_TYPE, marker_rows
-from processors.sink import TABLE, RollupStore, Sink
+from processors.rollup import COLUMNS, EPOCH, MARKER_ACCOUNT, MARKER_TYPE
+from processors.sink import TABLE, Sink
 from schemas.store import Store
 
 U64 = 2**64 - 1
@@ -77,8 +78,22 @@ class _Record:
         self.offset, self.value = offset, value
 
 
-def _old_path(store: Store, messages: list[bytes], rollups: str, events: str) -> None:
-    """What the sink wrote before wire version 2: decoded rows through clickhouse-connect."""
+def _markers(
+    topic: str, next_offsets: dict[int, int], reflected: dict[int, datetime]
+) -> list[list[object]]:
+    """Offset markers as Python-typed rows: the oracle's side of rollup.offset_markers."""
+    return [
+        [
+            *(MARKER_ACCOUNT, EPOCH, MARKER_TYPE, topic, "", "", partition, ""),
+            *(0, 0, 0.0, 0, 0, reflected.get(partition, EPOCH), offset),
+        ]
+        for partition, offset in sorted(next_offsets.items())
+    ]
+
+
+def _typed_path(store: Store, messages: list[bytes], rollups: str, events: str) -> None:
+    """The oracle: the deltas decoded into Python-typed rows, inserted by clickhouse-connect
+    (which converts each value itself), with their markers in the same INSERT."""
     rows: list[list[object]] = []
     counted: dict[int, int] = {}
     fresh: dict[int, int] = {}
@@ -87,13 +102,13 @@ def _old_path(store: Store, messages: list[bytes], rollups: str, events: str) ->
         rows.extend(delta.rows)
         fresh[delta.partition] = max(fresh.get(delta.partition, 0), delta.reflected_ms)
         counted[delta.partition] = max(counted.get(delta.partition, -1), delta.next_offset)
-    markers = marker_rows(rollups, {0: len(messages)}, {})
-    freshness = marker_rows(
+    markers = _markers(rollups, {0: len(messages)}, {})
+    freshness = _markers(
         events,
         {p: counted[p] for p in fresh},
         {p: datetime.fromtimestamp(ms / 1000, UTC) for p, ms in fresh.items()},
     )
-    RollupStore(store).write(rows + markers + freshness)
+    store.insert(TABLE, rows + markers + freshness, COLUMNS)
 
 
 @pytest.fixture(params=["embedded", "server"])
@@ -112,7 +127,7 @@ def _stored(store: Store) -> list[tuple[Any, ...]]:
     """The table as every reader sees it: rows of one key summed (merges are eventual).
 
     The rollups topic's markers carry when the sink wrote them (for /readyz), which
-    the path before them did not: that time is left out of the comparison.
+    the oracle's markers do not carry: that time is left out of the comparison.
     """
     rows = store.query(
         f"SELECT {KEY}, sum(events), sum(units_micro), sum(latency_ms_sum), sum(bytes_in), "
@@ -139,13 +154,13 @@ def _open(store_url: str, database: str) -> Store:
     return store
 
 
-async def test_raw_rows_store_exactly_what_the_row_path_stored(
+async def test_raw_rows_store_exactly_what_typed_rows_store(
     target_url: str, unique_name: str
 ) -> None:
     messages = [m for delta in _deltas() for m in encode(delta)]
     old = _open(target_url, f"{unique_name}_old")
     new = _open(target_url, f"{unique_name}_new")
-    _old_path(old, messages, "r", "e")
+    _typed_path(old, messages, "r", "e")
 
     sink = _gated_sink(new)
     heard: list[list[Any]] = []
@@ -174,7 +189,7 @@ async def test_version_1_messages_are_still_applied(target_url: str, unique_name
     )
     old = _open(target_url, f"{unique_name}_old")
     new = _open(target_url, f"{unique_name}_new")
-    _old_path(old, encode(delta), "r", "e")
+    _typed_path(old, encode(delta), "r", "e")
     sink = _gated_sink(new)
     await sink._apply([(TopicPartition("r", 0), [_Record(0, v1)])])
     assert _stored(new) == _stored(old)

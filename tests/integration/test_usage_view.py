@@ -6,7 +6,7 @@ opened and closed streams, minutes over weeks before and after the clocks used,
 accounts with no rollups and rollups with no account, freshness markers. The view
 is loaded, then for many accounts at several instants `view.usage_reads` must equal
 `queries.usage_reads` field for field. More random INSERTs then go both to the store
-(`RollupStore.write`) and to the view (`apply`, the sink's listener), and the
+(`RollupStore.write_json`) and to the view (`apply`, the sink's listener), and the
 comparison runs again; keys and revocation likewise.
 """
 
@@ -16,14 +16,14 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from processors.rollup import marker_rows
-from processors.sink import RollupStore
+from processors.rollup import offset_markers
 from query_api import queries
 from query_api.accounts import AccountStore
 from query_api.usage import history_start, history_start_any_anchor
 from query_api.view import UsageView
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 from schemas.store import Store
+from tests.rollups import write_wire
 
 TOPIC = "view.events"
 HISTORY = timedelta(days=42)
@@ -105,20 +105,6 @@ def _boundary_rows() -> list[list[Any]]:
     return rows
 
 
-def _store_rows(wire: list[list[Any]]) -> list[list[object]]:
-    """The sink's layout for wire rows (as processors.deltas.decode builds it)."""
-    return [
-        [
-            *row[:1],
-            datetime.fromtimestamp(row[1], UTC),
-            *row[2:13],
-            datetime.fromtimestamp(row[13] / 1000, UTC),
-            0,
-        ]
-        for row in wire
-    ]
-
-
 def _write(
     store: Store, rng: random.Random, count: int, offsets: dict[int, int]
 ) -> tuple[list[list[Any]], dict[int, int]]:
@@ -130,12 +116,9 @@ def _write(
     }
     for p in fresh:
         offsets[p] = offsets.get(p, 0) + rng.randrange(1, 100)
-    markers = marker_rows(
-        TOPIC,
-        {p: offsets[p] for p in fresh},
-        {p: datetime.fromtimestamp(ms / 1000, UTC) for p, ms in fresh.items()},
-    )
-    RollupStore(store).write(_store_rows(wire) + markers)
+    markers = offset_markers(TOPIC, {p: offsets[p] for p in fresh}, fresh)
+    # The wire rows the listeners get carry no offset_end; the INSERT's rows do.
+    write_wire(store, [[*row, 0] for row in wire] + markers)
     return wire, fresh
 
 

@@ -9,7 +9,8 @@ from pydantic import TypeAdapter, ValidationError
 from query_api.keys import prefix_of
 from schemas.cluster import valid_cluster
 from schemas.events import Rfc3339
-from schemas.store import Store, StoreError
+from schemas.exceptions import StoreError
+from schemas.store import Store
 
 KEY = "tly_0123456789ab_" + "A" * 32
 

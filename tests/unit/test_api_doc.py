@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from unittest.mock import MagicMock
 
 import pytest
 from fastapi.testclient import TestClient
 
 from deploy.cli import parser
-from processors.decode import REASONS
+from processors.decode import Reason
 from query_api.app import create_app
 from query_api.errors import ERROR_CODES
 from query_api.plans import DEFAULT_PLANS
@@ -112,7 +112,7 @@ def test_every_documented_endpoint_exists(client: TestClient, doc: str) -> None:
 
 def test_every_dead_letter_reason_is_documented(doc: str) -> None:
     dlq = section(doc, "Events")
-    for reason in REASONS:
+    for reason in get_args(Reason):
         assert f"| `{reason}` |" in dlq, f"DLQ reason {reason} is missing from docs/api.md"
 
 

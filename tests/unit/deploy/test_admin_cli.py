@@ -10,19 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy import admin_cli
-from deploy.admin_cli import (
-    SHOWN_ONCE,
-    AdminCliError,
-    Backend,
-    HttpBackend,
-    choose_backend,
-    execute,
-    fields,
-    store_unavailable_message,
-    table,
-)
+from deploy import admin_backend, admin_cli
+from deploy.admin_backend import Backend, HttpBackend
+from deploy.admin_cli import SHOWN_ONCE, choose_backend, execute, fields, table
+from deploy.admin_store import store_unavailable_message
 from deploy.cli import parser
+from deploy.exceptions import AdminCliError
 
 KEY = "tly_3f9c2a7b1d04_" + "Q" * 32
 CREATED = "2026-02-01T09:30:00.000Z"
@@ -460,4 +453,4 @@ def test_http_backend_unreachable_or_not_tally() -> None:
 
 
 def test_nothing_listens_means_no_api() -> None:
-    assert admin_cli.api_answers("http://127.0.0.1:1", timeout_s=0.5) is False
+    assert admin_backend.api_answers("http://127.0.0.1:1", timeout_s=0.5) is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -12,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from deploy import cli, cli_support
-from deploy.kafka_local import TopicSetupError
+from deploy.exceptions import LocalServerError, TopicSetupError
 from producers.loadgen import LoadgenResult
-from schemas.store import StoreError
+from schemas.exceptions import OperatorError, StoreError
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +179,7 @@ def test_bad_settings_exit_2_listing_the_variable(
     assert "TALLY_LOG_FORMAT" in err
 
 
-def test_a_held_embedded_store_is_named(tmp_path: Path) -> None:
+def test_a_held_embedded_store_is_named_from_the_error_url(tmp_path: Path) -> None:
     path = tmp_path / "clickhouse"
     path.mkdir()
     url = f"chdb://{path}"
@@ -188,9 +189,8 @@ def test_a_held_embedded_store_is_named(tmp_path: Path) -> None:
     fcntl.flock(other, fcntl.LOCK_EX)
     try:
         assert cli_support.store_held(url)
-        message = cli_support.explain(
-            StoreError(f"cannot open the ClickHouse store at {url}: Code: 36. (BAD_ARGUMENTS)")
-        )
+        # The message does not name the store: the URL comes from the attribute.
+        message = cli_support.explain(StoreError("Code: 36. (BAD_ARGUMENTS)", url=url))
     finally:
         os.close(other)
     assert not cli_support.store_held(url)
@@ -199,9 +199,16 @@ def test_a_held_embedded_store_is_named(tmp_path: Path) -> None:
     assert "Stop that process" in message
 
 
-def test_a_store_error_that_is_not_a_lock_keeps_its_message() -> None:
-    error = StoreError("cannot open the ClickHouse store at http://db:8123: refused. Check ...")
-    assert cli_support.explain(error) == str(error)
+def test_a_store_error_that_is_not_a_lock_keeps_its_message_and_hint() -> None:
+    error = StoreError(
+        "cannot open the ClickHouse store at http://db:8123: refused.",
+        "Check TALLY_CLICKHOUSE_URL.",
+        url="http://db:8123",
+    )
+    assert error.url == "http://db:8123"
+    assert cli_support.explain(error) == (
+        "cannot open the ClickHouse store at http://db:8123: refused. Check TALLY_CLICKHOUSE_URL."
+    )
 
 
 @pytest.mark.parametrize(
@@ -211,8 +218,12 @@ def test_a_store_error_that_is_not_a_lock_keeps_its_message() -> None:
             OSError(errno.EADDRINUSE, "Address already in use"),
             "already in use (Address already in use). Another Tally process may run",
         ),
-        (TopicSetupError("Could not create/verify topics ['t'] on x:1 within 30s"), "within 30s"),
-        (RuntimeError("No Kafka broker jars in /x. Run `make setup`"), "Run `make setup`"),
+        (
+            TopicSetupError("Could not create/verify topics ['t'] on x:1 within 30s", "Check X."),
+            "within 30s Check X.",
+        ),
+        (LocalServerError("No Kafka broker jars in /x.", "Run `make setup`."), "Run `make setup`"),
+        (KafkaConnectionError("refused"), "cannot reach Kafka at 127.0.0.1:9092 (the default)"),
     ],
 )
 def test_operator_errors_are_explained(error: Exception, expected: str) -> None:
@@ -221,13 +232,35 @@ def test_operator_errors_are_explained(error: Exception, expected: str) -> None:
     assert expected in message
 
 
-def test_bugs_keep_their_traceback() -> None:
-    def broken() -> int:
-        raise KeyError("a bug")
+def test_an_operator_error_prints_its_hint_and_exits_2() -> None:
+    def refused() -> int:
+        raise OperatorError("the port 9092 is taken.", "Stop the other broker.")
 
-    with pytest.raises(KeyError):
-        cli_support.guarded(broken)
-    assert cli_support.explain(ValueError("x")) is None
+    err = io.StringIO()
+    assert cli_support.guarded(refused, err=err) == cli_support.EXIT_UNAVAILABLE
+    assert err.getvalue() == "tally: the port 9092 is taken. Stop the other broker.\n"
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        KeyError("a bug"),
+        RuntimeError("No Kafka broker jars: a message that reads like a hint"),
+        ValueError("x"),
+        KafkaError("an aiokafka state error"),
+    ],
+)
+def test_bugs_keep_their_traceback(bug: Exception) -> None:
+    def broken() -> int:
+        raise bug
+
+    err = io.StringIO()
+    with pytest.raises(type(bug)) as raised:
+        cli_support.guarded(broken, err=err)
+    assert raised.value is bug
+    assert raised.traceback  # the bug's own frames, not one line on stderr
+    assert err.getvalue() == ""
+    assert cli_support.explain(bug) is None
 
 
 def test_up_json_is_one_line_with_addresses_and_demo_keys(

@@ -39,7 +39,7 @@ from processors.metrics import PipelineCollector
 from processors.sink import SinkStats
 from query_api.metrics import REQUEST_SECONDS
 from tests.unit.deploy.kustomize import K8S, kustomize_build
-from tests.unit.deploy.test_manifests import (
+from tests.unit.deploy.manifest_checks import (
     DEPLOY,
     compose_argv,
     compose_listens,

@@ -15,7 +15,8 @@ import pytest
 
 from processors import app as app_module
 from processors.app import RollupWorker
-from processors.output import FencedError, Record
+from processors.exceptions import FencedError
+from processors.output import Record
 from processors.settings import WorkerSettings
 
 

@@ -166,7 +166,7 @@ def _run(messages: list[Message], native: bool) -> BatchResult:
     assert (pipeline._fold is not None) is native
     for partition in range(2):
         pipeline.resume(partition, 0)
-    return pipeline.process(messages, wire=True)
+    return pipeline.process(messages)
 
 
 @FUZZ

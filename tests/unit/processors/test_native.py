@@ -1,6 +1,6 @@
 """The native fold (native/, tally_fold) against the Python reference it stands in for.
 
-`Pipeline.process(wire=True)` folds natively; `Pipeline(native=False)` folds the
+`Pipeline.process` folds natively; `Pipeline(native=False)` folds the
 same messages through decode_flat (the models) and RollupBuilder. Both must agree
 on everything: rows (parsed, exactly), counts, duplicates, dead letters, offsets.
 The messages mix valid events with every kind of near miss the native parser must
@@ -247,7 +247,7 @@ def _run(
     assert (pipeline._fold is not None) is native  # the fold under test really runs
     for partition in range(2):
         pipeline.resume(partition, resume)
-    result = pipeline.process(messages, wire=True)
+    result = pipeline.process(messages)
     KEYS_LEFT[native] = pipeline.dedup_keys()
     return result
 

@@ -86,7 +86,7 @@ def _fold(
     p = Pipeline("t", limits, 3_600, 100_000, clock=lambda: now, native=native)
     assert (p._fold is not None) is native  # the fold under test really runs
     p.resume(0, 0)
-    return p.process(messages, wire=True)
+    return p.process(messages)
 
 
 def _agree(raw: bytes, limits: Limits = LIMITS, now: datetime = NOW) -> bool:
@@ -315,7 +315,7 @@ def _run(messages: list[Message], native: bool) -> Any:
     p.resume(1, 0)
     taken = 0
     for start in range(0, len(messages), 40):
-        r = p.process(messages[start : start + 40], wire=True)
+        r = p.process(messages[start : start + 40])
         taken += r.fast_messages
         steps.append(
             (

@@ -7,8 +7,9 @@ import orjson
 import pytest
 
 from processors.decode import Limits
-from processors.pipeline import Message, Pipeline
-from processors.rollup import COLUMNS, MARKER_ACCOUNT
+from processors.deltas import rows_of
+from processors.pipeline import BatchResult, Message, Pipeline
+from processors.rollup import COLUMNS
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)
 
@@ -36,23 +37,25 @@ def _pipeline() -> Pipeline:
     return pipeline
 
 
-def _deltas(rows: list[list[object]]) -> dict[tuple[object, ...], dict[str, object]]:
-    out = {}
-    for row in rows:
-        named = dict(zip(COLUMNS, row, strict=True))
-        if named["account"] != MARKER_ACCOUNT:
-            out[(named["account"], named["type"])] = named
-    return out
+def _rows(result: BatchResult) -> list[dict[str, object]]:
+    """The batch's delta rows by column name (the wire layout: no offset_end)."""
+    return [
+        dict(zip(COLUMNS, row, strict=False)) for body, _ in result.bodies for row in rows_of(body)
+    ]
+
+
+def _deltas(result: BatchResult) -> dict[tuple[object, ...], dict[str, object]]:
+    return {(row["account"], row["type"]): row for row in _rows(result)}
 
 
 def test_counts_units_exactly_and_drops_duplicates() -> None:
     pipeline = _pipeline()
     batch = orjson.dumps([_event("1"), _event("2"), _event("1")])
     result = pipeline.process([Message(0, 0, batch), Message(0, 1, orjson.dumps(_event("2")))])
-    delta = _deltas(result.rows)[("acct-1", "tally.request.v1")]
+    delta = _deltas(result)[("acct-1", "tally.request.v1")]
     assert delta["events"] == 2
     assert delta["units_micro"] == 2_500_000
-    assert delta["minute"] == datetime(2026, 3, 29, 11, 59, tzinfo=UTC)
+    assert delta["minute"] == int(datetime(2026, 3, 29, 11, 59, tzinfo=UTC).timestamp())
     assert result.duplicates == 2
     assert result.next_offsets == {0: 2}
 
@@ -66,7 +69,7 @@ def test_stream_cost_counts_and_rejections_become_dead_letters() -> None:
             Message(1, 11, b"garbage"),
         ]
     )
-    assert _deltas(result.rows)[("acct-1", "tally.stream.closed.v1")]["units_micro"] == 4_000_000
+    assert _deltas(result)[("acct-1", "tally.stream.closed.v1")]["units_micro"] == 4_000_000
     [letter] = result.dead_letters
     assert (letter.partition, letter.offset, letter.rejection.reason) == (1, 11, "malformed_json")
     assert result.next_offsets == {1: 12}
@@ -79,7 +82,7 @@ def test_messages_below_the_resume_offset_are_not_counted_again_but_remembered()
     result = pipeline.process(replay)
     assert result.replayed == 5
     assert result.counted == 0
-    assert _deltas(result.rows) == {}
+    assert _deltas(result) == {}
     # A re-send of an event counted before the restart is still a duplicate.
     result = pipeline.process(
         [Message(0, 5, orjson.dumps(_event("e3"))), Message(0, 6, orjson.dumps(_event("new")))]
@@ -99,7 +102,7 @@ def test_remembered_history_makes_its_valid_events_duplicates(native: bool) -> N
     pipeline.remember(0, orjson.dumps([_event("d"), _event("x", subject="bad subject")]))
     assert pipeline.dedup_keys() == 4
     again = [_event(i) for i in ("a", "b", "c", "d", "x", "new")]
-    result = pipeline.process([Message(0, 3, orjson.dumps(again))], wire=True)
+    result = pipeline.process([Message(0, 3, orjson.dumps(again))])
     assert (result.counted, result.duplicates) == (2, 4)
 
 
@@ -108,8 +111,7 @@ def test_dimensions_are_kept_apart() -> None:
     a = _event("a", data={"units": 1, "route": "/v1/x", "status": 200, "model": "m"})
     b = _event("b", data={"units": 1, "route": "/v1/x", "status": 500, "model": "m"})
     result = pipeline.process([Message(0, 0, orjson.dumps([a, b]))])
-    rows = [dict(zip(COLUMNS, r, strict=True)) for r in result.rows if r[0] != MARKER_ACCOUNT]
-    assert sorted((r["route"], r["status"], r["events"]) for r in rows) == [
+    assert sorted((r["route"], r["status"], r["events"]) for r in _rows(result)) == [
         ("/v1/x", 200, 1),
         ("/v1/x", 500, 1),
     ]

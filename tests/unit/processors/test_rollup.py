@@ -2,14 +2,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, RollupBuilder, marker_rows
+from processors.deltas import store_rows
+from processors.rollup import (
+    COLUMNS,
+    MARKER_ACCOUNT,
+    MARKER_TYPE,
+    RollupBuilder,
+    offset_markers,
+)
 from producers import events as build
 
 T0 = datetime(2026, 3, 29, 10, 15, 42, 123000, tzinfo=UTC)
 
 
 def _rows(builder: RollupBuilder) -> list[dict[str, object]]:
-    return [dict(zip(COLUMNS, row, strict=True)) for row in builder.rows()]
+    return [dict(zip(COLUMNS, row, strict=True)) for row in store_rows(builder.wire_rows())]
 
 
 def test_streams_are_keyed_by_stream_id_and_keep_their_latest_time() -> None:
@@ -37,9 +44,11 @@ def test_request_units_are_exact_millionths() -> None:
 
 
 def test_markers_carry_offset_and_freshness_per_partition() -> None:
-    rows = marker_rows("events", {3: 100, 1: 7}, {3: T0})
+    t0_ms = int(T0.timestamp() * 1000)
+    rows = offset_markers("events", {3: 100, 1: 7}, {3: t0_ms})
     named = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
     assert [(r["status"], r["offset_end"]) for r in named] == [(1, 7), (3, 100)]
     assert all(r["account"] == MARKER_ACCOUNT and r["type"] == MARKER_TYPE for r in named)
-    assert named[1]["last_time"] == T0
-    assert named[0]["last_time"] == datetime.fromtimestamp(0, UTC)
+    assert all(r["route"] == "events" and r["minute"] == 0 for r in named)
+    assert named[1]["last_time"] == t0_ms
+    assert named[0]["last_time"] == 0

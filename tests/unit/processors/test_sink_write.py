@@ -8,8 +8,9 @@ import orjson
 import pytest
 
 from processors import sink as sink_module
+from processors.exceptions import SinkFencedError
 from processors.sink import Sink
-from processors.sink_fence import Gate, SinkFencedError
+from processors.sink_fence import Gate
 
 
 class FakeRollups:

@@ -18,7 +18,6 @@ from processors.windows import (
     chain_start,
     current_first_request_window,
     day_window,
-    first_request_windows,
     fixed_window,
     format_time,
     minute_window,
@@ -280,15 +279,6 @@ ACTIVITY = [
 ]
 
 
-def test_first_request_windows_start_at_the_first_minute_after_the_previous_end() -> None:
-    assert first_request_windows(ACTIVITY, HOURS_5) == [
-        win(DAY.replace(hour=10), DAY.replace(hour=15)),
-        win(DAY.replace(hour=15), DAY.replace(hour=20)),
-        win(DAY.replace(hour=21), utc(2026, 3, 30, 2)),
-    ]
-    assert first_request_windows([], HOURS_5) == []
-
-
 @pytest.mark.parametrize(
     ("now", "expected"),
     [
@@ -330,16 +320,18 @@ def test_chain_start_is_the_last_gap_of_at_least_length() -> None:
     assert chain_start(ACTIVITY[:5], HOURS_5) == 0
     exact = [DAY.replace(hour=10), DAY.replace(hour=15)]
     assert chain_start(exact, HOURS_5) == 1
-    assert first_request_windows(exact, HOURS_5) == [
-        win(DAY.replace(hour=10), DAY.replace(hour=15)),
-        win(DAY.replace(hour=15), DAY.replace(hour=20)),
-    ]
+    # A window ending exactly where the next activity lies: that minute starts the next.
+    at_end = DAY.replace(hour=15)
+    before_end = DAY.replace(hour=14, minute=59)
+    assert current_first_request_window(exact, HOURS_5, before_end) == win(
+        DAY.replace(hour=10), at_end
+    )
+    assert current_first_request_window(exact, HOURS_5, at_end) == win(at_end, DAY.replace(hour=20))
     assert chain_start([], HOURS_5) == 0
 
 
 BadCall = Callable[[Sequence[datetime], timedelta], Any]
 FIRST_REQUEST_CALLS: list[BadCall] = [
-    first_request_windows,
     chain_start,
     lambda a, n: current_first_request_window(a, n, DAY),
 ]
@@ -368,15 +360,6 @@ def test_first_request_inputs_are_validated(
 
 @FAST
 @given(minute_starts, offsets, lengths)
-def test_first_request_windows_match_minute_by_minute_simulation(
-    base: datetime, minutes: list[int], length: timedelta
-) -> None:
-    activity = activity_from(base, minutes)
-    assert first_request_windows(activity, length) == brute_first_request_windows(activity, length)
-
-
-@FAST
-@given(minute_starts, offsets, lengths)
 def test_chain_start_gives_the_same_last_windows(
     base: datetime, minutes: list[int], length: timedelta
 ) -> None:
@@ -384,11 +367,16 @@ def test_chain_start_gives_the_same_last_windows(
     i = chain_start(activity, length)
     gaps = [j for j in range(1, len(activity)) if activity[j] - activity[j - 1] >= length]
     assert i == (gaps[-1] if gaps else 0)
-    full = first_request_windows(activity, length)
-    tail = first_request_windows(activity[i:], length)
-    assert tail == full[len(full) - len(tail) :]
+    # What query_api/usage.py relies on: from activity[i] on, the history before i
+    # changes no window.
+    for now in activity[i:]:
+        assert current_first_request_window(
+            activity[i:], length, now
+        ) == current_first_request_window(activity, length, now)
     if activity:
-        assert tail[0].start == activity[i]
+        first = current_first_request_window(activity[i:], length, activity[i])
+        assert first is not None
+        assert first.start == activity[i]
 
 
 @FAST

@@ -61,7 +61,7 @@ def test_random_keys_of_either_recipe_pass() -> None:
         assert admin_key_problem(urlsafe) is None, urlsafe
         assert admin_key_problem(hexed) is None, hexed
     assert ApiSettings(admin_key="0123456789abcdef" * 2).admin_key is not None
-    assert ApiSettings().admin_key is None  # unset: no admin key at all, as before
+    assert ApiSettings().admin_key is None  # unset: no admin key at all
 
 
 def test_a_refused_key_is_not_echoed(

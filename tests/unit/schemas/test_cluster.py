@@ -12,9 +12,10 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import store as store_module
-from schemas.cluster import ClusterDDLError, check_shards, render
+from schemas.cluster import check_shards, render
+from schemas.exceptions import ClusterDDLError, StoreError
 from schemas.settings import TallySettings
-from schemas.store import Store, StoreError, migrations
+from schemas.store import Store, migrations
 
 ZK = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
 
