@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from producers.batches import Batch
+from producers.batches import Batch, Receipt
 from producers.events import (
     MAX_PLAIN_EVENT_BYTES,
     PLAIN_EVENT_TYPES,
@@ -48,7 +48,7 @@ _DEFERRED: Final = Encoding.DEFERRED
 
 
 class _Buffer:
-    __slots__ = ("events", "key", "models", "size")
+    __slots__ = ("events", "key", "models", "receipts", "size")
 
     def __init__(self) -> None:
         self.events: list[bytes] = []
@@ -57,6 +57,8 @@ class _Buffer:
         self.key = b""
         self.models: list[AnyEvent] = []
         """Events not encoded yet (deferred mode: encoded as one array when sealed)."""
+        self.receipts: list[Receipt] = []
+        """The `deliver` calls with events in this buffer; they go with it when sealed."""
 
 
 class Batcher:
@@ -134,6 +136,9 @@ class Batcher:
             # too large for any message is refused here, not lost at seal.
             self.check_size(event, encode_event(event))
         buf = self._buffers[p]
+        if buf.events:  # encoded events of `add_raw` go out first, in order
+            self.seal(p)
+            buf = self._buffers[p]
         models = buf.models
         if not models:
             buf.key = subject.encode()
@@ -165,6 +170,54 @@ class Batcher:
         ledger.recorded += 1
         ledger.unacked += 1
         if len(buf.events) >= self._max_batch:
+            self.seal(p)
+            return True
+        return False
+
+    def add_raw(self, subject: str, data: bytes, receipt: Receipt) -> bool:
+        """Buffer an event already encoded (`data`, its JSON) for `subject`'s partition,
+        for `receipt` to learn when Kafka acknowledged it. True when a message was
+        sealed. Raises ValueError for an event no message can carry."""
+        if len(data) + 2 > self._max_bytes:
+            raise ValueError(
+                f"an event of {subject!r} is {len(data)} bytes, more than the largest "
+                f"message ({self._max_bytes} bytes)"
+            )
+        p = self._placement.get(subject)
+        if p is None:
+            p = self._place(subject)
+        buf = self._buffers[p]
+        encoder = self._encoder
+        if encoder is not None:
+            n = encoder.add_raw(p, data)
+            if n == encoder.FULL:
+                self.seal(p)
+                n = encoder.add_raw(p, data)
+            if n <= 0:
+                raise AssertionError(f"the encoder refused {len(data)} bytes within the bound")
+            if n == 1:
+                buf.key = subject.encode()
+                self._started(p)
+        else:
+            if buf.models or (buf.events and buf.size + 1 + len(data) + 2 > self._max_bytes):
+                self.seal(p)
+                buf = self._buffers[p]
+            if not buf.events:
+                buf.key = subject.encode()
+                buf.size = len(data)
+                self._started(p)
+            else:
+                buf.size += 1 + len(data)
+            buf.events.append(data)
+            n = len(buf.events)
+        receipts = buf.receipts
+        if not receipts or receipts[-1] is not receipt:
+            receipts.append(receipt)
+            receipt.pending += 1
+        ledger = self._ledger
+        ledger.recorded += 1
+        ledger.unacked += 1
+        if n >= self._max_batch:
             self.seal(p)
             return True
         return False
@@ -252,13 +305,16 @@ class Batcher:
     def seal(self, p: int) -> None:
         """Hand partition p's buffered events to the sender as one message."""
         buf = self._buffers[p]
+        receipts = buf.receipts or None
+        if receipts is not None:
+            buf.receipts = []
         if self._encoder is not None:
             value, count = self._encoder.take(p)
             self._since.pop(p, None)
             if count == 1:  # a lone event goes out as a single event, as in the other modes
-                self._enqueue(Batch(p, buf.key, [value[1:-1]]))
+                self._enqueue(Batch(p, buf.key, [value[1:-1]], receipts=receipts))
             elif count:
-                self._enqueue(Batch(p, buf.key, value=value, count=count))
+                self._enqueue(Batch(p, buf.key, value=value, count=count, receipts=receipts))
             return
         if buf.models:
             self._buffers[p] = _Buffer()
@@ -268,7 +324,7 @@ class Batcher:
             return
         if not buf.events:
             return
-        self._enqueue(Batch(p, buf.key, buf.events))
+        self._enqueue(Batch(p, buf.key, buf.events, receipts=receipts))
         self._buffers[p] = _Buffer()
         self._since.pop(p, None)
 

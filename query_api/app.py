@@ -19,14 +19,17 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from processors.gc_tuning import tune_gc
+from processors.settings import WorkerSettings
+from producers.settings import ProducerSettings
 from query_api import errors, metrics
 from query_api.accounts import AccountStore
 from query_api.deps import Services, utcnow
 from query_api.guard import RequestGuard
+from query_api.ingest import Ingest, Publisher, worker_limits
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
 from query_api.readiness import Readiness
-from query_api.routes import admin, analytics, dashboard, docs, health, usage
+from query_api.routes import admin, analytics, dashboard, docs, events, health, usage
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from schemas.store import Store
@@ -102,7 +105,9 @@ def log_access(scope: Scope, status: int, request_id: str, started: float) -> No
     principal = scope.get("state", {}).get("principal")
     account = None
     if principal is not None:
-        account = "admin" if principal.admin and principal.account is None else principal.account
+        account = principal.account
+        if account is None:
+            account = "admin" if principal.admin else "ingest"
     host = None
     for name, value in scope["headers"]:
         if name == b"host":
@@ -206,11 +211,14 @@ def create_app(
     now: Callable[[], datetime] | None = None,
     rate_clock: Clock | None = None,
     fast_path: bool = True,
+    ingest: Ingest | None = None,
 ) -> FastAPI:
     """The app. `now` pins the clock usage is computed at; `rate_clock` (monotonic
     seconds) drives the rate limiter's refills. Both are for tests, as is
-    `fast_path=False` (every route through FastAPI's router, to compare answers)."""
+    `fast_path=False` (every route through FastAPI's router, to compare answers).
+    `ingest`: what POST /api/v1/events uses (default: `new_ingest(settings)`)."""
     view = new_view(settings, store, now or utcnow)
+    ingest = ingest or new_ingest(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -222,6 +230,7 @@ def create_app(
             # short-lived objects (processors/gc_tuning.py says why).
             tune_gc()
         yield
+        await ingest.publisher.close()
 
     app = FastAPI(
         title="Tally usage API",
@@ -243,12 +252,15 @@ def create_app(
         ),
         now=now or utcnow,
         readiness=Readiness(settings, store, now or utcnow),
+        ingest=ingest,
     )
     errors.install(app)
 
     app.include_router(usage.router)
     app.include_router(analytics.router)
     app.include_router(admin.router)
+    app.include_router(events.router)
+    events.install_schemas(app)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
@@ -257,6 +269,18 @@ def create_app(
     app.add_middleware(RequestGuard, services=services)
     app.add_middleware(RequestMiddleware, fast_routes=usage.fast_routes(app) if fast_path else None)
     return app
+
+
+def new_ingest(settings: ApiSettings) -> Ingest:
+    """POST /api/v1/events as configured: the worker's limits (TALLY_MAX_EVENT_BYTES,
+    TALLY_MAX_LATENESS_S, TALLY_MAX_FUTURE_S) and the producer's settings
+    (TALLY_PRODUCER_*), read from the environment like the worker's and gateways'. The
+    producer itself is made on the first body (query_api/ingest.py `Publisher`)."""
+    return Ingest(
+        limits=worker_limits(WorkerSettings(), settings.ingest_max_body_bytes),
+        max_events=settings.ingest_max_events,
+        publisher=Publisher(settings, ProducerSettings(), settings.ingest_timeout_s),
+    )
 
 
 def new_view(settings: ApiSettings, store: Store, now: Callable[[], datetime]) -> UsageView | None:

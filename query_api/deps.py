@@ -13,6 +13,7 @@ from fastapi import Depends, Request, Response
 
 from query_api.accounts import AccountStore, Principal
 from query_api.errors import ApiError, rate_limited, unauthorized
+from query_api.ingest import Ingest
 from query_api.plans import Plan
 from query_api.ratelimit import RateLimiter
 from query_api.readiness import Readiness
@@ -39,6 +40,8 @@ class Services:
     """The in-memory usage view (query_api/view.py); None: read the store per request."""
     readiness: Readiness | None = None
     """/readyz's cached verdict (query_api/readiness.py)."""
+    ingest: Ingest | None = None
+    """POST /api/v1/events (query_api/ingest.py); None: this process takes no events."""
 
 
 async def usage_view(svc: Services) -> UsageView | None:
@@ -131,10 +134,34 @@ async def _lookup(svc: Services, key: str) -> Principal | None:
     return await asyncio.to_thread(svc.accounts.authenticate, key)
 
 
+INGEST_READS_NOTHING = "an ingest key only sends events (POST /api/v1/events); it reads nothing"
+
+
 async def account_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    if caller.ingest:
+        raise ApiError(403, "forbidden", INGEST_READS_NOTHING)
     if caller.account is None:
         raise ApiError(
             403, "forbidden", "admin keys have no usage of their own; use an account key"
+        )
+    return caller
+
+
+async def reader_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    """An account or admin key: what may read usage (an ingest key may not)."""
+    if caller.ingest:
+        raise ApiError(403, "forbidden", INGEST_READS_NOTHING)
+    return caller
+
+
+async def ingest_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    """An ingest or admin key: what may send events (an account key may not)."""
+    if not (caller.ingest or caller.admin):
+        raise ApiError(
+            403,
+            "forbidden",
+            "an account key may not send events; use an ingest key "
+            '(POST /api/v1/admin/keys with {"ingest": true})',
         )
     return caller
 
@@ -160,6 +187,7 @@ NO_STORE_HEADER = {
 """The header `no_store` sets, for the OpenAPI `headers` of those answers."""
 
 ServicesDep = Annotated[Services, Depends(services)]
-CallerDep = Annotated[Principal, Depends(principal)]
+CallerDep = Annotated[Principal, Depends(reader_principal)]
 AccountCallerDep = Annotated[Principal, Depends(account_principal)]
 AdminDep = Annotated[Principal, Depends(admin_principal)]
+IngestDep = Annotated[Principal, Depends(ingest_principal)]
