@@ -142,17 +142,22 @@ class RequestMiddleware:
     request through a task group and memory streams, and every extra layer wraps
     `send` once more; both cost CPU on every answer (benchmarks/api.py).
 
-    `fast_routes` maps an exact path to (route, ASGI app) for GET: those requests skip
-    Starlette/FastAPI routing and its exception middleware (the app handles its own
-    errors, see routes/usage.py). Anything else, other methods and paths included,
-    goes through the full app as usual.
+    `fast_routes` maps an exact path to (route, ASGI app) for GET, `fast_posts` for
+    POST: those requests skip Starlette/FastAPI routing and its exception middleware
+    (the app handles its own errors, see routes/usage.py and routes/events.py).
+    Anything else, other methods and paths included, goes through the full app as
+    usual.
     """
 
     def __init__(
-        self, app: ASGIApp, fast_routes: dict[str, tuple[BaseRoute, ASGIApp]] | None = None
+        self,
+        app: ASGIApp,
+        fast_routes: dict[str, tuple[BaseRoute, ASGIApp]] | None = None,
+        fast_posts: dict[str, tuple[BaseRoute, ASGIApp]] | None = None,
     ) -> None:
         self.app = app
         self.fast_routes = fast_routes or {}
+        self.fast_posts = fast_posts or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,8 +194,10 @@ class RequestMiddleware:
             await send(message)
 
         app = self.app
-        if scope["method"] == "GET" and not scope.get("root_path"):
-            fast = self.fast_routes.get(scope["path"])
+        method = scope["method"]
+        if (method == "GET" or method == "POST") and not scope.get("root_path"):
+            routes = self.fast_routes if method == "GET" else self.fast_posts
+            fast = routes.get(scope["path"])
             if fast is not None:
                 route, app = fast
                 scope["route"] = route
@@ -267,7 +274,11 @@ def create_app(
     app.include_router(docs.router)
     # Inside RequestMiddleware: its refusals get request ids and access-log lines.
     app.add_middleware(RequestGuard, services=services)
-    app.add_middleware(RequestMiddleware, fast_routes=usage.fast_routes(app) if fast_path else None)
+    app.add_middleware(
+        RequestMiddleware,
+        fast_routes=usage.fast_routes(app) if fast_path else None,
+        fast_posts=events.fast_routes(app, services) if fast_path else None,
+    )
     return app
 
 

@@ -7,10 +7,14 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from query_api.deps import IngestDep, ServicesDep
+from query_api.deps import Services, ingest_principal, principal, services
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
+from query_api.guard import RequestGuard
 from query_api.ingest import BATCH, JSON, SINGLE, check_body
 from schemas.events import EVENT_ADAPTER
 
@@ -121,7 +125,12 @@ with the dead-letter reason; the valid ones are accepted. Re-sending an event (s
         }
     },
 )
-async def post_events(request: Request, caller: IngestDep, svc: ServicesDep) -> Response:
+async def post_events(request: Request) -> Response:
+    # The hot path, as routes/usage.py's: the caller is resolved by calling the
+    # dependencies rather than declaring them, and the body is read raw (the native
+    # check parses it), not by FastAPI.
+    svc = await services(request)
+    await ingest_principal(await principal(request, svc))
     ingest = svc.ingest
     if ingest is None:
         raise ApiError(503, "unavailable", "this API process does not take events")
@@ -158,3 +167,24 @@ def install_schemas(app: FastAPI) -> None:
         return built
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def fast_routes(app: FastAPI, svc: Services) -> dict[str, tuple[BaseRoute, ASGIApp]]:
+    """`POST /api/v1/events` as a bare ASGI app, for query_api/app.py's RequestMiddleware
+    to call without routing (as routes/usage.py `fast_routes` for its GET), behind the
+    same RequestGuard the routed app has: the body bound and the key checked before
+    the body is read. Its ApiErrors go through the app's own handler, anything else
+    to the server-error handler, as through the router."""
+    route = next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is post_events)
+    handler = app.exception_handlers[ApiError]
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["endpoint"] = post_events
+        request = Request(scope, receive, send)
+        try:
+            response = await post_events(request)
+        except ApiError as exc:
+            response = await handler(request, exc)  # type: ignore[misc]
+        await response(scope, receive, send)
+
+    return {PATH: (route, RequestGuard(serve, services=svc))}

@@ -46,8 +46,10 @@ class Api:
     account_key: str
 
 
-async def _app(settings: ApiSettings, store: Store) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    app = create_app(settings, store)
+async def _app(
+    settings: ApiSettings, store: Store, fast_path: bool = True
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    app = create_app(settings, store, fast_path=fast_path)
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://tally") as client:
@@ -57,10 +59,16 @@ async def _app(settings: ApiSettings, store: Store) -> AsyncIterator[tuple[httpx
         await app.state.services.ingest.publisher.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=[True, False], ids=["fast-path", "routed"])
 async def api(
-    store: Store, kafka_bootstrap: str, unique_name: str, make_topics: MakeTopics
+    request: pytest.FixtureRequest,
+    store: Store,
+    kafka_bootstrap: str,
+    unique_name: str,
+    make_topics: MakeTopics,
 ) -> AsyncIterator[Api]:
+    """The app as served (the route called without routing, query_api/app.py
+    RequestMiddleware) and through FastAPI's router: both must answer alike."""
     topic = f"{unique_name}.events"
     await make_topics(kafka_bootstrap, {topic: PARTITIONS})
     settings = ApiSettings(
@@ -75,7 +83,7 @@ async def api(
     accounts = AccountStore(store)
     accounts.create("acme", "pro")
     account_key, _ = accounts.create_key("acme", admin=False)
-    async for client, _ in _app(settings, store):
+    async for client, _ in _app(settings, store, fast_path=request.param):
         made = await client.post(
             "/api/v1/admin/keys", json={"ingest": True}, headers={"X-API-Key": ADMIN_KEY}
         )
