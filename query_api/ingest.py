@@ -212,12 +212,20 @@ class Publisher:
         self._make = make
         self.timeout_s = timeout_s
         self._gateway: Gateway | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
 
     async def publish(self, events: list[tuple[str, bytes]]) -> None:
         """Return once Kafka acknowledged every event; 503 ApiError otherwise."""
         if not events:
             return
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                # Served from another event loop than before (a test client running each
+                # request in a loop of its own): the producer and lock are unusable here.
+                self._gateway, self._lock = None, asyncio.Lock()
+            self._loop = loop
         gateway = self._gateway or await self._open()
         try:
             await gateway.deliver(events, self.timeout_s)
