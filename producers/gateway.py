@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -431,7 +431,7 @@ class Gateway:
         ledger.unacked += 1
         self._sender.enqueue(Batch(None, event.subject.encode(), [encode_event(event)]))
 
-    async def deliver(self, events: Iterable[tuple[str, bytes]], timeout: float) -> None:  # noqa: ASYNC109
+    async def deliver(self, events: Sequence[tuple[str, bytes]], timeout: float) -> None:  # noqa: ASYNC109
         """Send encoded events, each (subject, its JSON), and return once Kafka
         acknowledged every one of them: for a server that promises, by answering, that
         its events will be counted (query_api/ingest.py).
@@ -459,9 +459,7 @@ class Gateway:
                 async with asyncio.timeout(remaining):
                     await self._wait_for_room()
         receipt = Receipt(loop)
-        add = self._batcher.add_raw
-        for subject, data in events:
-            add(subject, data, receipt)
+        self._batcher.add_raws(events, receipt)
         if receipt.pending == 0:
             return
         try:
