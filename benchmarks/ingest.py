@@ -157,9 +157,6 @@ def run(bootstrap: str, workdir: pathlib.Path, scale: float) -> dict[str, float]
             "TALLY_ADMIN_KEY": key,
             "TALLY_API_PORT": str(port),
             "TALLY_DATA_DIR": str(workdir / "data"),
-            # The API's own per-key limit is not what this measures.
-            "TALLY_API_RATE_PER_S": "1e9",
-            "TALLY_API_RATE_BURST": "1000000000",
         }
     )
     duration = max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))

@@ -49,7 +49,9 @@ accept `X-API-Key: <api_key>`. Account keys see their own account only; admin ke
 `TALLY_API_RATE_PER_S` per second sustained (defaults 100 and 50); an analytics
 answer counts as one request plus one per `TALLY_ANALYTICS_ROWS_PER_TOKEN` rows.
 Requests with a missing or invalid key count against the client's address (401, and
-429 once that budget is spent); a valid key is never refused for its address. Over
+429 once that budget is spent); a valid key is never refused for its address.
+`POST /api/v1/events` does not spend a valid key's budget: a body is bounded by its
+size and its events count, and answered once Kafka took them. Over
 the limit: 429 `rate_limited` with `Retry-After` (seconds). The limit is per API
 process (with M replicas a caller may make M times as many requests) and is separate
 from the plan's `per_minute` limit, which both usage endpoints report in their

@@ -101,6 +101,13 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
     A caller already found for this request (query_api/guard.py checks admin callers
     before their body is read) is returned as it is, neither checked nor charged again.
     """
+    return await authenticate(request, svc, charge=True)
+
+
+async def authenticate(request: Request, svc: Services, *, charge: bool) -> Principal:
+    """`principal`; `charge=False` leaves a valid key's own bucket alone (POST
+    /api/v1/events: a body is bounded by its size and by Kafka's acknowledgement, and
+    a gateway sends many). A missing or invalid key is charged to its address always."""
     known: Principal | None = getattr(request.state, "principal", None)
     if known is not None:
         return known
@@ -110,7 +117,8 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
         _spend(svc, f"ip:{client_address(request)}")
         raise unauthorized()
     # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
-    _spend(svc, key_bucket(found))
+    if charge:
+        _spend(svc, key_bucket(found))
     request.state.principal = found
     return found
 

@@ -22,21 +22,32 @@ way `deps.principal` does.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from query_api.accounts import Principal
-from query_api.deps import Services, admin_principal, ingest_principal, principal
+from query_api.deps import Services, admin_principal, authenticate, ingest_principal
 from query_api.errors import ApiError, error_response, payload_too_large
 
 EVENTS_PATH = "/api/v1/events"
-PRE_AUTH: tuple[tuple[str, Callable[[Principal], Awaitable[Principal]]], ...] = (
-    ("/api/v1/admin/", admin_principal),
-    (EVENTS_PATH, ingest_principal),
+
+
+class PreAuth(NamedTuple):
+    """Callers of paths under `prefix` are checked before their body is read."""
+
+    prefix: str
+    check: Callable[[Principal], Awaitable[Principal]]
+    charge: bool
+    """Whether a valid key is charged to the API's own rate limit (deps.authenticate)."""
+
+
+PRE_AUTH = (
+    PreAuth("/api/v1/admin/", admin_principal, charge=True),
+    PreAuth(EVENTS_PATH, ingest_principal, charge=False),
 )
-"""Path prefixes whose callers are checked before their body is read, and the check."""
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -92,10 +103,11 @@ class RequestGuard:
         if length is not None and length > limit:
             await _answer(send, payload_too_large(limit, setting))
             return
-        check = next((check for prefix, check in PRE_AUTH if path.startswith(prefix)), None)
-        if check is not None and _has_body(scope):
+        pre = next((p for p in PRE_AUTH if path.startswith(p.prefix)), None)
+        if pre is not None and _has_body(scope):
             try:
-                await check(await principal(Request(scope), self.services))
+                caller = await authenticate(Request(scope), self.services, charge=pre.charge)
+                await pre.check(caller)
             except ApiError as refused:
                 # The body stays unread: closing beats draining it to keep the connection.
                 refused.headers = {**refused.headers, "Connection": "close"}

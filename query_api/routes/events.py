@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from query_api.deps import Services, ingest_principal, principal, services
+from query_api.deps import Services, authenticate, ingest_principal, services
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.guard import RequestGuard
 from query_api.ingest import BATCH, JSON, SINGLE, check_body
@@ -130,7 +130,7 @@ async def post_events(request: Request) -> Response:
     # dependencies rather than declaring them, and the body is read raw (the native
     # check parses it), not by FastAPI.
     svc = await services(request)
-    await ingest_principal(await principal(request, svc))
+    await ingest_principal(await authenticate(request, svc, charge=False))
     ingest = svc.ingest
     if ingest is None:
         raise ApiError(503, "unavailable", "this API process does not take events")

@@ -239,3 +239,35 @@ async def test_no_kafka_is_503_with_retry_after(store: Store, unique_name: str) 
         )
         assert "none was accepted" in _error(answer, 503, "unavailable")
         assert answer.headers["Retry-After"] == str(RETRY_AFTER_S)
+
+
+async def test_a_valid_key_sends_bodies_beyond_the_api_rate_limit(
+    store: Store, kafka_bootstrap: str, unique_name: str, make_topics: MakeTopics
+) -> None:
+    topic = f"{unique_name}.events"
+    await make_topics(kafka_bootstrap, {topic: PARTITIONS})
+    settings = ApiSettings(
+        admin_key=SecretStr(ADMIN_KEY),
+        clickhouse_url=store.url,
+        clickhouse_database=store.database,
+        kafka_bootstrap=kafka_bootstrap,
+        events_topic=topic,
+        api_rate_burst=2,
+        api_rate_per_s=0.001,
+    )
+    async for client, _ in _app(settings, store):
+        key = {"X-API-Key": ADMIN_KEY, "Content-Type": BATCH}
+        for n in range(5):
+            sent = await client.post(PATH, content=_body(_traffic(3, seed=n)), headers=key)
+            assert sent.status_code == 202, sent.text
+        # Reads still spend the key's budget, and a wrong key its address's.
+        statuses = [
+            (await client.get("/api/v1/admin/plans", headers=key)).status_code for _ in range(3)
+        ]
+        assert statuses == [200, 200, 429]
+        wrong = {"X-API-Key": "tly_000000000000_" + "x" * 32, "Content-Type": BATCH}
+        body = _body(_traffic(1))
+        answers = [
+            (await client.post(PATH, content=body, headers=wrong)).status_code for _ in range(3)
+        ]
+        assert answers == [401, 401, 429]
