@@ -64,7 +64,7 @@ class Backend(Protocol):
 
     def set_plan(self, account_id: str, plan: str) -> Json: ...
 
-    def create_key(self, account_id: str | None) -> Json: ...
+    def create_key(self, account_id: str | None, ingest: bool = False) -> Json: ...
 
     def list_keys(self, account_id: str | None) -> list[Json]: ...
 
@@ -168,8 +168,10 @@ class HttpBackend:
         data: Json = self._call("PUT", f"/accounts/{_segment(account_id)}", {"plan": plan})["data"]
         return data
 
-    def create_key(self, account_id: str | None) -> Json:
+    def create_key(self, account_id: str | None, ingest: bool = False) -> Json:
         body: Json = {"admin": True} if account_id is None else {"account": account_id}
+        if ingest:
+            body = {"ingest": True}
         data: Json = self._call("POST", "/keys", body)["data"]
         return data
 

@@ -136,15 +136,15 @@ def accounts_set_plan(backend: Backend, args: argparse.Namespace) -> Output:
 
 
 def keys_create(backend: Backend, args: argparse.Namespace) -> Output:
-    data = backend.create_key(None if args.admin else args.account)
-    text = fields(
-        [
-            ("key prefix", data["key_prefix"]),
-            ("account", _or_dash(data.get("account"))),
-            ("admin", "yes" if data.get("admin") else "no"),
-            ("api key", data["api_key"]),
-        ]
-    )
+    data = backend.create_key(args.account, ingest=args.ingest)
+    rows = [
+        ("key prefix", data["key_prefix"]),
+        ("account", _or_dash(data.get("account"))),
+        ("admin", "yes" if data.get("admin") else "no"),
+    ]
+    if data.get("ingest"):
+        rows.append(("ingest", "yes: sends events (POST /api/v1/events), reads nothing"))
+    text = fields([*rows, ("api key", data["api_key"])])
     return Output(data, text, shown_once=True)
 
 
@@ -156,7 +156,7 @@ def keys_list(backend: Backend, args: argparse.Namespace) -> Output:
         [
             k["key_prefix"],
             _or_dash(k.get("account")),
-            "yes" if k.get("admin") else "no",
+            "yes" if k.get("admin") else ("no (ingest)" if k.get("ingest") else "no"),
             k["created_at"],
             _or_dash(k.get("revoked_at")),
         ]
@@ -289,6 +289,9 @@ def register(sub: Any) -> None:
     owner = kcreate.add_mutually_exclusive_group(required=True)
     owner.add_argument("--account", type=account_id, metavar="ID", help="a key of this account")
     owner.add_argument("--admin", action="store_true", help="an admin key")
+    owner.add_argument(
+        "--ingest", action="store_true", help="an ingest key: sends events, reads nothing"
+    )
     klist = leaf(ks, "keys", "list", keys_list, "list keys (prefixes, never the keys)")
     klist.add_argument("--account", type=account_id, metavar="ID", help="only this account's")
     revoke = leaf(

@@ -86,11 +86,13 @@ class StoreBackend:
         body = PlanChangeIn(plan=plan)
         return _dump(self._do(set_plan, self.accounts, self.plans, account_id, body))
 
-    def create_key(self, account_id: str | None) -> Json:
+    def create_key(self, account_id: str | None, ingest: bool = False) -> Json:
         from query_api.admin_models import KeyCreateIn
         from query_api.admin_ops import create_key
 
         body = KeyCreateIn(admin=True) if account_id is None else KeyCreateIn(account=account_id)
+        if ingest:
+            body = KeyCreateIn(ingest=True)
         return _dump(self._do(create_key, self.accounts, body))
 
     def list_keys(self, account_id: str | None) -> list[Json]:

@@ -17,10 +17,36 @@ SINGLE_HEADERS: Final[Headers] = [("content-type", CONTENT_TYPE_SINGLE.encode())
 BATCH_HEADERS: Final[Headers] = [("content-type", CONTENT_TYPE_BATCH.encode())]
 
 
+class Receipt:
+    """Tells one `Gateway.deliver` call when every message holding its events settled.
+
+    `pending` counts the batches (sealed or still buffering) that hold some of its
+    events; each settles once, acknowledged or refused. `done` gets None once all were
+    acknowledged, or the first refusal's error: never an exception set on the future,
+    so a caller that stopped waiting (a timeout) leaves nothing unretrieved behind.
+    """
+
+    __slots__ = ("done", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.done: asyncio.Future[BaseException | None] = loop.create_future()
+        self.pending = 0
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if error is not None:
+            self.done.set_result(error)
+            return
+        self.pending -= 1
+        if self.pending == 0:
+            self.done.set_result(None)
+
+
 class Batch:
     """One message's events: encoded one by one, or as the whole message `value`."""
 
-    __slots__ = ("_events", "count_hint", "key", "partition", "value")
+    __slots__ = ("_events", "count_hint", "key", "partition", "receipts", "value")
 
     def __init__(
         self,
@@ -30,6 +56,7 @@ class Batch:
         *,
         value: bytes | None = None,
         count: int = 0,
+        receipts: list[Receipt] | None = None,
     ) -> None:
         self.partition = partition
         """None: Kafka's partitioner places it by key (`send_single`)."""
@@ -38,6 +65,8 @@ class Batch:
         self.value = value
         """The batch message, encoded in one go; None: join `events`."""
         self.count_hint = count
+        self.receipts = receipts
+        """The `deliver` calls waiting for this message; None: nobody waits."""
 
     @property
     def events(self) -> list[bytes]:

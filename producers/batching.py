@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from producers.batches import Batch
+from producers.batches import Batch, Receipt
 from producers.events import (
     MAX_PLAIN_EVENT_BYTES,
     PLAIN_EVENT_TYPES,
@@ -48,7 +48,7 @@ _DEFERRED: Final = Encoding.DEFERRED
 
 
 class _Buffer:
-    __slots__ = ("events", "key", "models", "size")
+    __slots__ = ("events", "key", "models", "receipts", "size")
 
     def __init__(self) -> None:
         self.events: list[bytes] = []
@@ -57,6 +57,8 @@ class _Buffer:
         self.key = b""
         self.models: list[AnyEvent] = []
         """Events not encoded yet (deferred mode: encoded as one array when sealed)."""
+        self.receipts: list[Receipt] = []
+        """The `deliver` calls with events in this buffer; they go with it when sealed."""
 
 
 class Batcher:
@@ -134,6 +136,9 @@ class Batcher:
             # too large for any message is refused here, not lost at seal.
             self.check_size(event, encode_event(event))
         buf = self._buffers[p]
+        if buf.events:  # encoded events of `add_raw` go out first, in order
+            self.seal(p)
+            buf = self._buffers[p]
         models = buf.models
         if not models:
             buf.key = subject.encode()
@@ -168,6 +173,82 @@ class Batcher:
             self.seal(p)
             return True
         return False
+
+    def add_raws(self, events: Sequence[tuple[str, bytes]], receipt: Receipt) -> bool:
+        """Buffer events already encoded, each (subject, its JSON), in its subject's
+        partition, for `receipt` to learn when Kafka acknowledged them all. True when a
+        message was sealed. Raises ValueError, before taking any, when one of them fits
+        in no message.
+
+        One loop for the whole list (POST /api/v1/events hands a body's events at
+        once): with the native encoder, the common event costs a placement lookup and
+        one native call; the first event of a message, and a full one, take the slow
+        path below.
+        """
+        limit = self._max_bytes - 2
+        for subject, data in events:
+            if len(data) > limit:
+                raise ValueError(
+                    f"an event of {subject!r} is {len(data)} bytes, more than the largest "
+                    f"message ({self._max_bytes} bytes)"
+                )
+        placement = self._placement
+        buffers = self._buffers
+        max_batch = self._max_batch
+        encoder = self._encoder
+        sealed = False
+        for subject, data in events:
+            p = placement.get(subject)
+            if p is None:
+                p = self._place(subject)
+            if encoder is not None:
+                n = encoder.add_raw(p, data)
+                if n <= 1:
+                    n = self._first_or_full(encoder, p, subject, data, n)
+            else:
+                n = self._add_raw_python(p, subject, data)
+            receipts = buffers[p].receipts
+            if not receipts or receipts[-1] is not receipt:
+                receipts.append(receipt)
+                receipt.pending += 1
+            if n >= max_batch:
+                self.seal(p)
+                sealed = True
+        ledger = self._ledger
+        ledger.recorded += len(events)
+        ledger.unacked += len(events)
+        return sealed
+
+    def _first_or_full(
+        self, encoder: BatchEncoder, p: int, subject: str, data: bytes, n: int
+    ) -> int:
+        """`add_raws`, native: the encoder took the first event of a message (n = 1) or
+        found the message full (seal it, then write the event into the next)."""
+        if n == encoder.FULL:
+            self.seal(p)
+            n = encoder.add_raw(p, data)
+        if n <= 0:
+            raise AssertionError(f"the encoder refused {len(data)} bytes within the bound")
+        if n == 1:
+            self._buffers[p].key = subject.encode()
+            self._started(p)
+        return n
+
+    def _add_raw_python(self, p: int, subject: str, data: bytes) -> int:
+        """`add_raws` without the encoder: join partition p's encoded events; how many
+        it then holds. Models buffered by `add` (deferred mode) go out first, in order."""
+        buf = self._buffers[p]
+        if buf.models or (buf.events and buf.size + 1 + len(data) + 2 > self._max_bytes):
+            self.seal(p)
+            buf = self._buffers[p]
+        if not buf.events:
+            buf.key = subject.encode()
+            buf.size = len(data)
+            self._started(p)
+        else:
+            buf.size += 1 + len(data)
+        buf.events.append(data)
+        return len(buf.events)
 
     def _started(self, p: int) -> None:
         """Partition p's buffer took its first event: linger starts counting."""
@@ -252,13 +333,16 @@ class Batcher:
     def seal(self, p: int) -> None:
         """Hand partition p's buffered events to the sender as one message."""
         buf = self._buffers[p]
+        receipts = buf.receipts or None
+        if receipts is not None:
+            buf.receipts = []
         if self._encoder is not None:
             value, count = self._encoder.take(p)
             self._since.pop(p, None)
             if count == 1:  # a lone event goes out as a single event, as in the other modes
-                self._enqueue(Batch(p, buf.key, [value[1:-1]]))
+                self._enqueue(Batch(p, buf.key, [value[1:-1]], receipts=receipts))
             elif count:
-                self._enqueue(Batch(p, buf.key, value=value, count=count))
+                self._enqueue(Batch(p, buf.key, value=value, count=count, receipts=receipts))
             return
         if buf.models:
             self._buffers[p] = _Buffer()
@@ -268,7 +352,7 @@ class Batcher:
             return
         if not buf.events:
             return
-        self._enqueue(Batch(p, buf.key, buf.events))
+        self._enqueue(Batch(p, buf.key, buf.events, receipts=receipts))
         self._buffers[p] = _Buffer()
         self._since.pop(p, None)
 

@@ -53,12 +53,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NoReturn, Self
 
-from producers.batches import Batch
+from producers.batches import Batch, Receipt
 from producers.batching import Batcher
 from producers.events import AnyEvent, batch_encoder, encode_event
 from producers.exceptions import (
@@ -435,6 +436,52 @@ class Gateway:
         ledger.recorded += 1
         ledger.unacked += 1
         self._sender.enqueue(Batch(None, event.subject.encode(), [encode_event(event)]))
+
+    async def deliver(self, events: Sequence[tuple[str, bytes]], timeout: float) -> None:  # noqa: ASYNC109
+        """Send encoded events, each (subject, its JSON), and return once Kafka
+        acknowledged every one of them: for a server that promises, by answering, that
+        its events will be counted (query_api/ingest.py).
+
+        They are batched and placed as `record` places events, with everybody else's.
+        Raises GatewaySendError when Kafka refused a message holding some of them, and
+        FlushTimeoutError when they were not all acknowledged within `timeout` seconds
+        (room in the buffer included); either way some may still reach Kafka, so a
+        caller that tells its client "not accepted" relies on (source, id)
+        deduplication for the retry. Only for a gateway without a spool: a spooled event
+        is safe, but not acknowledged (RuntimeError otherwise).
+        """
+        if self._spooler is not None:
+            raise RuntimeError("deliver() needs a Gateway without a spool (spool=False)")
+        if self._lifecycle.state is not _RUNNING:
+            self._refuse()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ledger = self._ledger
+        while ledger.unacked >= self._max_buffered:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise FlushTimeoutError("no room in the gateway's buffer", ledger.unacked)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wait_for_room()
+        receipt = Receipt(loop)
+        self._batcher.add_raws(events, receipt)
+        if receipt.pending == 0:
+            return
+        try:
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                error = await asyncio.shield(receipt.done)
+        except TimeoutError:
+            raise FlushTimeoutError(
+                f"Kafka at {self.bootstrap} did not acknowledge the events within {timeout}s",
+                ledger.unacked,
+            ) from None
+        if error is not None:
+            raise GatewaySendError(
+                f"Kafka at {self.bootstrap} refused a message of these events: {error!r}",
+                (),
+                (error,),
+            )
 
     # -- internals ---------------------------------------------------------------
 

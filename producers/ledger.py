@@ -67,6 +67,9 @@ class Ledger:
                 where,
                 error,
             )
+        if batch.receipts:
+            for receipt in batch.receipts:
+                receipt.settle(error)
         self.after_settle()
 
     def after_settle(self) -> None:

@@ -27,11 +27,19 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: an account's key, or an admin key (account None)."""
+    """Who is calling: an account's key, an admin key (account None), or an ingest key
+    (neither: no account and not admin), which may only send events."""
 
     account: str | None
     admin: bool
     key_prefix: str
+
+    @property
+    def ingest(self) -> bool:
+        """An ingest key (docs/api.md#events-over-http): sends events for any subject,
+        reads nothing. Stored as the one row shape no other key has: no account, not
+        admin (`AccountStore.create_key(None, admin=False)`)."""
+        return self.account is None and not self.admin
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,11 @@ class KeyInfo:
     admin: bool
     created_at: datetime
     revoked_at: datetime | None
+
+    @property
+    def ingest(self) -> bool:
+        """As `Principal.ingest`: no account and not admin."""
+        return self.account is None and not self.admin
 
 
 def _version(current: int | None = None) -> int:
@@ -136,7 +149,10 @@ class AccountStore:
         return Account(account_id, plan, current.billing_anchor_day, current.created_at)
 
     def create_key(self, account_id: str | None, admin: bool) -> tuple[str, KeyInfo]:
-        """A new key (returned once, never stored) and what is stored about it."""
+        """A new key (returned once, never stored) and what is stored about it: an
+        account's key, an admin key (no account, `admin`), or an ingest key (neither)."""
+        if account_id is not None and admin:
+            raise ValueError("a key belongs to an account or is an admin key, not both")
         if account_id is not None and self.get(account_id) is None:
             raise UnknownAccountError(account_id)
         key, prefix = new_key()

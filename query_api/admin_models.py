@@ -135,19 +135,30 @@ class PlanChangedResponse(BaseModel):
 
 
 class KeyCreateIn(BaseModel):
-    """Exactly one of `account` (a key of that account) or `"admin": true` (an admin key)."""
+    """Exactly one of `account` (a key of that account), `"admin": true` (an admin key)
+    or `"ingest": true` (an ingest key: sends events for any subject, reads nothing)."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"account": "acme-corp"}, {"admin": True}]},
+        json_schema_extra={
+            "examples": [{"account": "acme-corp"}, {"admin": True}, {"ingest": True}]
+        },
     )
     account: str | None = Field(None, description="The account the new key belongs to.")
     admin: bool | None = Field(None, description="true for an admin key (no account).")
+    ingest: bool | None = Field(
+        None,
+        description="true for an ingest key: it may send events (POST /api/v1/events) for "
+        "any subject and read nothing.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> KeyCreateIn:
-        if (self.account is not None) == bool(self.admin):
-            raise ValueError('give exactly one of "account": "<id>" or "admin": true')
+        given = (self.account is not None) + bool(self.admin) + bool(self.ingest)
+        if given != 1:
+            raise ValueError(
+                'give exactly one of "account": "<id>", "admin": true or "ingest": true'
+            )
         return self
 
 
@@ -156,6 +167,7 @@ class KeyCreatedOut(BaseModel):
     api_key: str = Field(description="The key. Shown once: store it now.")
     account: str | None
     admin: bool
+    ingest: bool = Field(False, description="An ingest key: sends events, reads nothing.")
 
 
 class KeyCreatedResponse(BaseModel):
@@ -166,6 +178,7 @@ class KeyCreatedResponse(BaseModel):
                 "api_key": _KEY_EXAMPLE,
                 "account": "acme-corp",
                 "admin": False,
+                "ingest": False,
             }
         }
     )
@@ -176,6 +189,7 @@ class KeyOut(BaseModel):
     key_prefix: str
     account: str | None
     admin: bool
+    ingest: bool = Field(False, description="An ingest key: sends events, reads nothing.")
     created_at: str
     revoked_at: str | None
 
@@ -188,6 +202,7 @@ class KeysOut(BaseModel):
                     "key_prefix": "3f9c2a7b1d04",
                     "account": "acme-corp",
                     "admin": False,
+                    "ingest": False,
                     "created_at": "2026-02-01T09:30:00.000Z",
                     "revoked_at": None,
                 }

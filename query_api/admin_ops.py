@@ -51,6 +51,7 @@ def _key_out(info: KeyInfo) -> KeyOut:
         key_prefix=info.prefix,
         account=info.account,
         admin=info.admin,
+        ingest=info.ingest,
         created_at=format_time(info.created_at),
         revoked_at=format_time(info.revoked_at) if info.revoked_at else None,
     )
@@ -125,11 +126,15 @@ def set_plan(
 
 def create_key(accounts: AccountStore, body: KeyCreateIn) -> KeyCreatedOut:
     try:
-        key, info = accounts.create_key(body.account, admin=body.account is None)
+        key, info = accounts.create_key(body.account, admin=bool(body.admin))
     except UnknownAccountError:
         raise _no_account(body.account or "") from None
     return KeyCreatedOut(
-        key_prefix=info.prefix, api_key=key, account=info.account, admin=info.admin
+        key_prefix=info.prefix,
+        api_key=key,
+        account=info.account,
+        admin=info.admin,
+        ingest=info.ingest,
     )
 
 

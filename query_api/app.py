@@ -19,15 +19,18 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from processors.gc_tuning import tune_gc
+from processors.settings import WorkerSettings
+from producers.settings import ProducerSettings
 from query_api import errors, metrics
 from query_api.accounts import AccountStore
 from query_api.deps import Services, utcnow
 from query_api.guard import RequestGuard
+from query_api.ingest import Ingest, Publisher, worker_limits
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
 from query_api.readiness import Readiness
 from query_api.refusals import RefusalHold
-from query_api.routes import admin, analytics, dashboard, docs, health, usage
+from query_api.routes import admin, analytics, dashboard, docs, events, health, usage
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from schemas.store import Store
@@ -47,7 +50,9 @@ accept `X-API-Key: <api_key>`. Account keys see their own account only; admin ke
 `TALLY_API_RATE_PER_S` per second sustained (defaults 100 and 50); an analytics
 answer counts as one request plus one per `TALLY_ANALYTICS_ROWS_PER_TOKEN` rows.
 Requests with a missing or invalid key count against the client's address (401, and
-429 once that budget is spent); a valid key is never refused for its address. Over
+429 once that budget is spent); a valid key is never refused for its address.
+`POST /api/v1/events` does not spend a valid key's budget: a body is bounded by its
+size and its events count, and answered once Kafka took them. Over
 the limit: 429 `rate_limited` with `Retry-After` (seconds). The limit is per API
 process (with M replicas a caller may make M times as many requests) and is separate
 from the plan's `per_minute` limit, which both usage endpoints report in their
@@ -103,7 +108,9 @@ def log_access(scope: Scope, status: int, request_id: str, started: float) -> No
     principal = scope.get("state", {}).get("principal")
     account = None
     if principal is not None:
-        account = "admin" if principal.admin and principal.account is None else principal.account
+        account = principal.account
+        if account is None:
+            account = "admin" if principal.admin else "ingest"
     host = None
     for name, value in scope["headers"]:
         if name == b"host":
@@ -138,17 +145,22 @@ class RequestMiddleware:
     request through a task group and memory streams, and every extra layer wraps
     `send` once more; both cost CPU on every answer (benchmarks/api.py).
 
-    `fast_routes` maps an exact path to (route, ASGI app) for GET: those requests skip
-    Starlette/FastAPI routing and its exception middleware (the app handles its own
-    errors, see routes/usage.py). Anything else, other methods and paths included,
-    goes through the full app as usual.
+    `fast_routes` maps an exact path to (route, ASGI app) for GET, `fast_posts` for
+    POST: those requests skip Starlette/FastAPI routing and its exception middleware
+    (the app handles its own errors, see routes/usage.py and routes/events.py).
+    Anything else, other methods and paths included, goes through the full app as
+    usual.
     """
 
     def __init__(
-        self, app: ASGIApp, fast_routes: dict[str, tuple[BaseRoute, ASGIApp]] | None = None
+        self,
+        app: ASGIApp,
+        fast_routes: dict[str, tuple[BaseRoute, ASGIApp]] | None = None,
+        fast_posts: dict[str, tuple[BaseRoute, ASGIApp]] | None = None,
     ) -> None:
         self.app = app
         self.fast_routes = fast_routes or {}
+        self.fast_posts = fast_posts or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,8 +197,10 @@ class RequestMiddleware:
             await send(message)
 
         app = self.app
-        if scope["method"] == "GET" and not scope.get("root_path"):
-            fast = self.fast_routes.get(scope["path"])
+        method = scope["method"]
+        if (method == "GET" or method == "POST") and not scope.get("root_path"):
+            routes = self.fast_routes if method == "GET" else self.fast_posts
+            fast = routes.get(scope["path"])
             if fast is not None:
                 route, app = fast
                 scope["route"] = route
@@ -207,11 +221,14 @@ def create_app(
     now: Callable[[], datetime] | None = None,
     rate_clock: Clock = time.monotonic,
     fast_path: bool = True,
+    ingest: Ingest | None = None,
 ) -> FastAPI:
     """The app. `now` pins the clock usage is computed at; `rate_clock` (monotonic
     seconds) drives the rate limiter's refills. Both are for tests, as is
-    `fast_path=False` (every route through FastAPI's router, to compare answers)."""
+    `fast_path=False` (every route through FastAPI's router, to compare answers).
+    `ingest`: what POST /api/v1/events uses (default: `new_ingest(settings)`)."""
     view = new_view(settings, store, now or utcnow)
+    ingest = ingest or new_ingest(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -223,6 +240,7 @@ def create_app(
             # short-lived objects (processors/gc_tuning.py says why).
             tune_gc()
         yield
+        await ingest.publisher.close()
 
     app = FastAPI(
         title="Tally usage API",
@@ -245,20 +263,39 @@ def create_app(
         ),
         now=now or utcnow,
         readiness=Readiness(settings, store, now or utcnow),
+        ingest=ingest,
     )
     errors.install(app)
 
     app.include_router(usage.router)
     app.include_router(analytics.router)
     app.include_router(admin.router)
+    app.include_router(events.router)
+    events.install_schemas(app)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
     app.include_router(docs.router)
     # Inside RequestMiddleware: its refusals get request ids and access-log lines.
     app.add_middleware(RequestGuard, services=services)
-    app.add_middleware(RequestMiddleware, fast_routes=usage.fast_routes(app) if fast_path else None)
+    app.add_middleware(
+        RequestMiddleware,
+        fast_routes=usage.fast_routes(app) if fast_path else None,
+        fast_posts=events.fast_routes(app, services) if fast_path else None,
+    )
     return app
+
+
+def new_ingest(settings: ApiSettings) -> Ingest:
+    """POST /api/v1/events as configured: the worker's limits (TALLY_MAX_EVENT_BYTES,
+    TALLY_MAX_LATENESS_S, TALLY_MAX_FUTURE_S) and the producer's settings
+    (TALLY_PRODUCER_*), read from the environment like the worker's and gateways'. The
+    producer itself is made on the first body (query_api/ingest.py `Publisher`)."""
+    return Ingest(
+        limits=worker_limits(WorkerSettings(), settings.ingest_max_body_bytes),
+        max_events=settings.ingest_max_events,
+        publisher=Publisher(settings, ProducerSettings(), settings.ingest_timeout_s),
+    )
 
 
 def new_view(settings: ApiSettings, store: Store, now: Callable[[], datetime]) -> UsageView | None:

@@ -13,6 +13,7 @@ from fastapi import Depends, Request, Response
 
 from query_api.accounts import AccountStore, Principal
 from query_api.errors import ApiError, rate_limited, unauthorized
+from query_api.ingest import Ingest
 from query_api.plans import Plan
 from query_api.ratelimit import RateLimiter
 from query_api.readiness import Readiness
@@ -42,6 +43,8 @@ class Services:
     """The in-memory usage view (query_api/view.py); None: read the store per request."""
     readiness: Readiness | None = None
     """/readyz's cached verdict (query_api/readiness.py)."""
+    ingest: Ingest | None = None
+    """POST /api/v1/events (query_api/ingest.py); None: this process takes no events."""
 
 
 async def usage_view(svc: Services) -> UsageView | None:
@@ -102,6 +105,13 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
     A caller already found for this request (query_api/guard.py checks admin callers
     before their body is read) is returned as it is, neither checked nor charged again.
     """
+    return await authenticate(request, svc, charge=True)
+
+
+async def authenticate(request: Request, svc: Services, *, charge: bool) -> Principal:
+    """`principal`; `charge=False` leaves a valid key's own bucket alone (POST
+    /api/v1/events: a body is bounded by its size and by Kafka's acknowledgement, and
+    a gateway sends many). A missing or invalid key is charged to its address always."""
     known: Principal | None = getattr(request.state, "principal", None)
     if known is not None:
         return known
@@ -111,7 +121,8 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
         await _spend(svc, f"ip:{client_address(request)}")
         raise unauthorized()
     # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
-    await _spend(svc, key_bucket(found))
+    if charge:
+        await _spend(svc, key_bucket(found))
     request.state.principal = found
     return found
 
@@ -135,10 +146,34 @@ async def _lookup(svc: Services, key: str) -> Principal | None:
     return await asyncio.to_thread(svc.accounts.authenticate, key)
 
 
+INGEST_READS_NOTHING = "an ingest key only sends events (POST /api/v1/events); it reads nothing"
+
+
 async def account_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    if caller.ingest:
+        raise ApiError(403, "forbidden", INGEST_READS_NOTHING)
     if caller.account is None:
         raise ApiError(
             403, "forbidden", "admin keys have no usage of their own; use an account key"
+        )
+    return caller
+
+
+async def reader_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    """An account or admin key: what may read usage (an ingest key may not)."""
+    if caller.ingest:
+        raise ApiError(403, "forbidden", INGEST_READS_NOTHING)
+    return caller
+
+
+async def ingest_principal(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    """An ingest or admin key: what may send events (an account key may not)."""
+    if not (caller.ingest or caller.admin):
+        raise ApiError(
+            403,
+            "forbidden",
+            "an account key may not send events; use an ingest key "
+            '(POST /api/v1/admin/keys with {"ingest": true})',
         )
     return caller
 
@@ -164,6 +199,7 @@ NO_STORE_HEADER = {
 """The header `no_store` sets, for the OpenAPI `headers` of those answers."""
 
 ServicesDep = Annotated[Services, Depends(services)]
-CallerDep = Annotated[Principal, Depends(principal)]
+CallerDep = Annotated[Principal, Depends(reader_principal)]
 AccountCallerDep = Annotated[Principal, Depends(account_principal)]
 AdminDep = Annotated[Principal, Depends(admin_principal)]
+IngestDep = Annotated[Principal, Depends(ingest_principal)]

@@ -20,11 +20,14 @@ log = logging.getLogger("tally.api")
 DOCS = "/docs#section/Errors"
 
 ERROR_CODES = {
+    "invalid_body": "400: the body is not JSON, not an event or an array of them, or empty.",
     "unauthorized": "401: the API key is missing, unknown or revoked.",
-    "forbidden": "403: the key is valid but may not do this (an account key on an admin route).",
+    "forbidden": "403: the key is valid but may not do this (an account key on an admin "
+    "route or sending events, an ingest key reading).",
     "not_found": "404: no such resource, or not one this key may see.",
     "conflict": "409: the resource exists already.",
-    "payload_too_large": "413: the request body is over TALLY_API_MAX_BODY_BYTES; send less.",
+    "payload_too_large": "413: the request body is over TALLY_API_MAX_BODY_BYTES (events: "
+    "TALLY_INGEST_MAX_BODY_BYTES or TALLY_INGEST_MAX_EVENTS); send less.",
     "validation_error": "422: a parameter or body field is invalid; the message names it.",
     "rate_limited": "429: too many calls; retry after the time in Retry-After.",
     "internal_error": "500: a fault on our side; the X-Request-Id header identifies it.",
@@ -116,13 +119,13 @@ PAYLOAD_TOO_LARGE_RESPONSE: dict[int | str, dict[str, object]] = {
 """For `responses=` of every route that takes a body."""
 
 
-def payload_too_large(limit: int) -> ApiError:
+def payload_too_large(limit: int, setting: str = "TALLY_API_MAX_BODY_BYTES") -> ApiError:
     """413, closing the connection: the rest of the body is never read, and draining
     it to keep the connection alive would receive what the limit refuses."""
     return ApiError(
         413,
         "payload_too_large",
-        f"the request body is over {limit} bytes (TALLY_API_MAX_BODY_BYTES); send a smaller one",
+        f"the request body is over {limit} bytes ({setting}); send a smaller one",
         {"Connection": "close"},
     )
 

@@ -8,25 +8,46 @@ the API buffer and parse any amount of JSON before being told 401. Here:
 - A body over `max_body_bytes` is refused with 413 `payload_too_large`: by its
   Content-Length before a byte is read, and, for a chunked (or under-declared) body,
   as soon as the bytes received pass the limit; nothing past the limit is read.
-- A request with a body to an admin route has its key checked (and its admin right,
-  403) before the app runs; it is refused unread. The caller found is left on the
-  request's state, so the route's own dependency neither checks nor charges it twice.
+- A request with a body to an admin route, or to POST /api/v1/events, has its key
+  checked (and its right to the route, 403) before the app runs; it is refused unread.
+  The caller found is left on the request's state, so the route's own dependency
+  neither checks nor charges it twice.
+- POST /api/v1/events has a limit of its own, `ingest_max_body_bytes` (bodies of
+  events); every other route `max_body_bytes`.
 
-Only the admin routes take bodies today; a new body route outside them gets the size
-limit, and joins `PRE_AUTH_PREFIXES` if it authenticates the way `deps.principal` does.
+A new body route gets the size limit, and joins `PRE_AUTH` if it authenticates the
+way `deps.principal` does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from query_api.deps import Services, admin_principal, principal
+from query_api.accounts import Principal
+from query_api.deps import Services, admin_principal, authenticate, ingest_principal
 from query_api.errors import ApiError, error_response, payload_too_large
 
-PRE_AUTH_PREFIXES = ("/api/v1/admin/",)
-"""Paths whose callers are checked before their body is read."""
+EVENTS_PATH = "/api/v1/events"
+
+
+class PreAuth(NamedTuple):
+    """Callers of paths under `prefix` are checked before their body is read."""
+
+    prefix: str
+    check: Callable[[Principal], Awaitable[Principal]]
+    charge: bool
+    """Whether a valid key is charged to the API's own rate limit (deps.authenticate)."""
+
+
+PRE_AUTH = (
+    PreAuth("/api/v1/admin/", admin_principal, charge=True),
+    PreAuth(EVENTS_PATH, ingest_principal, charge=False),
+)
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -36,8 +57,8 @@ class BodyTooLargeError(HTTPException):
     reading re-raises it as it is (it turns other errors into 400) and the app's
     handler answers it with the error envelope."""
 
-    def __init__(self, limit: int) -> None:
-        refused = payload_too_large(limit)
+    def __init__(self, limit: int, setting: str) -> None:
+        refused = payload_too_large(limit, setting)
         super().__init__(413, refused.message, refused.headers)
 
 
@@ -68,19 +89,25 @@ class RequestGuard:
         self.app = app
         self.services = services
         self.max_body_bytes = services.settings.api_max_body_bytes
+        self.max_events_bytes = services.settings.ingest_max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in _NO_BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        path: str = scope["path"]
+        events = path == EVENTS_PATH
+        limit = self.max_events_bytes if events else self.max_body_bytes
+        setting = "TALLY_INGEST_MAX_BODY_BYTES" if events else "TALLY_API_MAX_BODY_BYTES"
         length = declared_length(scope)
         if length is not None and length > limit:
-            await _answer(send, payload_too_large(limit))
+            await _answer(send, payload_too_large(limit, setting))
             return
-        if scope["path"].startswith(PRE_AUTH_PREFIXES) and _has_body(scope):
+        pre = next((p for p in PRE_AUTH if path.startswith(p.prefix)), None)
+        if pre is not None and _has_body(scope):
             try:
-                await admin_principal(await principal(Request(scope), self.services))
+                caller = await authenticate(Request(scope), self.services, charge=pre.charge)
+                await pre.check(caller)
             except ApiError as refused:
                 # The body stays unread: closing beats draining it to keep the connection.
                 refused.headers = {**refused.headers, "Connection": "close"}
@@ -95,7 +122,7 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLargeError(limit)
+                    raise BodyTooLargeError(limit, setting)
             return message
 
         async def watched_send(message: Message) -> None:
@@ -111,7 +138,7 @@ class RequestGuard:
             # unless an answer is under way already.
             if started:
                 raise
-            await _answer(send, payload_too_large(limit))
+            await _answer(send, payload_too_large(limit, setting))
 
 
 async def _answer(send: Send, error: ApiError) -> None:

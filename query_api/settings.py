@@ -89,6 +89,25 @@ class ApiSettings(TallySettings):
         description="Largest request body the API reads (by Content-Length, or counted as a "
         "chunked body streams in); over it the answer is 413 payload_too_large.",
     )
+    ingest_max_body_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest body POST /api/v1/events reads; over it the answer is 413 "
+        "payload_too_large.",
+    )
+    ingest_max_events: int = Field(
+        1_000,
+        ge=1,
+        description="Most events one POST /api/v1/events body may hold; more is 413 "
+        "payload_too_large.",
+    )
+    ingest_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Longest POST /api/v1/events waits for Kafka to acknowledge a body's "
+        "events (connecting included); after it the answer is 503 unavailable, Retry-After.",
+    )
     processors_stale_s: float = Field(
         30.0,
         gt=0,

@@ -19,6 +19,7 @@ use pyo3::types::{PyBytes, PyList};
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use std::fmt;
 use std::marker::PhantomData;
 use std::hash::BuildHasher;
@@ -827,11 +828,48 @@ impl Fold {
     }
 }
 
+/// The HTTP ingest's check (query_api/ingest.py): the very parse and `check` of
+/// `Fold::add_message`, without folding or remembering anything. For a message whose
+/// every event is plainly valid and on time: each event's subject and its bytes'
+/// [start, end) in `value`, so the caller sends them on as they came. None otherwise:
+/// Python's tiers decide then, and say why.
+#[pyfunction]
+#[pyo3(signature = (value, lo_us, hi_us, max_event_bytes))]
+fn check_events(
+    value: &[u8],
+    lo_us: i64,
+    hi_us: i64,
+    max_event_bytes: usize,
+) -> Option<Vec<(String, usize, usize)>> {
+    let batch = value.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'[');
+    let raws: Vec<&RawValue> = if batch {
+        match serde_json::from_slice::<Vec<&RawValue>>(value) {
+            Ok(raws) if !raws.is_empty() => raws,
+            _ => return None,
+        }
+    } else if value.len() > max_event_bytes {
+        return None; // as add_message: a single event's limit counts the message's bytes
+    } else {
+        vec![serde_json::from_slice::<&RawValue>(value).ok()?]
+    };
+    let base = value.as_ptr() as usize;
+    let mut out = Vec::with_capacity(raws.len());
+    for raw in raws {
+        let text = raw.get();
+        let Object(e) = serde_json::from_str::<Object<RawEvent<'_>>>(text).ok()?;
+        check(&e, lo_us, hi_us)?;
+        let start = text.as_ptr() as usize - base;
+        out.push((e.subject.to_owned(), start, start + text.len()));
+    }
+    Some(out)
+}
+
 #[pymodule]
 fn tally_fold(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
     m.add_class::<Dedup>()?;
     m.add_class::<encode::BatchEncoder>()?;
     m.add_function(wrap_pyfunction!(encode::murmur2, m)?)?;
+    m.add_function(wrap_pyfunction!(check_events, m)?)?;
     Ok(())
 }

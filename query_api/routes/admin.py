@@ -154,11 +154,12 @@ async def put_account(
     status_code=status.HTTP_201_CREATED,
     responses={**_KEY_SHOWN, **_AUTH, **_404, **_BODY, **_422},
     dependencies=[Depends(no_store)],
-    summary="Create an API key for an account, or an admin key (the key is shown once)",
+    summary="Create an API key for an account, an admin key or an ingest key (shown once)",
 )
 async def post_key(body: KeyCreateIn, caller: AdminDep, svc: ServicesDep) -> KeyCreatedResponse:
-    """Body: exactly one of `{"account": "<id>"}` or `{"admin": true}` (else 422).
-    404 when the account does not exist. Only the key's hash is stored."""
+    """Body: exactly one of `{"account": "<id>"}`, `{"admin": true}` or `{"ingest": true}`
+    (else 422). An ingest key may send events (POST /api/v1/events) for any subject and
+    read nothing. 404 when the account does not exist. Only the key's hash is stored."""
     return KeyCreatedResponse(data=await asyncio.to_thread(create_key, svc.accounts, body))
 
 

@@ -33,7 +33,7 @@ PLAN_FIELDS = {
     "per_minute",
     "max_streams",
 }
-KEY_FIELDS = {"key_prefix", "account", "admin", "created_at", "revoked_at"}
+KEY_FIELDS = {"key_prefix", "account", "admin", "ingest", "created_at", "revoked_at"}
 
 
 @dataclass
@@ -264,7 +264,7 @@ async def test_create_account_key(api: Api) -> None:
     response = await api.client.post("/api/v1/admin/keys", json={"account": "acme"}, headers=ADMIN)
     assert response.status_code == 201, response.text
     data = response.json()["data"]
-    assert set(data) == {"key_prefix", "api_key", "account", "admin"}
+    assert set(data) == {"key_prefix", "api_key", "account", "admin", "ingest"}
     assert data["account"] == "acme"
     assert data["admin"] is False
     assert data["key_prefix"] in data["api_key"]
@@ -294,11 +294,23 @@ async def test_create_admin_key_that_administers(api: Api) -> None:
     [
         {},
         {"account": "acme", "admin": True},
+        {"account": "acme", "ingest": True},
+        {"admin": True, "ingest": True},
+        {"ingest": False},
         {"admin": False},
         {"account": None},
         {"account": "acme", "extra": True},
     ],
-    ids=["neither", "both", "admin-false", "account-null", "unknown-field"],
+    ids=[
+        "neither",
+        "both",
+        "account-and-ingest",
+        "admin-and-ingest",
+        "ingest-false",
+        "admin-false",
+        "account-null",
+        "unknown-field",
+    ],
 )
 async def test_create_key_needs_exactly_one_owner(api: Api, body: dict[str, Any]) -> None:
     await api.create_account("acme")

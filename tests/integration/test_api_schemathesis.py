@@ -15,6 +15,7 @@ covers it.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from deploy.kafka_local import ensure_topics
 from processors.rollup import RollupBuilder, offset_markers
 from producers import events as build
 from query_api.accounts import AccountStore
@@ -82,7 +84,10 @@ def seeded(store_url: str, kafka_bootstrap: str) -> Iterator[Seeded]:
         # (a group of its own on the session's broker, so no one else's worker counts).
         kafka_bootstrap=kafka_bootstrap,
         consumer_group=f"g{uuid.uuid4().hex}",
+        # POST /api/v1/events publishes here: a topic of its own on the session's broker.
+        events_topic=f"t{uuid.uuid4().hex}.events",
     )
+    asyncio.run(ensure_topics(kafka_bootstrap, {settings_.events_topic: 2}))
     store = Store(settings_.store_url, settings_.store_database)
     store.migrate()
     now = datetime.now(UTC)
@@ -189,6 +194,7 @@ ADMIN_OK = (
     "GET /api/v1/admin/keys",
     "GET /api/v1/analytics/usage",
     "GET /api/v1/analytics/top-accounts",
+    "POST /api/v1/events",
 )
 
 

@@ -55,13 +55,17 @@ class FakeBackend:
         self._record("set_plan", account_id, plan)
         return {"id": account_id, "plan": plan}
 
-    def create_key(self, account_id: str | None) -> dict[str, Any]:
-        self._record("create_key", account_id)
+    def create_key(self, account_id: str | None, ingest: bool = False) -> dict[str, Any]:
+        if ingest:
+            self._record("create_key", account_id, ingest)
+        else:
+            self._record("create_key", account_id)
         return {
             "key_prefix": "3f9c2a7b1d04",
             "api_key": KEY,
             "account": account_id,
-            "admin": account_id is None,
+            "admin": account_id is None and not ingest,
+            "ingest": ingest,
         }
 
     def list_keys(self, account_id: str | None) -> list[dict[str, Any]]:
@@ -112,6 +116,7 @@ def run(argv: list[str], backend: FakeBackend | None = None) -> tuple[int, str, 
         (["accounts", "set-plan", "acme", "max"], ("set_plan", ("acme", "max"))),
         (["keys", "create", "--account", "acme"], ("create_key", ("acme",))),
         (["keys", "create", "--admin"], ("create_key", (None,))),
+        (["keys", "create", "--ingest"], ("create_key", (None, True))),
         (["keys", "list"], ("list_keys", (None,))),
         (["keys", "list", "--account", "acme"], ("list_keys", ("acme",))),
         (["keys", "revoke", "3f9c2a7b1d04"], ("revoke_key", ("3f9c2a7b1d04",))),
@@ -196,6 +201,7 @@ def test_created_key_json_is_the_api_data_and_warns_on_stderr() -> None:
         "api_key": KEY,
         "account": "acme",
         "admin": False,
+        "ingest": False,
     }
     assert err.strip() == SHOWN_ONCE
 
@@ -400,6 +406,7 @@ def test_http_backend_requests() -> None:
     backend.set_plan("a:b", "max")
     backend.create_key("acme")
     backend.create_key(None)
+    backend.create_key(None, ingest=True)
     backend.list_keys("acme")
     backend.revoke_key("3f9c2a7b1d04")
     assert seen == [
@@ -409,6 +416,7 @@ def test_http_backend_requests() -> None:
         ("PUT", "/api/v1/admin/accounts/a%3Ab", {"plan": "max"}),
         ("POST", "/api/v1/admin/keys", {"account": "acme"}),
         ("POST", "/api/v1/admin/keys", {"admin": True}),
+        ("POST", "/api/v1/admin/keys", {"ingest": True}),
         ("GET", "/api/v1/admin/keys?account=acme", None),
         ("DELETE", "/api/v1/admin/keys/3f9c2a7b1d04", None),
     ]
