@@ -127,9 +127,9 @@ class ApiSettings(TallySettings):
     api_view_max_rows: int = Field(
         5_000_000,
         ge=0,
-        description="Most (account, minute) and stream rows the usage view holds (about 100 "
-        "bytes each, docs/scaling.md); beyond it the API logs a warning and reads usage and "
-        "keys from the store per request (exact, slower).",
+        description="Most (account, minute) and stream rows the usage view holds (~24 bytes "
+        "each, plus ~1 KB per account: docs/scaling.md); beyond it the API logs a warning and "
+        "reads usage and keys from the store per request (exact, slower).",
     )
 
     @field_validator("plans")

@@ -187,6 +187,12 @@ class ViewFeed:
             try:
                 await consumer.start()
                 await self._assign(consumer, position)
+                if not self.stats.connected:
+                    log.info(
+                        "usage view follows %s from offsets %s",
+                        self.rollups_topic,
+                        dict(sorted(position.next.items())) or "the beginning",
+                    )
                 self.stats.connected = True
                 attempt = 0
                 while True:

@@ -3,10 +3,12 @@
 Three KRaft brokers, a ClickHouse server, two workers, two fenced sinks and two API
 processes, all children of one `tally up`. A key made on one API works on the other;
 events published to the cluster (re-sent copies included) are counted exactly on both
-replicas; a SIGKILLed worker, sink and ClickHouse server are started again by `tally up`, a
-sink SIGSTOPped past its session timeout loses its partitions and writes nothing twice
-once woken, the broker leading most partitions dies for good, and the totals stay exact
-through each; SIGTERM stops every child and leaves no process behind.
+replicas, each from its own view (a snapshot of the store, then `tally.rollups`); a
+SIGKILLed worker, sink and ClickHouse server are started again by `tally up`, a sink
+SIGSTOPped past its session timeout loses its partitions and writes nothing twice once
+woken, a SIGKILLed API replica leaves the other answering and, started again, answers
+the same totals, the broker leading most partitions dies for good, and the totals stay
+exact through each; SIGTERM stops every child and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -169,6 +171,17 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
             assert await _totals(client, urls, keys) == [17_000, 17_000]
             print(f"sink-2 woken: exact after {settle:.1f}s, and still exact")
 
+            # An API replica dies: the other keeps answering (and counting) while it is
+            # down; started again, it loads its snapshot, follows the topic and answers
+            # the same totals.
+            os.kill(banner["processes"]["api-1"], signal.SIGKILL)
+            await _publish(bootstrap, 17_000, 1_000, spool)
+            settle = await _until_exact(client, urls[1:], keys, 18_000)
+            print(f"api-1 SIGKILLed: api-2 exact after {settle:.1f}s")
+            settle = await _until_exact(client, urls, keys, 18_000)
+            assert _restarted(log, "api-1")
+            print(f"api-1 started again: both exact after {settle:.1f}s")
+
             # The broker leading most events partitions dies and stays dead; once its
             # partitions have new leaders (the controller notices within the brokers'
             # session timeout), publishing goes on.
@@ -182,8 +195,8 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
             while await _still_leads(survivors, leader):
                 assert time.monotonic() < deadline, "no new leaders"
                 await asyncio.sleep(0.5)
-            await _publish(survivors, 17_000, 3_000, spool)
-            settle = await _until_exact(client, urls, keys, 20_000)
+            await _publish(survivors, 18_000, 3_000, spool)
+            settle = await _until_exact(client, urls, keys, 21_000)
             print(f"broker {leader} SIGKILLed: exact after {settle:.1f}s")
     finally:
         up.send_signal(signal.SIGTERM)
