@@ -15,8 +15,8 @@ after, for 1 minute and for 1 + EXTRA_MINUTES minutes per account, so that
 Figures: view_rss_<n>_mib (1 + EXTRA_MINUTES minutes per account, the view alone:
 the process's RSS minus the interpreter's before building it), view_bytes_per_minute_row,
 view_bytes_per_account. No Kafka or store is needed (the bench runner's broker
-is not used). The load path's transient peak (one statement's rows in memory while
-the view is built from them) is not part of these figures.
+is not used). Loading from a store streams the snapshot a block at a time
+(`Store.query_blocks`), which these figures do not include.
 """
 
 from __future__ import annotations

@@ -318,8 +318,15 @@ class UsageView:
         return self._read_rollups(store)
 
     def _read_rollups(self, store: Store) -> bool:
-        """The rollups and their markers in one statement (SNAPSHOT_MINUTE)."""
-        rows = store.query(
+        """The rollups and their markers in one statement (SNAPSHOT_MINUTE), streamed."""
+        fits = True
+
+        def fold(block: Sequence[Sequence[Any]]) -> bool:
+            nonlocal fits
+            fits = self._fold_snapshot(block)
+            return fits
+
+        store.query_blocks(
             SNAPSHOT_MINUTE,
             {
                 "since": ms_time(self.horizon.minutes * 1000),
@@ -331,7 +338,12 @@ class UsageView:
                 "opened": STREAM_OPENED,
                 "closed": STREAM_CLOSED,
             },
+            fold,
         )
+        return fits
+
+    def _fold_snapshot(self, rows: Sequence[Sequence[Any]]) -> bool:
+        """Fold a block of SNAPSHOT_MINUTE; False once the view holds too many rows."""
         streams_since = self.horizon.streams
         for account, at, stream_id, topic, partition, requests, units, *rest in rows:
             opens, opened_at, closes, offset_end, last = rest
@@ -343,9 +355,7 @@ class UsageView:
             if stream_id and (opens or closes) and minute >= streams_since:
                 opened_ms = to_ms(opened_at) if opens else -1
                 self._add_stream(account, stream_id, minute, opened_ms, int(closes))
-            if self.rows > self.max_rows:
-                return False
-        return True
+        return self.rows <= self.max_rows
 
     def _marker(self, topic: str, partition: int, offset_end: int, last: datetime) -> None:
         if topic == self.events_topic:

@@ -62,6 +62,8 @@ OVERLAP_NS = 30 * 1_000_000_000
 newest it has seen: a row committed late, or by a writer whose clock is behind."""
 MAX_RECORDS = 500
 """Records per fetch: each is applied on the event loop, between usage answers."""
+YIELD_AFTER_S = 0.005
+"""Longest the feed applies records before letting waiting requests run."""
 
 ACCOUNT_CHANGES = (
     "SELECT id, plan, billing_anchor_day, created_at, version FROM accounts FINAL "
@@ -197,7 +199,7 @@ class ViewFeed:
                 attempt = 0
                 while True:
                     batches = await consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS)
-                    self._apply(position, batches)
+                    await self._apply(position, batches)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -231,14 +233,22 @@ class ViewFeed:
             else:
                 consumer.seek(tp, start)
 
-    def _apply(self, position: FeedPosition, batches: Mapping[TopicPartition, list[Any]]) -> None:
+    async def _apply(
+        self, position: FeedPosition, batches: Mapping[TopicPartition, list[Any]]
+    ) -> None:
         view = self.view
+        since_yield = time.perf_counter()
         for tp, records in batches.items():
             for record in records:
                 fold = position.fold(tp.partition, record.offset, record.value)
                 self.stats.records += 1
                 if fold is not None and (fold.rows or fold.fresh):
                     view.apply(fold.rows, fold.fresh)
+                if time.perf_counter() - since_yield > YIELD_AFTER_S:
+                    # A backlog (a replica starting behind) must not hold usage
+                    # answers waiting on the loop.
+                    await asyncio.sleep(0)
+                    since_yield = time.perf_counter()
         self.stats.positions = dict(position.next)
 
     # -- accounts and keys -----------------------------------------------------------

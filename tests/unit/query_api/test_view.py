@@ -27,6 +27,9 @@ class EmptyStore:
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return []
 
+    def query_blocks(self, sql: str, parameters: dict[str, Any], each: Any) -> None:
+        return None
+
 
 def loaded(now: datetime = NOW, max_rows: int = 1_000) -> UsageView:
     view = UsageView("events", HISTORY, IDLE, max_rows, now=lambda: now)
