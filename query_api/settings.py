@@ -129,7 +129,7 @@ class ApiSettings(TallySettings):
         ge=0,
         description="Most (account, minute) and stream rows the usage view holds (~24 bytes "
         "each, plus ~1 KB per account: docs/scaling.md); beyond it the API logs a warning and "
-        "reads usage and keys from the store per request (exact, slower).",
+        "reads the accounts holding the most rows from the store per request (exact, slower).",
     )
 
     @field_validator("plans")

@@ -38,7 +38,6 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,7 +45,7 @@ from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
 from query_api.accounts import Principal
 from query_api.keys import prefix_of, same_key
 from query_api.queries import MinuteRow, UsageReads
-from query_api.view_rows import AccountChange, KeyChange, Snapshot, Versions
+from query_api.view_rows import AccountChange, Horizon, KeyChange, Snapshot, Versions
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 from schemas.store import Store
 
@@ -55,6 +54,8 @@ log = logging.getLogger("tally.api.view")
 EPOCH = datetime.fromtimestamp(0, UTC)
 PAGE_ROWS = 100_000
 """Rows per statement while loading: memory stays bounded by the data held."""
+EVICT_TO = 0.9
+"""Past its bound the view evicts down to this share of it, so evictions are rare."""
 PRUNE_EVERY_S = 600
 """How often (by the view's clock) apply() drops minutes that no answer reads any more."""
 
@@ -160,16 +161,12 @@ class _Usage:
                 del self.streams[stream_id]
         return dropped
 
+    def size(self) -> int:
+        """The rows this account counts for in `UsageView.rows`."""
+        return len(self.minutes) + sum(len(by_minute) for by_minute in self.streams.values())
+
     def empty(self) -> bool:
         return not self.minutes and not self.streams
-
-
-@dataclass(frozen=True, slots=True)
-class Horizon:
-    """The oldest minute each kind of read may ask for; older data is not held."""
-
-    minutes: int
-    streams: int
 
 
 def horizon_at(now: datetime, history: timedelta, idle: timedelta) -> Horizon:
@@ -203,8 +200,6 @@ class UsageView:
         self.max_rows = max_rows
         self.now = now
         self.loaded = False
-        self.disabled = False
-        """Too big to hold (TALLY_API_VIEW_MAX_ROWS): callers read the store instead."""
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._loading = threading.Lock()
@@ -220,12 +215,15 @@ class UsageView:
         self._reflected: dict[int, int] = {}
         self._times: dict[int, datetime] = {}
         self._next_prune = horizon.minutes
+        self.evicted: set[str] = set()
+        """Accounts dropped to stay within TALLY_API_VIEW_MAX_ROWS: their usage is read
+        from the store (`usage_reads` answers None for them) until the next load."""
         self.versions = Versions()
         self.snapshot = Snapshot({}, {})
 
     @property
     def active(self) -> bool:
-        return self.loaded and not self.disabled
+        return self.loaded
 
     # -- loading ---------------------------------------------------------------------
 
@@ -258,18 +256,7 @@ class UsageView:
                 self.rollups_topic,
             )
             built._reset(horizon)
-            if not built._read(store):
-                with self._lock:
-                    self.disabled = True
-                    self._reset(horizon)
-                    self.loaded = True
-                log.warning(
-                    "usage view: the store holds more than TALLY_API_VIEW_MAX_ROWS=%d rows "
-                    "to serve usage from memory; usage is read from the store per request "
-                    "(slower). Raise the setting to serve it from memory.",
-                    self.max_rows,
-                )
-                return
+            built._read(store)
             with self._lock:
                 if self._stale:
                     continue
@@ -279,20 +266,22 @@ class UsageView:
                 self._usage, self._reflected = built._usage, built._reflected
                 self._times, self._next_prune = built._times, built._next_prune
                 self.versions, self.snapshot = built.versions, built.snapshot
-                self.disabled = False
+                self.evicted = built.evicted
                 self.loaded = True
                 break
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "usage view: %d accounts, %d keys, %d rows loaded in %.2fs",
+            "usage view: %d accounts, %d keys, %d rows loaded in %.2fs (%d accounts read "
+            "from the store)",
             len(self._accounts),
             len(self._keys),
             self.rows,
             self.load_seconds,
+            len(self.evicted),
         )
 
-    def _read(self, store: Store) -> bool:
-        """Fill this (private, fresh) view from the store; False when too big."""
+    def _read(self, store: Store) -> None:
+        """Fill this (private, fresh) view from the store."""
         after = ""
         while True:
             page = store.query(
@@ -315,16 +304,14 @@ class UsageView:
             self.versions.take_key(prefix, int(version))
             if not revoked:
                 self._keys[prefix] = (key_hash, account, bool(is_admin))
-        return self._read_rollups(store)
+        self._read_rollups(store)
 
-    def _read_rollups(self, store: Store) -> bool:
+    def _read_rollups(self, store: Store) -> None:
         """The rollups and their markers in one statement (SNAPSHOT_MINUTE), streamed."""
-        fits = True
 
         def fold(block: Sequence[Sequence[Any]]) -> bool:
-            nonlocal fits
-            fits = self._fold_snapshot(block)
-            return fits
+            self._fold_snapshot(block)
+            return True
 
         store.query_blocks(
             SNAPSHOT_MINUTE,
@@ -340,10 +327,9 @@ class UsageView:
             },
             fold,
         )
-        return fits
 
-    def _fold_snapshot(self, rows: Sequence[Sequence[Any]]) -> bool:
-        """Fold a block of SNAPSHOT_MINUTE; False once the view holds too many rows."""
+    def _fold_snapshot(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Fold a block of SNAPSHOT_MINUTE, within TALLY_API_VIEW_MAX_ROWS."""
         streams_since = self.horizon.streams
         for account, at, stream_id, topic, partition, requests, units, *rest in rows:
             opens, opened_at, closes, offset_end, last = rest
@@ -355,7 +341,8 @@ class UsageView:
             if stream_id and (opens or closes) and minute >= streams_since:
                 opened_ms = to_ms(opened_at) if opens else -1
                 self._add_stream(account, stream_id, minute, opened_ms, int(closes))
-        return self.rows <= self.max_rows
+        if self.rows > self.max_rows:
+            self._evict()
 
     def _marker(self, topic: str, partition: int, offset_end: int, last: datetime) -> None:
         if topic == self.events_topic:
@@ -369,6 +356,8 @@ class UsageView:
     def _add(self, account: str, minute: int, requests: int, units: int) -> None:
         usage = self._usage.get(account)
         if usage is None:
+            if account in self.evicted:
+                return
             usage = self._usage[account] = _Usage()
         if usage.add(minute, requests, units):
             self.rows += 1
@@ -378,6 +367,8 @@ class UsageView:
     ) -> None:
         usage = self._usage.get(account)
         if usage is None:
+            if account in self.evicted:
+                return
             usage = self._usage[account] = _Usage()
         if usage.add_stream(stream_id, minute, opened_ms, closes):
             self.rows += 1
@@ -388,7 +379,7 @@ class UsageView:
         if not self.loaded:
             self._stale = True
             return False
-        return not self.disabled
+        return True
 
     def apply(self, rows: Sequence[Sequence[Any]], reflected_ms: Mapping[int, int]) -> None:
         """One `tally.rollups` record as `view_feed.FeedPosition` folds it: its delta's
@@ -417,21 +408,34 @@ class UsageView:
                 if ms > self._reflected.get(partition, -1):
                     self._reflected[partition] = ms
             if self.rows > self.max_rows:
-                self._give_up()
-                return
+                self._evict()
             now_s = to_ms(self.now()) // 1000
             if now_s >= self._next_prune:
                 self._prune()
                 self._next_prune = now_s + PRUNE_EVERY_S
 
-    def _give_up(self) -> None:
+    def _evict(self) -> None:
+        """Over TALLY_API_VIEW_MAX_ROWS: drop the accounts holding the most rows until
+        the view holds EVICT_TO of the bound. Their usage is read from the store from
+        then on (exact, slower); every other account, and every key, stays in memory.
+        The biggest first: the fewest accounts leave the memory path per row freed."""
+        target = int(self.max_rows * EVICT_TO)
+        dropped = 0
+        for account, usage in sorted(self._usage.items(), key=lambda item: -item[1].size()):
+            if self.rows <= target:
+                break
+            self.rows -= usage.size()
+            del self._usage[account]
+            self.evicted.add(account)
+            dropped += 1
         log.warning(
-            "usage view: more than TALLY_API_VIEW_MAX_ROWS=%d rows; usage is read from the "
-            "store per request from now on (slower). Raise the setting to serve it from memory.",
+            "usage view: more than TALLY_API_VIEW_MAX_ROWS=%d rows; the %d accounts holding "
+            "the most (%d in all now) are read from the store per request (slower). Raise the "
+            "setting to serve them from memory.",
             self.max_rows,
+            dropped,
+            len(self.evicted),
         )
-        self.disabled = True
-        self._reset(self.horizon)
 
     def _prune(self) -> None:
         """Drop what no answer from now on reads (the horizon only moves forward)."""
@@ -574,9 +578,12 @@ class UsageView:
 
     def usage_reads(
         self, account: str, since: datetime, until: datetime, idle_cutoff: datetime
-    ) -> UsageReads:
-        """As `queries.usage_reads` for the store the view was loaded from."""
+    ) -> UsageReads | None:
+        """As `queries.usage_reads` for the store the view was loaded from; None for an
+        account the view does not hold (`evicted`): read the store for it."""
         with self._lock:
+            if account in self.evicted:
+                return None
             return UsageReads(
                 account=self._accounts.get(account),
                 minutes=self.minutes(account, since, until),

@@ -8,7 +8,8 @@ are counted to. `ViewFeed` assigns itself every `tally.rollups` partition (no
 consumer group, nothing committed: the snapshot says where to start), reads with
 isolation_level=read_committed (what the sink reads: committed worker transactions
 only), seeks each partition to its marker and applies each record by the sink's
-own rules (`FeedPosition`, mirroring `processors.sink.Sink._apply`):
+own rules (`FeedPosition`, mirroring `processors.sink.Sink._apply`; a worker sends
+events partition p's deltas to rollups partition p, so each arrives in one order):
 
 - a record below the partition's next offset is in the snapshot (or was applied
   already): skipped, so nothing the snapshot holds is counted twice;
@@ -167,8 +168,6 @@ class ViewFeed:
     async def run(self) -> None:
         """Load the view (unless loaded), then follow deltas and poll until cancelled."""
         await asyncio.to_thread(self.view.ensure_loaded, self.store)
-        if not self.view.active:
-            return  # beyond TALLY_API_VIEW_MAX_ROWS: requests read the store
         self.position = FeedPosition(self.view.snapshot)
         await asyncio.gather(self._follow(self.position), self._poll())
 

@@ -7,6 +7,14 @@ from datetime import datetime
 from typing import NamedTuple
 
 
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """The oldest minute each kind of read may ask for; older data is not held."""
+
+    minutes: int
+    streams: int
+
+
 @dataclass(slots=True)
 class Versions:
     """Per account id and per key prefix, the version (ReplacingMergeTree's) of the

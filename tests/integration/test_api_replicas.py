@@ -148,11 +148,16 @@ async def test_two_replicas_on_the_server_are_exact_and_share_keys(
 
         settle = await _until("both replicas exact", replicas_exact)
         print(f"both replicas exact {settle:.2f}s after the last event was flushed")
+        # A replica whose bound holds only some accounts reads the others from the store.
+        bounded = _api_settings(server_settings, api_view_max_rows=len(ACCOUNTS) // 2)
+        bounded_app, small = await stack.enter_async_context(_replica(bounded))
         for account in ACCOUNTS:
             from_store = await _today(store_reader, keys[account])
             assert await _today(early, keys[account]) == from_store
             assert await _today(late, keys[account]) == from_store
+            assert await _today(small, keys[account]) == from_store
         assert reader_app.state.services.view is None
+        assert bounded_app.state.services.view.evicted
 
         # A key made through one replica works on the other; revoked, it is refused.
         # Timed from the write's return: the store has the row; how long until the other

@@ -150,14 +150,24 @@ def test_writes_before_the_load_make_a_running_load_start_over() -> None:
     assert view.rows == 0
 
 
-def test_more_rows_than_allowed_steps_aside() -> None:
-    view = loaded(max_rows=3)
-    view.apply([wire("a", NOW - timedelta(minutes=m)) for m in range(3)], {})
+def test_past_its_bound_the_view_evicts_the_biggest_accounts_to_the_store() -> None:
+    view = loaded(max_rows=10)
+    until = NOW + timedelta(hours=1)
+    view.apply([wire("big", NOW - timedelta(minutes=m)) for m in range(6)], {})
+    view.apply([wire(f"small-{i}", NOW) for i in range(4)], {})
+    assert view.rows == 10
+    assert not view.evicted
+    view.apply([wire("small-4", NOW)], {})  # one row too many
+    assert view.evicted == {"big"}  # the most rows: evicting it frees the most
+    assert view.rows == 5 <= 10 * 0.9
+    assert view.usage_reads("big", NOW - HISTORY, until, NOW - IDLE) is None  # read the store
+    small = view.usage_reads("small-4", NOW - HISTORY, until, NOW - IDLE)
+    assert small is not None
+    assert len(small.minutes) == 1
+    view.apply([wire("big", NOW)], {})  # further deltas of an evicted account: not held
+    assert view.rows == 5
     assert view.active
-    view.apply([wire("b", NOW)], {})
-    assert not view.active
-    assert view.rows == 0
-    assert not view.covers(NOW - HISTORY, NOW - IDLE)
+    assert view.covers(NOW - HISTORY, NOW - IDLE)
 
 
 def test_prune_drops_what_no_later_read_needs() -> None:
