@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from processors.deltas import encode_wire
+from query_api.keys import hash_key, new_key
 from query_api.view import UsageView, to_ms
-from query_api.view_feed import FeedPosition
+from query_api.view_feed import ACCOUNT_CHANGES, OVERLAP_NS, FeedPosition, ViewFeed
 from query_api.view_rows import Snapshot
 from schemas.events import REQUEST
 
@@ -139,3 +140,44 @@ def test_snapshot_then_feed_equals_every_record_applied_once() -> None:
         assert _totals(stored) == _totals(everything), cut
         assert stored.reflected_until() == everything.reflected_until()
     assert whole.duplicates > 0
+
+
+class PollStore:
+    """Answers the feed's two poll statements with the rows given; records `since`."""
+
+    def __init__(self, accounts: list[tuple[Any, ...]], keys: list[tuple[Any, ...]]) -> None:
+        self.accounts, self.keys = accounts, keys
+        self.asked: list[tuple[str, int]] = []
+
+    def query(self, sql: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        table = "accounts" if sql == ACCOUNT_CHANGES else "keys"
+        self.asked.append((table, parameters["since"]))
+        return self.accounts if table == "accounts" else self.keys
+
+
+def test_a_poll_applies_changed_rows_and_re_reads_the_overlap() -> None:
+    view = _view()
+    key, prefix = new_key()
+    version = 10 * OVERLAP_NS
+    store = PollStore(
+        accounts=[("acme", "pro", 1, NOW, version)],
+        keys=[(prefix, hash_key(key), "acme", False, False, version + 5)],
+    )
+    feed = ViewFeed(view, store, "127.0.0.1:9", "r")  # type: ignore[arg-type]
+    feed.poll_once()
+    assert store.asked == [("accounts", 0), ("keys", 0)]  # nothing held yet: everything
+    assert view.account("acme") is not None
+    assert view.authenticate(key) is not None
+    # Revoked elsewhere: the next poll reads from the newest version held, less the overlap.
+    store.accounts = []
+    store.keys = [(prefix, hash_key(key), "acme", False, True, version + 9)]
+    feed.poll_once()
+    assert store.asked[2:] == [
+        ("accounts", version - OVERLAP_NS),
+        ("keys", version + 5 - OVERLAP_NS),
+    ]
+    assert view.authenticate(key) is None
+    # The creation row re-read within the overlap does not bring the key back.
+    store.keys = [(prefix, hash_key(key), "acme", False, False, version + 5)]
+    feed.poll_once()
+    assert view.authenticate(key) is None
