@@ -54,6 +54,7 @@ BENCHES: tuple[tuple[str, str, bool], ...] = (
     ("abuse", "benchmarks.abuse", False),
     ("freshness", "benchmarks.freshness", False),
     ("memory", "benchmarks.memory", False),
+    ("view_memory", "benchmarks.view_memory", False),
 )
 
 # (figure, ">=" or "<=", target): the targets.

@@ -10,6 +10,8 @@ import uvicorn
 from fastapi import FastAPI
 from mode import Service
 
+from query_api.view_feed import ViewFeed
+
 
 class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -32,3 +34,16 @@ class ApiService(Service):
 
     async def on_stop(self) -> None:
         self.server.should_exit = True
+
+
+class ViewFeedService(Service):
+    """The API's usage view feed (query_api/view_feed.py) in `tally up`, whose uvicorn
+    runs without a lifespan: loads the view, then follows `tally.rollups`."""
+
+    def __init__(self, feed: ViewFeed, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.feed = feed
+
+    @Service.task
+    async def _follow(self) -> None:
+        await self.feed.run()

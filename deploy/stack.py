@@ -425,8 +425,8 @@ def up(
     # Here, not at the top: `tally worker` and `tally sink` import this module
     # too, and the API's imports (FastAPI, pydantic models) cost each of them
     # about a second of CPU at start.
-    from deploy.serve import ApiService
-    from query_api.app import attach_sink, create_app
+    from deploy.serve import ApiService, ViewFeedService
+    from query_api.app import create_app, view_feed
 
     with brokers_for(settings, topology.brokers) as bootstrap:
         asyncio.run(ensure_stack_topics(settings, bootstrap))
@@ -439,11 +439,13 @@ def up(
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         print_banner(settings, bootstrap, settings.store_url, [api_url], keys, as_json)
         sink = new_sink(settings, store)
-        attach_sink(api, sink)  # the API's usage view follows the sink's writes
         services: list[Service] = [
             SinkService(sink),
             ApiService(api, settings.api_host, settings.api_port),
         ]
+        feed = view_feed(api)
+        if feed is not None:  # the API's usage view follows tally.rollups, as every replica's
+            services.append(ViewFeedService(feed))
         if demo:
             services.append(DemoGateways(settings))
         try:

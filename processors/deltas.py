@@ -37,7 +37,7 @@ VERSION = 2
 # for the envelope and the batch framing.
 MAX_MESSAGE_BYTES = 700_000
 WIRE_COLUMNS = 14
-"""Columns of a row that listeners see: all but offset_end."""
+"""Columns of a row as the API's usage view applies it: all but offset_end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class Frame:
     order (version 2's row part; a version 1 message is re-encoded into it)."""
 
     def wire_rows(self) -> list[list[Any]]:
-        """The rows in the listeners' layout (parses them: only when someone listens)."""
+        """The rows as the API's usage view applies them (query_api/view_feed.py)."""
         return rows_of(self.body)
 
 

@@ -72,12 +72,14 @@ class AccountsListener(Protocol):
     """Told of each account and key write right after it succeeded (query_api/view.py)."""
 
     def put_account(
-        self, account_id: str, plan: str, anchor_day: int, created: datetime
+        self, account_id: str, plan: str, anchor_day: int, created: datetime, version: int
     ) -> None: ...
 
-    def put_key(self, prefix: str, key_hash: str, account: str | None, admin: bool) -> None: ...
+    def put_key(
+        self, prefix: str, key_hash: str, account: str | None, admin: bool, version: int
+    ) -> None: ...
 
-    def drop_key(self, prefix: str) -> None: ...
+    def drop_key(self, prefix: str, version: int) -> None: ...
 
 
 class AccountStore:
@@ -115,19 +117,21 @@ class AccountStore:
         if self.get(account_id) is not None:
             raise AccountExistsError(account_id)
         now = datetime.now(UTC)
+        version = _version()
         self.store.insert(
             "accounts",
-            [[account_id, plan, billing_anchor_day, now, now, _version()]],
+            [[account_id, plan, billing_anchor_day, now, now, version]],
             ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
         )
         if self.listener is not None:
-            self.listener.put_account(account_id, plan, billing_anchor_day, now)
+            self.listener.put_account(account_id, plan, billing_anchor_day, now, version)
         return Account(account_id, plan, billing_anchor_day, now)
 
     def set_plan(self, account_id: str, plan: str) -> Account:
         current = self.get(account_id)
         if current is None:
             raise UnknownAccountError(account_id)
+        version = _version(self._current_version("accounts", "id", account_id))
         self.store.insert(
             "accounts",
             [
@@ -137,14 +141,14 @@ class AccountStore:
                     current.billing_anchor_day,
                     current.created_at,
                     datetime.now(UTC),
-                    _version(self._current_version("accounts", "id", account_id)),
+                    version,
                 ]
             ],
             ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
         )
         if self.listener is not None:
             self.listener.put_account(
-                account_id, plan, current.billing_anchor_day, current.created_at
+                account_id, plan, current.billing_anchor_day, current.created_at, version
             )
         return Account(account_id, plan, current.billing_anchor_day, current.created_at)
 
@@ -158,13 +162,14 @@ class AccountStore:
         key, prefix = new_key()
         now = datetime.now(UTC)
         key_hash = hash_key(key)
+        version = _version()
         self.store.insert(
             "api_keys",
-            [[prefix, key_hash, account_id or "", admin, now, None, _version()]],
+            [[prefix, key_hash, account_id or "", admin, now, None, version]],
             ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
         )
         if self.listener is not None:
-            self.listener.put_key(prefix, key_hash, account_id, admin)
+            self.listener.put_key(prefix, key_hash, account_id, admin, version)
         return key, KeyInfo(prefix, account_id, admin, now, None)
 
     def revoke_key(self, prefix: str) -> bool:
@@ -183,7 +188,7 @@ class AccountStore:
             ["prefix", "key_hash", "account", "is_admin", "created_at", "revoked_at", "version"],
         )
         if self.listener is not None:
-            self.listener.drop_key(prefix)
+            self.listener.drop_key(prefix, version)
         return True
 
     def keys(self, account_id: str | None = None) -> list[KeyInfo]:

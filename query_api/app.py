@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.datastructures import URL
@@ -33,10 +32,8 @@ from query_api.refusals import RefusalHold
 from query_api.routes import admin, analytics, dashboard, docs, events, health, usage
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
+from query_api.view_feed import ViewFeed
 from schemas.store import Store
-
-if TYPE_CHECKING:
-    from processors.sink import Sink
 
 DESCRIPTION = """
 Usage metering for API companies: what each account has used, served from rollups
@@ -229,18 +226,24 @@ def create_app(
     `ingest`: what POST /api/v1/events uses (default: `new_ingest(settings)`)."""
     view = new_view(settings, store, now or utcnow)
     ingest = ingest or new_ingest(settings)
+    feed = None if view is None else new_feed(settings, store, view)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Before the server accepts a connection: no usage answer precedes the load.
-        if view is not None:
+        if view is not None and feed is not None:
             await asyncio.to_thread(view.ensure_loaded, store)
             # The loaded view is long-lived: freezing it keeps the cyclic collector
             # from walking it over and over, and each request allocates plenty of
             # short-lived objects (processors/gc_tuning.py says why).
             tune_gc()
-        yield
-        await ingest.publisher.close()
+            feed.start()
+        try:
+            yield
+        finally:
+            if feed is not None:
+                await feed.stop()
+            await ingest.publisher.close()
 
     app = FastAPI(
         title="Tally usage API",
@@ -251,6 +254,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    app.state.view_feed = feed
     app.state.services = services = Services(
         settings=settings,
         store=store,
@@ -299,10 +303,8 @@ def new_ingest(settings: ApiSettings) -> Ingest:
 
 
 def new_view(settings: ApiSettings, store: Store, now: Callable[[], datetime]) -> UsageView | None:
-    """The usage view, where it can be exact: the embedded store, which only this
-    process writes. A ClickHouse server has other writers (a separate sink), so
-    there every request reads the store."""
-    if settings.api_usage_view == "off" or not store.embedded:
+    """The usage view (query_api/view.py), on any store unless TALLY_API_USAGE_VIEW=off."""
+    if settings.api_usage_view == "off":
         return None
     return UsageView(
         settings.events_topic,
@@ -310,14 +312,17 @@ def new_view(settings: ApiSettings, store: Store, now: Callable[[], datetime]) -
         idle=timedelta(seconds=settings.stream_idle_timeout_s),
         max_rows=settings.api_view_max_rows,
         now=now,
+        rollups_topic=settings.rollups_topic,
     )
 
 
-def attach_sink(app: FastAPI, sink: Sink) -> None:
-    """`tally up`: the sink in this process writes the store the API reads; its
-    INSERTs keep the view exact. Call before the sink starts: the view loads now,
-    so no INSERT lands between the load and the listener."""
-    services: Services = app.state.services
-    if services.view is not None:
-        services.view.ensure_loaded(services.store)
-        sink.add_listener(services.view.apply)
+def new_feed(settings: ApiSettings, store: Store, view: UsageView) -> ViewFeed:
+    """What keeps `view` exact (query_api/view_feed.py): started by the app's lifespan,
+    or, where the server runs without one (`tally up`), by `view_feed(app)`'s caller."""
+    return ViewFeed(view, store, settings.bootstrap, settings.rollups_topic)
+
+
+def view_feed(app: FastAPI) -> ViewFeed | None:
+    """The app's view feed, None when the view is off."""
+    feed: ViewFeed | None = app.state.view_feed
+    return feed

@@ -154,16 +154,17 @@ class ApiSettings(TallySettings):
     )
     api_usage_view: Literal["auto", "off"] = Field(
         "auto",
-        description="Serve the usage endpoints and key checks from an in-memory view of the "
-        "store, loaded at start and kept exact by this process's writes. auto: on for the "
-        "embedded store (one process holds it, so it sees every write); always off with a "
-        "ClickHouse server (other processes write there).",
+        description="Serve the usage endpoints and key checks from an in-memory view, on any "
+        "store: loaded from the store at start, then kept exact from the committed deltas on "
+        "the rollups topic, and accounts and keys polled every 0.25 s (docs/scaling.md). off: "
+        "every request reads the store.",
     )
     api_view_max_rows: int = Field(
         5_000_000,
         ge=0,
-        description="Most (account, minute) and stream rows the usage view holds; beyond it "
-        "the API logs a warning and reads usage from the store per request.",
+        description="Most (account, minute) and stream rows the usage view holds (~24 bytes "
+        "each, plus ~1 KB per account: docs/scaling.md); beyond it the API logs a warning and "
+        "reads the accounts holding the most rows from the store per request (exact, slower).",
     )
 
     @field_validator("plans")

@@ -1,16 +1,34 @@
 """The usage view: what /api/.../account/usage reads, held in memory.
 
-On the embedded store a statement costs milliseconds and the store serialises
-statements process-wide, so reading the store per request caps the usage
-endpoints far below what the web stack serves (benchmarks/api.py). The embedded
-store admits ONE process per data path, so the process that holds it sees every
-write to it: its admin writes (accounts and keys, through `AccountStore`) and,
-in `tally up`, the sink's INSERTs (`processors.sink.Listener`). Loaded once and
-fed those writes, the view answers exactly what `queries.usage_reads` would.
-With a ClickHouse server other processes write, so the view is off there.
+A statement costs milliseconds (the embedded store also serialises them
+process-wide), so reading the store per request caps the usage endpoints far
+below what the web stack serves (benchmarks/api.py). Every `tally api` process,
+on any store, therefore answers usage from this view:
+
+- `load(store)` reads a snapshot: accounts, keys, the rollups the answers need
+  and, in the SAME statement as the rollups, the offset markers that say which
+  `tally.rollups` messages those rollups contain (one SELECT sees one set of
+  parts; each sink INSERT is one part holding its deltas and its markers, so the
+  rollups read and the markers read agree exactly);
+- `query_api.view_feed` then applies every committed delta after those markers,
+  read from `tally.rollups` by the rules the sink applies them by (`FeedPosition`),
+  and polls accounts and keys (`sync_accounts`, `sync_keys`).
+
+One way for every deployment: `tally up` on the embedded store feeds its view
+from the topic as well, rather than from the sink's INSERTs in the same process,
+so the path the replicas depend on is the path every test and every
+single-process install runs. A view fed by the topic can be ahead of the store
+(a delta committed in Kafka and not yet INSERTed) but never wrong: the sink
+applies the same deltas once, in the same order, and `meta.updated_at` /
+`X-Data-Delay` say what this view reflects, not what the store does.
+
+Admin writes made through this process reach the view at once
+(`AccountsListener`); those of other processes within one poll. Versions
+(ReplacingMergeTree's) decide which write wins, so a poll answer that raced a
+local write never undoes it.
 
 Pure apart from `load(store)`. Thread-safe: admin writes arrive from worker
-threads, the sink's on the event loop, reads on the event loop.
+threads, deltas and polls on the event loop, reads on the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +38,6 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +45,7 @@ from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
 from query_api.accounts import Principal
 from query_api.keys import prefix_of, same_key
 from query_api.queries import MinuteRow, UsageReads
+from query_api.view_rows import AccountChange, Horizon, KeyChange, Snapshot, Versions
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 from schemas.store import Store
 
@@ -36,8 +54,27 @@ log = logging.getLogger("tally.api.view")
 EPOCH = datetime.fromtimestamp(0, UTC)
 PAGE_ROWS = 100_000
 """Rows per statement while loading: memory stays bounded by the data held."""
+EVICT_TO = 0.9
+"""Past its bound the view evicts down to this share of it, so evictions are rare."""
 PRUNE_EVERY_S = 600
 """How often (by the view's clock) apply() drops minutes that no answer reads any more."""
+
+SNAPSHOT_MINUTE = (
+    "SELECT account, minute, stream_id, if(type = {marker:String}, route, '') AS topic,"
+    " if(type = {marker:String}, status, 0) AS partition,"
+    " sumIf(events, type = {req:String}),"
+    " sumIf(units_micro, type IN ({req:String}, {closed:String})),"
+    " countIf(type = {opened:String}), maxIf(last_time, type = {opened:String}),"
+    " countIf(type = {closed:String}), max(offset_end), max(last_time) "
+    "FROM rollup_minute "
+    "WHERE (minute >= {since:DateTime} AND type != {marker:String})"
+    " OR (account = {marker_account:String} AND type = {marker:String}"
+    " AND route IN ({events:String}, {rollups:String})) "
+    "GROUP BY account, minute, stream_id, topic, partition"
+)
+"""The rollups and the markers they reflect, in ONE statement (see the module
+docstring): per (account, minute, stream_id) the usage sums and stream folds, and
+per (topic, partition) marker its offset and time."""
 
 AccountRow = tuple[str, int, datetime]
 """(plan, billing_anchor_day, created_at), as `queries.UsageReads.account`."""
@@ -124,16 +161,12 @@ class _Usage:
                 del self.streams[stream_id]
         return dropped
 
+    def size(self) -> int:
+        """The rows this account counts for in `UsageView.rows`."""
+        return len(self.minutes) + sum(len(by_minute) for by_minute in self.streams.values())
+
     def empty(self) -> bool:
         return not self.minutes and not self.streams
-
-
-@dataclass(frozen=True, slots=True)
-class Horizon:
-    """The oldest minute each kind of read may ask for; older data is not held."""
-
-    minutes: int
-    streams: int
 
 
 def horizon_at(now: datetime, history: timedelta, idle: timedelta) -> Horizon:
@@ -158,15 +191,15 @@ class UsageView:
         idle: timedelta,
         max_rows: int,
         now: Callable[[], datetime],
+        rollups_topic: str = "tally.rollups",
     ) -> None:
         self.events_topic = events_topic
+        self.rollups_topic = rollups_topic
         self.history = history
         self.idle = idle
         self.max_rows = max_rows
         self.now = now
         self.loaded = False
-        self.disabled = False
-        """Too big to hold (TALLY_API_VIEW_MAX_ROWS): callers read the store instead."""
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._loading = threading.Lock()
@@ -182,10 +215,15 @@ class UsageView:
         self._reflected: dict[int, int] = {}
         self._times: dict[int, datetime] = {}
         self._next_prune = horizon.minutes
+        self.evicted: set[str] = set()
+        """Accounts dropped to stay within TALLY_API_VIEW_MAX_ROWS: their usage is read
+        from the store (`usage_reads` answers None for them) until the next load."""
+        self.versions = Versions()
+        self.snapshot = Snapshot({}, {})
 
     @property
     def active(self) -> bool:
-        return self.loaded and not self.disabled
+        return self.loaded
 
     # -- loading ---------------------------------------------------------------------
 
@@ -209,20 +247,16 @@ class UsageView:
                 self._stale = False
                 self.loaded = False
             horizon = horizon_at(self.now(), self.history, self.idle)
-            built = UsageView(self.events_topic, self.history, self.idle, self.max_rows, self.now)
+            built = UsageView(
+                self.events_topic,
+                self.history,
+                self.idle,
+                self.max_rows,
+                self.now,
+                self.rollups_topic,
+            )
             built._reset(horizon)
-            if not built._read(store):
-                with self._lock:
-                    self.disabled = True
-                    self._reset(horizon)
-                    self.loaded = True
-                log.warning(
-                    "usage view: the store holds more than TALLY_API_VIEW_MAX_ROWS=%d rows "
-                    "to serve usage from memory; usage is read from the store per request "
-                    "(slower). Raise the setting to serve it from memory.",
-                    self.max_rows,
-                )
-                return
+            built._read(store)
             with self._lock:
                 if self._stale:
                     continue
@@ -231,97 +265,99 @@ class UsageView:
                 self._accounts, self._keys = built._accounts, built._keys
                 self._usage, self._reflected = built._usage, built._reflected
                 self._times, self._next_prune = built._times, built._next_prune
-                self.disabled = False
+                self.versions, self.snapshot = built.versions, built.snapshot
+                self.evicted = built.evicted
                 self.loaded = True
                 break
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "usage view: %d accounts, %d keys, %d rows loaded in %.2fs",
+            "usage view: %d accounts, %d keys, %d rows loaded in %.2fs (%d accounts read "
+            "from the store)",
             len(self._accounts),
             len(self._keys),
             self.rows,
             self.load_seconds,
+            len(self.evicted),
         )
 
-    def _read(self, store: Store) -> bool:
-        """Fill this (private, fresh) view from the store; False when too big."""
+    def _read(self, store: Store) -> None:
+        """Fill this (private, fresh) view from the store."""
         after = ""
         while True:
             page = store.query(
-                "SELECT id, plan, billing_anchor_day, created_at FROM accounts FINAL "
+                "SELECT id, plan, billing_anchor_day, created_at, version FROM accounts FINAL "
                 "WHERE id > {after:String} ORDER BY id LIMIT {n:UInt32}",
                 {"after": after, "n": PAGE_ROWS},
             )
-            for account_id, plan, anchor, created in page:
+            for account_id, plan, anchor, created, version in page:
                 self._accounts[account_id] = (str(plan), int(anchor), created)
+                self.versions.take_account(account_id, int(version))
             if len(page) < PAGE_ROWS:
                 break
             after = page[-1][0]
-        for prefix, key_hash, account, is_admin in store.query(
-            "SELECT prefix, key_hash, account, is_admin FROM api_keys FINAL "
-            "WHERE revoked_at IS NULL"
+        for prefix, key_hash, account, is_admin, revoked, version in store.query(
+            "SELECT prefix, key_hash, account, is_admin, revoked_at IS NOT NULL, version "
+            "FROM api_keys FINAL"
         ):
-            self._keys[prefix] = (key_hash, account, bool(is_admin))
-        since = ms_time(self.horizon.minutes * 1000)
-        account, minute = "", since
-        while True:
-            # Keyset paging on the GROUP BY key: each page resumes exactly after the last.
-            page = store.query(
-                "SELECT account, minute, sumIf(events, type = {req:String}),"
-                " sumIf(units_micro, type IN ({req:String}, {closed:String})) "
-                "FROM rollup_minute "
-                "WHERE minute >= {since:DateTime} AND account >= {a:String}"
-                " AND (account, minute) > ({a:String}, {m:DateTime}) "
-                "GROUP BY account, minute ORDER BY account, minute LIMIT {n:UInt32}",
-                {
-                    "since": since,
-                    "a": account,
-                    "m": minute,
-                    "req": REQUEST,
-                    "closed": STREAM_CLOSED,
-                    "n": PAGE_ROWS,
-                },
-            )
-            for account, minute, requests, units in page:
-                self._add(account, minute_of(minute), int(requests), int(units))
-            if self.rows > self.max_rows:
-                return False
-            if len(page) < PAGE_ROWS:
-                break
-        return self._read_streams(store)
+            # Revoked keys keep their version: an older row of theirs seen later
+            # (a poll) must not bring them back.
+            self.versions.take_key(prefix, int(version))
+            if not revoked:
+                self._keys[prefix] = (key_hash, account, bool(is_admin))
+        self._read_rollups(store)
 
-    def _read_streams(self, store: Store) -> bool:
-        rows = store.query(
-            "SELECT account, stream_id, minute, countIf(type = {opened:String}),"
-            " maxIf(last_time, type = {opened:String}), countIf(type = {closed:String}) "
-            "FROM rollup_minute WHERE minute >= {since:DateTime}"
-            " AND type IN ({opened:String}, {closed:String}) "
-            "GROUP BY account, stream_id, minute",
+    def _read_rollups(self, store: Store) -> None:
+        """The rollups and their markers in one statement (SNAPSHOT_MINUTE), streamed."""
+
+        def fold(block: Sequence[Sequence[Any]]) -> bool:
+            self._fold_snapshot(block)
+            return True
+
+        store.query_blocks(
+            SNAPSHOT_MINUTE,
             {
-                "since": ms_time(self.horizon.streams * 1000),
+                "since": ms_time(self.horizon.minutes * 1000),
+                "marker": MARKER_TYPE,
+                "marker_account": MARKER_ACCOUNT,
+                "events": self.events_topic,
+                "rollups": self.rollups_topic,
+                "req": REQUEST,
                 "opened": STREAM_OPENED,
                 "closed": STREAM_CLOSED,
             },
+            fold,
         )
-        for account, stream_id, minute, opens, opened_at, closes in rows:
-            opened_ms = to_ms(opened_at) if opens else -1
-            self._add_stream(account, stream_id, minute_of(minute), opened_ms, int(closes))
+
+    def _fold_snapshot(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Fold a block of SNAPSHOT_MINUTE, within TALLY_API_VIEW_MAX_ROWS."""
+        streams_since = self.horizon.streams
+        for account, at, stream_id, topic, partition, requests, units, *rest in rows:
+            opens, opened_at, closes, offset_end, last = rest
+            if topic:
+                self._marker(str(topic), int(partition), int(offset_end), last)
+                continue
+            minute = minute_of(at)
+            self._add(account, minute, int(requests), int(units))
+            if stream_id and (opens or closes) and minute >= streams_since:
+                opened_ms = to_ms(opened_at) if opens else -1
+                self._add_stream(account, stream_id, minute, opened_ms, int(closes))
         if self.rows > self.max_rows:
-            return False
-        for partition, last in store.query(
-            "SELECT status, max(last_time) FROM rollup_minute"
-            " WHERE account = {m:String} AND type = {k:String} AND route = {topic:String}"
-            " GROUP BY status",
-            {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "topic": self.events_topic},
-        ):
-            self._reflected[int(partition)] = to_ms(last)
-        return True
+            self._evict()
+
+    def _marker(self, topic: str, partition: int, offset_end: int, last: datetime) -> None:
+        if topic == self.events_topic:
+            self._reflected[partition] = to_ms(last)
+            self.snapshot.counted[partition] = offset_end
+        if topic == self.rollups_topic:
+            self.snapshot.rollups[partition] = offset_end
 
     # -- writes ----------------------------------------------------------------------
 
     def _add(self, account: str, minute: int, requests: int, units: int) -> None:
         usage = self._usage.get(account)
         if usage is None:
+            if account in self.evicted:
+                return
             usage = self._usage[account] = _Usage()
         if usage.add(minute, requests, units):
             self.rows += 1
@@ -331,6 +367,8 @@ class UsageView:
     ) -> None:
         usage = self._usage.get(account)
         if usage is None:
+            if account in self.evicted:
+                return
             usage = self._usage[account] = _Usage()
         if usage.add_stream(stream_id, minute, opened_ms, closes):
             self.rows += 1
@@ -341,11 +379,12 @@ class UsageView:
         if not self.loaded:
             self._stale = True
             return False
-        return not self.disabled
+        return True
 
     def apply(self, rows: Sequence[Sequence[Any]], reflected_ms: Mapping[int, int]) -> None:
-        """`processors.sink.Listener`: the wire rows of an INSERT that succeeded and,
-        per events partition, the time (epoch ms) the store now reflects it up to."""
+        """One `tally.rollups` record as `view_feed.FeedPosition` folds it: its delta's
+        wire rows (processors/deltas.py) and, per events partition, the time (epoch
+        ms) the view now reflects it up to."""
         with self._lock:
             if not self._writable():
                 return
@@ -369,21 +408,34 @@ class UsageView:
                 if ms > self._reflected.get(partition, -1):
                     self._reflected[partition] = ms
             if self.rows > self.max_rows:
-                self._give_up()
-                return
+                self._evict()
             now_s = to_ms(self.now()) // 1000
             if now_s >= self._next_prune:
                 self._prune()
                 self._next_prune = now_s + PRUNE_EVERY_S
 
-    def _give_up(self) -> None:
+    def _evict(self) -> None:
+        """Over TALLY_API_VIEW_MAX_ROWS: drop the accounts holding the most rows until
+        the view holds EVICT_TO of the bound. Their usage is read from the store from
+        then on (exact, slower); every other account, and every key, stays in memory.
+        The biggest first: the fewest accounts leave the memory path per row freed."""
+        target = int(self.max_rows * EVICT_TO)
+        dropped = 0
+        for account, usage in sorted(self._usage.items(), key=lambda item: -item[1].size()):
+            if self.rows <= target:
+                break
+            self.rows -= usage.size()
+            del self._usage[account]
+            self.evicted.add(account)
+            dropped += 1
         log.warning(
-            "usage view: more than TALLY_API_VIEW_MAX_ROWS=%d rows; usage is read from the "
-            "store per request from now on (slower). Raise the setting to serve it from memory.",
+            "usage view: more than TALLY_API_VIEW_MAX_ROWS=%d rows; the %d accounts holding "
+            "the most (%d in all now) are read from the store per request (slower). Raise the "
+            "setting to serve them from memory.",
             self.max_rows,
+            dropped,
+            len(self.evicted),
         )
-        self.disabled = True
-        self._reset(self.horizon)
 
     def _prune(self) -> None:
         """Drop what no answer from now on reads (the horizon only moves forward)."""
@@ -406,21 +458,52 @@ class UsageView:
             if self.active:
                 self._prune()
 
-    def put_account(self, account_id: str, plan: str, anchor_day: int, created: datetime) -> None:
+    def put_account(
+        self, account_id: str, plan: str, anchor_day: int, created: datetime, version: int
+    ) -> None:
         """An account row was written (created, or its plan changed)."""
         with self._lock:
             if self._writable():
-                self._accounts[account_id] = (plan, anchor_day, ms_time(to_ms(created)))
+                self._put_account(AccountChange(account_id, plan, anchor_day, created, version))
 
-    def put_key(self, prefix: str, key_hash: str, account: str | None, admin: bool) -> None:
+    def put_key(
+        self, prefix: str, key_hash: str, account: str | None, admin: bool, version: int
+    ) -> None:
         with self._lock:
             if self._writable():
-                self._keys[prefix] = (key_hash, account or "", admin)
+                self._put_key(KeyChange(prefix, key_hash, account or "", admin, False, version))
 
-    def drop_key(self, prefix: str) -> None:
+    def drop_key(self, prefix: str, version: int) -> None:
         with self._lock:
-            if self._writable():
+            if self._writable() and self.versions.take_key(prefix, version):
                 self._keys.pop(prefix, None)
+
+    def sync_accounts(self, changes: Sequence[AccountChange]) -> None:
+        """Rows other processes wrote (query_api/view_feed.py polls them)."""
+        with self._lock:
+            if self._writable():
+                for change in changes:
+                    self._put_account(change)
+
+    def sync_keys(self, changes: Sequence[KeyChange]) -> None:
+        with self._lock:
+            if self._writable():
+                for change in changes:
+                    self._put_key(change)
+
+    def _put_account(self, change: AccountChange) -> None:
+        if not self.versions.take_account(change.id, change.version):
+            return  # what the view holds is as new or newer
+        created = ms_time(to_ms(change.created))
+        self._accounts[change.id] = (change.plan, change.anchor_day, created)
+
+    def _put_key(self, change: KeyChange) -> None:
+        if not self.versions.take_key(change.prefix, change.version):
+            return
+        if change.revoked:
+            self._keys.pop(change.prefix, None)
+        else:
+            self._keys[change.prefix] = (change.key_hash, change.account, change.admin)
 
     # -- reads -----------------------------------------------------------------------
 
@@ -495,9 +578,12 @@ class UsageView:
 
     def usage_reads(
         self, account: str, since: datetime, until: datetime, idle_cutoff: datetime
-    ) -> UsageReads:
-        """As `queries.usage_reads` for the store the view was loaded from."""
+    ) -> UsageReads | None:
+        """As `queries.usage_reads` for the store the view was loaded from; None for an
+        account the view does not hold (`evicted`): read the store for it."""
         with self._lock:
+            if account in self.evicted:
+                return None
             return UsageReads(
                 account=self._accounts.get(account),
                 minutes=self.minutes(account, since, until),

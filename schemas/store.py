@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,20 @@ class Store:
             return [
                 tuple(row) for row in self._client.query(sql, parameters=parameters).result_rows
             ]
+
+    def query_blocks(
+        self,
+        sql: str,
+        parameters: dict[str, Any],
+        each: Callable[[Sequence[Sequence[Any]]], bool],
+    ) -> None:
+        """One statement whose rows are handed to `each` a block at a time, never held
+        whole: one statement reads one set of parts (a consistent snapshot), however
+        large its result. `each` returns False to stop reading."""
+        with self._lock, self._client.query_row_block_stream(sql, parameters=parameters) as rows:
+            for block in rows:
+                if not each(block):
+                    break
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
         with self._lock:

@@ -108,10 +108,12 @@ async def _answer(svc: ServicesDep, account_id: str, now: datetime) -> _Answer:
     since = history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days))
     idle_cutoff = _idle_cutoff(svc, now)
     view = await usage_view(svc)
+    reads = None
     if view is not None and view.covers(since, idle_cutoff):
-        # From memory, on the loop: exact (query_api/view.py) and no thread hop.
+        # From memory, on the loop: exact (query_api/view.py) and no thread hop; None
+        # for an account evicted past TALLY_API_VIEW_MAX_ROWS.
         reads = view.usage_reads(account_id, since, now + AHEAD, idle_cutoff)
-    else:
+    if reads is None:
         # Every read in one statement and one thread hop: each has a fixed cost that
         # dwarfs these point reads (queries.usage_reads, benchmarks/api.py).
         reads = await asyncio.to_thread(

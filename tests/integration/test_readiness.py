@@ -107,7 +107,7 @@ async def test_an_idle_pipeline_is_ready_and_not_once_its_worker_stops(
     accounts = AccountStore(pipeline_store)
     accounts.create("acme", "pro")
     key, _ = accounts.create_key("acme", admin=False)
-    # The usage routes read the store (the sink here is not this app's, see attach_sink).
+    # The usage routes read the store (this test reads what its sink wrote, at once).
     settings = api_settings(pipeline_settings, api_usage_view="off")
     async with client_for(settings, pipeline_store) as client:
         async with running_pipeline(pipeline_settings, pipeline_store):

@@ -233,16 +233,38 @@ def test_a_write_reported_before_the_load_is_not_lost(store: Store) -> None:
     assert view.account("early") == (found.plan, found.billing_anchor_day, found.created_at)
 
 
-def test_over_max_rows_the_view_steps_aside(store: Store) -> None:
+def _assert_same_or_evicted(view: UsageView, store: Store) -> None:
+    for now in NOWS:
+        since, cutoff = history_start_any_anchor(now, HISTORY), now - IDLE
+        for account in [*ACCOUNTS, *NO_ACCOUNT_ROW]:
+            got = view.usage_reads(account, since, now + AHEAD, cutoff)
+            if account in view.evicted:
+                assert got is None, account  # the API reads the store for it
+                continue
+            want = queries.usage_reads(store, account, since, now + AHEAD, cutoff, TOPIC)
+            assert got == want, (account, now)
+
+
+def test_over_max_rows_the_view_evicts_accounts_and_the_rest_stay_exact(store: Store) -> None:
     rng = random.Random(7)
-    _write(store, rng, 300, {})
-    view = UsageView(TOPIC, HISTORY, IDLE, max_rows=10, now=lambda: min(NOWS))
+    offsets: dict[int, int] = {}
+    for _ in range(2):
+        _write(store, rng, 1_000, offsets)
+    whole = _view(min(NOWS))
+    whole.load(store)
+    bound = whole.rows // 2
+    view = UsageView(TOPIC, HISTORY, IDLE, max_rows=bound, now=lambda: min(NOWS))
     view.load(store)
-    assert view.loaded
-    assert view.disabled
-    assert not view.active
-    since = history_start_any_anchor(BASE, HISTORY)
-    assert not view.covers(since, BASE - IDLE)
+    assert view.active
+    assert view.evicted
+    assert view.rows <= bound
+    assert len(view.evicted) < len(ACCOUNTS)
+    _assert_same_or_evicted(view, store)
+    for _ in range(3):
+        wire, fresh = _write(store, rng, 400, offsets)
+        view.apply(wire, fresh)
+    assert view.rows <= bound
+    _assert_same_or_evicted(view, store)
 
 
 def test_pruning_as_time_passes_keeps_answers_exact(store: Store) -> None:

@@ -290,7 +290,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
     monkeypatch.setattr(stack, "demo_keys", lambda store, settings: ["tk_a", "tk_b"])
     monkeypatch.setattr(stack, "build_app", lambda settings: (None, None))
     monkeypatch.setattr(stack, "new_sink", lambda settings, store: None)
-    monkeypatch.setattr("query_api.app.attach_sink", lambda api, sink: None)
+    monkeypatch.setattr("query_api.app.view_feed", lambda api: None)
     monkeypatch.setattr(stack.REGISTRY, "register", lambda collector: None)
     monkeypatch.setattr(stack, "run_services", lambda app, services, settings: ran.append(1))
     assert cli.main(["up", "--demo", "--json"]) == 0

@@ -13,6 +13,7 @@ from query_api.accounts import Principal
 from query_api.keys import hash_key, new_key
 from query_api.usage import history_start_any_anchor
 from query_api.view import UsageView, _Usage, minute_of, ms_time, to_ms
+from query_api.view_rows import AccountChange, KeyChange
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 
 NOW = datetime(2026, 3, 14, 15, 9, 26, 535_897, tzinfo=UTC)
@@ -25,6 +26,9 @@ class EmptyStore:
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return []
+
+    def query_blocks(self, sql: str, parameters: dict[str, Any], each: Any) -> None:
+        return None
 
 
 def loaded(now: datetime = NOW, max_rows: int = 1_000) -> UsageView:
@@ -105,33 +109,65 @@ def test_keys_authenticate_until_dropped() -> None:
     view = loaded()
     key, prefix = new_key()
     admin, admin_prefix = new_key()
-    view.put_key(prefix, hash_key(key), "acme", admin=False)
-    view.put_key(admin_prefix, hash_key(admin), None, admin=True)
+    view.put_key(prefix, hash_key(key), "acme", admin=False, version=1)
+    view.put_key(admin_prefix, hash_key(admin), None, admin=True, version=2)
     assert view.authenticate(key) == Principal("acme", False, prefix)
     assert view.authenticate(admin) == Principal(None, True, admin_prefix)
     assert view.authenticate(key[:-1] + ("x" if key[-1] != "x" else "y")) is None
     assert view.authenticate("not a key") is None
-    view.drop_key(prefix)
+    view.drop_key(prefix, version=3)
     assert view.authenticate(key) is None
+
+
+def test_only_a_newer_version_replaces_what_the_view_holds() -> None:
+    """A poll answer that raced a local write, or a row re-read by the poll's
+    overlap, must never undo a newer write (a revoked key must stay revoked)."""
+    view = loaded()
+    key, prefix = new_key()
+    view.put_key(prefix, hash_key(key), "acme", admin=False, version=10)
+    view.drop_key(prefix, version=20)
+    view.sync_keys([KeyChange(prefix, hash_key(key), "acme", False, False, 10)])
+    assert view.authenticate(key) is None
+    view.sync_keys([KeyChange(prefix, hash_key(key), "acme", False, True, 20)])
+    assert view.authenticate(key) is None
+    other, other_prefix = new_key()
+    view.sync_keys([KeyChange(other_prefix, hash_key(other), "", True, False, 5)])
+    assert view.authenticate(other) == Principal(None, True, other_prefix)
+    assert (view.versions.newest_key, view.versions.newest_account) == (20, 0)
+    view.sync_accounts([AccountChange("a", "pro", 3, NOW, 7)])
+    view.put_account("a", "free", 3, NOW, version=6)  # older: ignored
+    assert view.account("a") == ("pro", 3, ms_time(to_ms(NOW)))
+    view.put_account("a", "max", 3, NOW, version=8)
+    assert view.account("a") == ("max", 3, ms_time(to_ms(NOW)))
 
 
 def test_writes_before_the_load_make_a_running_load_start_over() -> None:
     view = UsageView("events", HISTORY, IDLE, 1_000, now=lambda: NOW)
-    view.put_account("a", "pro", 1, NOW)
+    view.put_account("a", "pro", 1, NOW, version=1)
     assert view.account("a") is None  # not applied: the load reads it from the store
     assert view._stale
     view.apply([wire("a", NOW)], {})
     assert view.rows == 0
 
 
-def test_more_rows_than_allowed_steps_aside() -> None:
-    view = loaded(max_rows=3)
-    view.apply([wire("a", NOW - timedelta(minutes=m)) for m in range(3)], {})
+def test_past_its_bound_the_view_evicts_the_biggest_accounts_to_the_store() -> None:
+    view = loaded(max_rows=10)
+    until = NOW + timedelta(hours=1)
+    view.apply([wire("big", NOW - timedelta(minutes=m)) for m in range(6)], {})
+    view.apply([wire(f"small-{i}", NOW) for i in range(4)], {})
+    assert view.rows == 10
+    assert not view.evicted
+    view.apply([wire("small-4", NOW)], {})  # one row too many
+    assert view.evicted == {"big"}  # the most rows: evicting it frees the most
+    assert view.rows == 5 <= 10 * 0.9
+    assert view.usage_reads("big", NOW - HISTORY, until, NOW - IDLE) is None  # read the store
+    small = view.usage_reads("small-4", NOW - HISTORY, until, NOW - IDLE)
+    assert small is not None
+    assert len(small.minutes) == 1
+    view.apply([wire("big", NOW)], {})  # further deltas of an evicted account: not held
+    assert view.rows == 5
     assert view.active
-    view.apply([wire("b", NOW)], {})
-    assert not view.active
-    assert view.rows == 0
-    assert not view.covers(NOW - HISTORY, NOW - IDLE)
+    assert view.covers(NOW - HISTORY, NOW - IDLE)
 
 
 def test_prune_drops_what_no_later_read_needs() -> None:
