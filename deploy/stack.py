@@ -159,6 +159,14 @@ def new_sink(settings: WorkerSettings, store: Store) -> Sink:
     )
 
 
+def alert_services(sink: Sink, store: Store, bootstrap: str) -> list[Service]:
+    """Threshold alerts and webhook deliveries beside the sink (docs/alerts.md)."""
+    from query_api.alerts.evaluator import attach_alerts
+
+    service = attach_alerts(sink, store, bootstrap)
+    return [service] if service is not None else []
+
+
 async def ensure_rollups_topic(settings: WorkerSettings) -> None:
     """The rollups topic needs a partition for every events partition (same number)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
@@ -336,7 +344,9 @@ def run_sink(settings: WorkerSettings) -> None:
         sink = new_sink(settings, store)
         metrics_endpoint(settings, None, sink)
         tune_gc()
-        run_store_services([SinkService(sink)], settings)
+        services: list[Service] = [SinkService(sink)]
+        services += alert_services(sink, store, settings.bootstrap)
+        run_store_services(services, settings)
     finally:
         store.close()
 
@@ -420,6 +430,7 @@ def up(
             SinkService(sink),
             ApiService(api, settings.api_host, settings.api_port),
         ]
+        services += alert_services(sink, store, bootstrap)
         if demo:
             services.append(DemoGateways(settings))
         try:

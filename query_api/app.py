@@ -26,7 +26,7 @@ from query_api.guard import RequestGuard
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
 from query_api.readiness import Readiness
-from query_api.routes import admin, analytics, dashboard, docs, health, usage
+from query_api.routes import admin, analytics, dashboard, docs, forecast, health, usage, webhooks
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from schemas.store import Store
@@ -249,6 +249,8 @@ def create_app(
     app.include_router(usage.router)
     app.include_router(analytics.router)
     app.include_router(admin.router)
+    app.include_router(webhooks.router)
+    app.include_router(forecast.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
