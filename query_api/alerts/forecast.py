@@ -3,7 +3,8 @@
 The rate is the window's own usage over its last hour (RATE_SPAN): the minutes
 from max(window start, the minute an hour before now's) up to now's minute,
 divided by the time they span (at least a minute). Why this rate: an hour follows
-a change of pace within the hour while one busy minute does not swing it; and only
+a change of pace within the hour while, once the window is an hour old, one busy
+minute does not swing it (earlier, the window's first minutes set the pace); and only
 the running window counts, because usage before a reset says nothing about the
 window after it (a first_request session starts with the traffic itself). The
 projection assumes that rate holds until the window resets.
