@@ -51,6 +51,8 @@ log = logging.getLogger("tally.up")
 if TYPE_CHECKING:
     # Imported where used: `tally worker` needs neither, and ClickHouse's
     # client costs it a fifth of a second of CPU at start.
+    from fastapi import FastAPI
+
     from processors.sink import Sink
     from schemas.store import Store
 
@@ -159,11 +161,15 @@ def new_sink(settings: WorkerSettings, store: Store) -> Sink:
     )
 
 
-def alert_services(sink: Sink, store: Store, bootstrap: str) -> list[Service]:
-    """Threshold alerts and webhook deliveries beside the sink (docs/alerts.md)."""
+def alert_services(
+    sink: Sink, store: Store, bootstrap: str, api: FastAPI | None = None
+) -> list[Service]:
+    """Threshold alerts and webhook deliveries beside the sink (docs/alerts.md); `api`:
+    the API app when it runs in this process, whose usage view they read then."""
     from query_api.alerts.evaluator import attach_alerts
 
-    service = attach_alerts(sink, store, bootstrap)
+    view = api.state.services.view if api is not None else None
+    service = attach_alerts(sink, store, bootstrap, view)
     return [service] if service is not None else []
 
 
@@ -430,7 +436,7 @@ def up(
             SinkService(sink),
             ApiService(api, settings.api_host, settings.api_port),
         ]
-        services += alert_services(sink, store, bootstrap)
+        services += alert_services(sink, store, bootstrap, api)
         if demo:
             services.append(DemoGateways(settings))
         try:

@@ -37,22 +37,25 @@ from mode import Service
 
 from deploy.kafka_local import ensure_topics
 from query_api import queries
-from query_api.accounts import AccountStore
 from query_api.alerts.dispatch import Dispatcher, utcnow
 from query_api.alerts.rules import Alert, due, event_body
 from query_api.alerts.settings import AlertSettings
 from query_api.alerts.signing import SecretBox
 from query_api.alerts.store import PENDING, AlertStore, Delivery, Endpoint
 from query_api.plans import Plan
+from query_api.queries import UsageReads
 from query_api.usage import WEEK, history_start_any_anchor
 from schemas.store import Store
 
 if TYPE_CHECKING:
     from processors.sink import Sink
+    from query_api.view import UsageView
 
 log = logging.getLogger("tally.alerts")
 
 COMPACTED = {"cleanup.policy": "compact"}
+# Events may be up to 5 minutes ahead of the clock (docs/api.md#validity).
+AHEAD = timedelta(minutes=6)
 
 
 def delivery_id(alert_id: str, endpoint_id: str) -> str:
@@ -77,15 +80,18 @@ class AlertEvaluator:
         history: timedelta,
         bootstrap: str | None,
         clock: Callable[[], datetime] = utcnow,
+        view: UsageView | None = None,
     ) -> None:
+        """`view`: the API's in-memory usage view in this process (`tally up`), read
+        instead of the store whenever it covers the history (query_api/view.py)."""
         self.store = store
+        self.view = view
         self.settings = settings
         self.plans = plans
         self.history = history
         self.bootstrap = bootstrap
         self.clock = clock
         self.alerts = AlertStore(store)
-        self.accounts = AccountStore(store)
         self.dispatcher = Dispatcher(
             self.alerts, SecretBox.from_settings(settings), settings, clock
         )
@@ -151,7 +157,18 @@ class AlertEvaluator:
 
     async def _evaluate(self, account: str) -> int:
         now = self.clock()
-        found = await asyncio.to_thread(self.due, account, now)
+        since = history_start_any_anchor(now, self.history)
+        view = self.view
+        if view is not None and view.covers(since, now):
+            # In memory and exact (the view applies each INSERT before this listener runs).
+            reads = view.usage_reads(account, since, now + AHEAD, now)
+        else:
+            # One statement for the account's row and its minutes; the topic only
+            # names freshness markers, which alerts do not use.
+            reads = await asyncio.to_thread(
+                queries.usage_reads, self.store, account, since, now + AHEAD, now, ""
+            )
+        found = self.due(account, reads, now)
         fresh = [a for a in found if a.id not in self._emitted]
         if not fresh:
             return 0
@@ -162,18 +179,16 @@ class AlertEvaluator:
             await self._emit(fresh, now)
         return len(fresh)
 
-    def due(self, account: str, now: datetime) -> list[Alert]:
-        """The alerts the account's stored usage calls for at `now` (blocking)."""
-        row = self.accounts.get(account)
-        if row is None:
+    def due(self, account: str, reads: UsageReads, now: datetime) -> list[Alert]:
+        """The alerts the account's usage calls for at `now`."""
+        if reads.account is None:
             return []  # usage of an account nobody created: no plan, so no limit
-        plan = self.plans.get(row.plan)
+        plan_name = reads.account[0]
+        plan = self.plans.get(plan_name)
         if plan is None:
-            log.error("alerts: account %s has unknown plan %r", account, row.plan)
+            log.error("alerts: account %s has unknown plan %r", account, plan_name)
             return []
-        since = history_start_any_anchor(now, self.history)
-        rows = queries.account_minutes(self.store, account, since, now + timedelta(minutes=6))
-        return due(account, rows, plan, now, self.late)
+        return due(account, reads.minutes, plan, now, self.late)
 
     async def _emit(self, alerts: list[Alert], now: datetime) -> None:
         bodies = [orjson.dumps(event_body(a, now)) for a in alerts]
@@ -249,7 +264,9 @@ class AlertService(Service):
         await self.evaluator.stop()
 
 
-def attach_alerts(sink: Sink, store: Store, bootstrap: str) -> AlertService | None:
+def attach_alerts(
+    sink: Sink, store: Store, bootstrap: str, view: UsageView | None = None
+) -> AlertService | None:
     """The alert service for a process that runs `sink` (None: TALLY_ALERTS_ENABLED=false).
 
     Plans and the history read come from the API's settings (TALLY_PLANS,
@@ -269,6 +286,9 @@ def attach_alerts(sink: Sink, store: Store, bootstrap: str) -> AlertService | No
         load_plans(api.plans),
         timedelta(days=api.window_history_days),
         bootstrap,
+        view=view,
     )
+    # After the view's own listener (attach_sink): it has applied an INSERT by the time
+    # the evaluator reads it.
     sink.add_listener(evaluator.on_applied)
     return AlertService(evaluator)
