@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
+from cryptography.exceptions import InvalidTag
 
 from query_api.alerts.settings import AlertSettings
 from query_api.alerts.signing import SecretBox, UnsafeUrlError, check_target, headers
@@ -36,6 +37,11 @@ from query_api.alerts.store import (
 log = logging.getLogger("tally.webhooks")
 
 ENDPOINTS_TTL_S = 5.0
+STORE_RETRY_S = 5.0
+UNREADABLE_SECRET = (
+    "cannot decrypt the endpoint's signing secret: this process has another key than "
+    "the API that created it; give the API and every sink the same TALLY_WEBHOOK_SECRET_KEY"
+)
 
 
 def utcnow() -> datetime:
@@ -169,7 +175,12 @@ class Dispatcher:
             now = self.clock()
             for delivery in sorted(queue.values(), key=lambda d: (d.next_attempt_at, d.id)):
                 if delivery.next_attempt_at <= now:
-                    updated = await self._attempt(delivery)
+                    try:
+                        updated = await self._attempt(delivery)
+                    except Exception as exc:  # the store away: try again, not counted
+                        log.error("webhooks: attempt of %s failed (%s)", delivery.id, exc)
+                        later = self.clock() + timedelta(seconds=STORE_RETRY_S)
+                        updated = replace(delivery, next_attempt_at=later)
                     if updated.status == PENDING:
                         queue[delivery.id] = updated
                     else:
@@ -194,16 +205,22 @@ class Dispatcher:
             updated = replace(delivery, status=FAILED, attempts=delivery.attempts + 1)
         else:
             assert self._client is not None, "start() the dispatcher first"
-            secret = self.box.open(endpoint.id, endpoint.sealed_secret)
-            outcome = await post(
-                self._client,
-                endpoint.url,
-                secret,
-                delivery.id,
-                delivery.body.encode(),
-                self.settings.webhook_allow_private,
-                now,
-            )
+            try:
+                secret = self.box.open(endpoint.id, endpoint.sealed_secret)
+            except InvalidTag:
+                secret = None
+            if secret is None:
+                outcome = Outcome(0, 0.0, UNREADABLE_SECRET)
+            else:
+                outcome = await post(
+                    self._client,
+                    endpoint.url,
+                    secret,
+                    delivery.id,
+                    delivery.body.encode(),
+                    self.settings.webhook_allow_private,
+                    now,
+                )
             updated = next_state(delivery, outcome, self.delays, self.clock())
         attempt = Attempt(
             delivery.endpoint_id,

@@ -51,6 +51,16 @@ class AlertSettings(TallySettings):
         10.0, gt=0, le=60, description="How long one delivery attempt may take."
     )
 
+    @field_validator("webhook_secret_key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Empty (a compose default) means unset; anything else must be worth a key.
+        if value is None or value.get_secret_value() == "":
+            return None
+        if len(value.get_secret_value()) < 24:
+            raise ValueError("must be 24+ random characters, e.g. `openssl rand -hex 24`")
+        return value
+
     @field_validator("webhook_retry_schedule_s")
     @classmethod
     def _schedule(cls, value: str) -> str:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import os
 import secrets
 import socket
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -87,13 +89,19 @@ class SecretBox:
 
 
 def _key_file(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    """The key in `path`, made on first use. Written to a temporary file and linked into
+    place, so a process racing to make it too reads a whole key, never a partial one."""
+    if path.exists():
         return path.read_bytes()
-    with os.fdopen(fd, "wb") as out:
-        out.write(secrets.token_bytes(32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".webhook-key-")
+    try:
+        with os.fdopen(fd, "wb") as out:  # mkstemp: mode 0600
+            out.write(secrets.token_bytes(32))
+        with contextlib.suppress(FileExistsError):  # another process was first: use its key
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
     return path.read_bytes()
 
 

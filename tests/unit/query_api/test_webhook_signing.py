@@ -103,3 +103,14 @@ async def test_private_targets_only_when_allowed() -> None:
     await check_target("https://8.8.8.8/hook", allow_private=False)
     with pytest.raises(UnsafeUrlError):
         await check_target("gopher://127.0.0.1/", allow_private=True)
+
+
+def test_the_key_setting_refuses_weak_material_and_treats_empty_as_unset(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="24"):
+        AlertSettings(webhook_secret_key="short")  # type: ignore[arg-type]
+    assert AlertSettings(webhook_secret_key="").webhook_secret_key is None  # type: ignore[arg-type]
+    given = AlertSettings(data_dir=tmp_path, webhook_secret_key="k" * 32)  # type: ignore[arg-type]
+    box = SecretBox.from_settings(given)
+    assert not (tmp_path / "webhook.key").exists(), "a configured key needs no key file"
+    sealed = box.seal("whep_1", "whsec_AAAA")
+    assert SecretBox.from_settings(given).open("whep_1", sealed) == "whsec_AAAA"
