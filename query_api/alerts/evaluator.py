@@ -157,18 +157,8 @@ class AlertEvaluator:
 
     async def _evaluate(self, account: str) -> int:
         now = self.clock()
-        since = history_start_any_anchor(now, self.history)
-        view = self.view
-        if view is not None and view.covers(since, now):
-            # In memory and exact (the view applies each INSERT before this listener runs).
-            reads = view.usage_reads(account, since, now + AHEAD, now)
-        else:
-            # One statement for the account's row and its minutes; the topic only
-            # names freshness markers, which alerts do not use.
-            reads = await asyncio.to_thread(
-                queries.usage_reads, self.store, account, since, now + AHEAD, now, ""
-            )
-        found = self.due(account, reads, now)
+        # Off the event loop: in `tally up` the loop also serves the API and the sink.
+        found = await asyncio.to_thread(self._read_and_judge, account, now)
         fresh = [a for a in found if a.id not in self._emitted]
         if not fresh:
             return 0
@@ -178,6 +168,19 @@ class AlertEvaluator:
         if fresh:
             await self._emit(fresh, now)
         return len(fresh)
+
+    def _read_and_judge(self, account: str, now: datetime) -> list[Alert]:
+        since = history_start_any_anchor(now, self.history)
+        view = self.view
+        if view is not None and view.covers(since, now):
+            # In memory and exact (the view applies each INSERT before this listener
+            # runs); usage_reads holds the view's lock, so a thread may call it.
+            reads = view.usage_reads(account, since, now + AHEAD, now)
+        else:
+            # One statement for the account's row and its minutes; the topic only
+            # names freshness markers, which alerts do not use.
+            reads = queries.usage_reads(self.store, account, since, now + AHEAD, now, "")
+        return self.due(account, reads, now)
 
     def due(self, account: str, reads: UsageReads, now: datetime) -> list[Alert]:
         """The alerts the account's usage calls for at `now`."""

@@ -18,6 +18,7 @@ without missing a crossing.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -130,7 +131,12 @@ def due(
     reaches 100 % before the window resets and the usage itself has not yet.
     """
     found: list[Alert] = []
-    for name, limit, window in windows(rows, plan, now, late):
+    placed = list(windows(rows, plan, now, late))
+    if not placed:
+        return found
+    # Only the rows from the earliest open window on are summed (rows are ascending).
+    rows = rows[bisect_left(rows, (min(w.start for _, _, w in placed),)) :]
+    for name, limit, window in placed:
         pct = used_percentage(units_in(rows, window), limit)
         for threshold in plan.alert_thresholds:
             if pct >= threshold:
