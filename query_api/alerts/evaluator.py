@@ -208,12 +208,14 @@ class AlertEvaluator:
         )
         deliveries = [d for d in deliveries if d.id not in existing]
         await asyncio.to_thread(self.alerts.put_deliveries, deliveries)
+        # Handed over now: if recording the alert fails below, the next evaluation finds
+        # these deliveries written and does not make them again.
+        self.dispatcher.submit(deliveries)
         version = int(now.timestamp() * 1e9)
         rows = [alert_row(a, b, now, version) for a, b in zip(alerts, bodies, strict=True)]
         await asyncio.to_thread(self.alerts.put_alerts, rows)
         self._emitted.update(a.id for a in alerts)
         self.emitted_count += len(alerts)
-        self.dispatcher.submit(deliveries)
         for alert in alerts:
             log.info(
                 "alerts: %s %s %s %d%% (%s)",
