@@ -28,6 +28,7 @@ import pytest
 from deploy.processes import free_port
 from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
+from processors.sink import RollupStore
 from producers import events as build
 from producers.gateway import Gateway
 from query_api.accounts import AccountStore
@@ -39,6 +40,7 @@ from query_api.alerts.settings import AlertSettings
 from query_api.alerts.signing import SecretBox
 from query_api.alerts.store import DELIVERED, AlertStore
 from query_api.plans import DEFAULT_PLANS
+from schemas.events import REQUEST
 from schemas.store import Store
 from tests.conftest import consume_all
 
@@ -220,3 +222,63 @@ async def test_every_crossing_arrives_once_signed_through_failures_and_restarts(
     assert len(await consume_all(bootstrap, settings.alerts_topic, 1)) == len(records)
     assert len(receiver.received()) == len(received)
     assert datetime.now(UTC) - stored[0].emitted_at < timedelta(minutes=10)
+
+
+async def test_a_failure_between_publishing_and_recording_repeats_the_same_alert(
+    store: Store,
+    kafka_bootstrap: str,
+    unique_name: str,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Step 3 (recording the alert) fails once, as a crash right after steps 1 and 2
+    would leave things: the next evaluation publishes the same key again and makes no
+    second delivery; the receiver sees one webhook-id."""
+    settings = AlertSettings(
+        data_dir=tmp_path,
+        alerts_topic=f"{unique_name}.alerts",
+        webhook_allow_private=True,
+        webhook_retry_schedule_s="0.5",
+    )
+    AccountStore(store).create("acme", "free")
+    alerts = AlertStore(store)
+    endpoint = await admin.create(
+        alerts, SecretBox.from_settings(settings), settings, WebhookCreateIn(url=receiver.url)
+    )
+    receiver.start(endpoint.secret, fail_s=0)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    RollupStore(store).write(
+        [["acme", minute, REQUEST, "", "", "", 200, "", 1, 85 * 1_000_000, 0.0, 0, 0, minute, 0]]
+    )
+    evaluator = AlertEvaluator(store, settings, DEFAULT_PLANS, timedelta(days=42), kafka_bootstrap)
+    await evaluator.start()
+    real = AlertStore.put_alerts
+    failures = [RuntimeError("the store went away")]
+
+    def flaky(self: AlertStore, rows: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real(self, rows)
+
+    monkeypatch.setattr(AlertStore, "put_alerts", flaky)
+    try:
+        evaluator.touch(["acme"])
+        assert await evaluator.evaluate() == 0, "the failed emission counted as done"
+        assert alerts.alerts("acme") == []
+        # The account was kept for another try: the crossing and the two projections.
+        assert await evaluator.evaluate() == 3
+        await _until("the delivery", lambda: any(r["status"] == 200 for r in receiver.received()))
+        await asyncio.sleep(1.0)  # a second delivery would arrive by now
+    finally:
+        await evaluator.stop()
+    (stored,) = [a for a in alerts.alerts("acme") if a.type == CROSSED]
+    assert (stored.window, stored.threshold) == ("session", 80)
+    records = [
+        r for r in await consume_all(kafka_bootstrap, settings.alerts_topic, 1)
+        if json.loads(r.value)["type"] == CROSSED
+    ]  # fmt: skip
+    assert [r.key.decode() for r in records] == [stored.id, stored.id]
+    received = receiver.received()
+    assert {r["id"] for r in received} == {delivery_id(stored.id, endpoint.id)}
+    assert len(received) == 1
