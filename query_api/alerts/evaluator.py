@@ -56,6 +56,7 @@ log = logging.getLogger("tally.alerts")
 COMPACTED = {"cleanup.policy": "compact"}
 # Events may be up to 5 minutes ahead of the clock (docs/api.md#validity).
 AHEAD = timedelta(minutes=6)
+PRUNE_EVERY = timedelta(minutes=10)
 
 
 def delivery_id(alert_id: str, endpoint_id: str) -> str:
@@ -98,8 +99,11 @@ class AlertEvaluator:
         self.late = timedelta(seconds=settings.alerts_late_s)
         self.emitted_count = 0
         self._dirty: set[str] = set()
-        self._emitted: set[str] = set()
+        # Alert ids known emitted, with their window's end: a window closed to alerts
+        # (ended more than `late` ago) can raise none, so its ids are dropped.
+        self._emitted: dict[str, datetime] = {}
         self._producer: AIOKafkaProducer | None = None
+        self._pruned = clock()
 
     def on_applied(self, rows: Sequence[Sequence[Any]], _reflected: Mapping[int, int]) -> None:
         """The sink's listener: the accounts of an INSERT that succeeded."""
@@ -123,6 +127,7 @@ class AlertEvaluator:
         now = self.clock()
         open_since = now - self.late - WEEK
         self._emitted = await asyncio.to_thread(self.alerts.recent_ids, open_since)
+        self._pruned = now
         # Whatever was applied before this start may hold a crossing not yet emitted.
         self.touch(await asyncio.to_thread(self.alerts.active_accounts, open_since))
         await self.dispatcher.start()
@@ -144,6 +149,7 @@ class AlertEvaluator:
 
         An account whose evaluation fails (store or Kafka away) is kept for the next call.
         """
+        self._prune()
         accounts, self._dirty = sorted(self._dirty), set()
         emitted = 0
         for index, account in enumerate(accounts):
@@ -155,6 +161,14 @@ class AlertEvaluator:
                 break
         return emitted
 
+    def _prune(self) -> None:
+        now = self.clock()
+        if now - self._pruned < PRUNE_EVERY:
+            return
+        self._pruned = now
+        closed = now - self.late
+        self._emitted = {i: end for i, end in self._emitted.items() if end > closed}
+
     async def _evaluate(self, account: str) -> int:
         now = self.clock()
         # Off the event loop: in `tally up` the loop also serves the API and the sink.
@@ -163,7 +177,7 @@ class AlertEvaluator:
         if not fresh:
             return 0
         known = await asyncio.to_thread(self.alerts.known, [a.id for a in fresh])
-        self._emitted |= known
+        self._emitted.update((a.id, a.resets_at) for a in fresh if a.id in known)
         fresh = [a for a in fresh if a.id not in known]
         if fresh:
             await self._emit(fresh, now)
@@ -214,7 +228,7 @@ class AlertEvaluator:
         version = int(now.timestamp() * 1e9)
         rows = [alert_row(a, b, now, version) for a, b in zip(alerts, bodies, strict=True)]
         await asyncio.to_thread(self.alerts.put_alerts, rows)
-        self._emitted.update(a.id for a in alerts)
+        self._emitted.update((a.id, a.resets_at) for a in alerts)
         self.emitted_count += len(alerts)
         for alert in alerts:
             log.info(

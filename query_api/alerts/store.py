@@ -100,11 +100,14 @@ class AlertStore:
         )
         return {str(r[0]) for r in rows}
 
-    def recent_ids(self, since: datetime) -> set[str]:
+    def recent_ids(self, since: datetime) -> dict[str, datetime]:
+        """Ids of the alerts whose window ended at or after `since`, with that end."""
         rows = self.store.query(
-            "SELECT DISTINCT id FROM alerts WHERE resets_at >= {s:DateTime64(3)}", {"s": since}
+            "SELECT id, max(resets_at) FROM alerts WHERE resets_at >= {s:DateTime64(3)}"
+            " GROUP BY id",
+            {"s": since},
         )
-        return {str(r[0]) for r in rows}
+        return {str(i): _plain(end) for i, end in rows}  # type: ignore[misc]
 
     def put_alerts(self, rows: Iterable[Sequence[object]]) -> None:
         batch = [list(r) for r in rows]
