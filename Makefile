@@ -89,8 +89,8 @@ fmt: ## Format and auto-fix with ruff
 schema: ## Regenerate schemas/event.schema.json from the pydantic models
 	$(BIN)/python -m schemas.jsonschema > schemas/event.schema.json
 
-docs: ## Regenerate the README's configuration table from the settings classes
-	$(BIN)/python -m deploy.readme_sync
+docs: ## Regenerate docs/configuration.md's table from the settings classes
+	$(BIN)/python -m deploy.docs_sync
 
 bench: setup ## Run the benchmark suite (not tests): a table, and benchmarks/results/latest.json
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \

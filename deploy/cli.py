@@ -161,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="tally",
         description="Tally usage metering. Configuration comes from TALLY_* variables "
-        "(see README, 'Configuration').",
+        "(see docs/configuration.md).",
     )
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

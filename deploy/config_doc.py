@@ -1,7 +1,8 @@
-"""Print the README's configuration table from the settings classes themselves.
+"""Print the configuration table of docs/configuration.md from the settings classes.
 
-`python -m deploy.config_doc` writes the table; a unit test keeps the README's
-copy identical, so the documented variables and defaults cannot drift.
+`python -m deploy.config_doc` prints the table (`make docs` writes it into the page);
+a unit test keeps the page's copy identical, so the documented variables and defaults
+cannot drift.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def new_sink(settings: WorkerSettings, store: Store) -> Sink:
         settings.rollups_topic,
         settings.events_topic,
         # The embedded store admits one process, so one sink: it needs no group.
-        group=None if store.embedded else settings.sink_group or f"{settings.rollups_topic}.sinks",
+        group=None if store.embedded else settings.sink_group_id,
         session_timeout_ms=settings.sink_session_timeout_ms,
     )
 
@@ -204,8 +204,11 @@ async def ensure_rollups_topic(settings: WorkerSettings) -> None:
 COORDINATOR_WAIT_S = 30.0
 
 
-async def await_coordinators(settings: WorkerSettings, partitions: int) -> None:
-    """Wait, quietly, until the broker coordinates the workers' group and transactions.
+async def await_coordinators(
+    settings: WorkerSettings, partitions: int, *, sinks: bool = False
+) -> None:
+    """Wait, quietly, until the broker coordinates the workers' group and transactions
+    (and, with `sinks`, the sinks' group: `tally up --store server` runs them apart).
 
     A new broker creates __consumer_offsets and __transaction_state on first use,
     and clients that arrive while it does retry loudly (GroupCoordinatorNotAvailable
@@ -217,6 +220,7 @@ async def await_coordinators(settings: WorkerSettings, partitions: int) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
     group = settings.consumer_group
+    groups = [group, settings.sink_group_id] if sinks else [group]
     # The transactional ids of processors/output.py, one per events partition.
     transactional = [f"{group}.{settings.events_topic}.{p}" for p in range(partitions)]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="tally-up")
@@ -230,8 +234,8 @@ async def await_coordinators(settings: WorkerSettings, partitions: int) -> None:
                 for tid in transactional:
                     waiting = f"the transaction coordinator of {tid}"
                     await admin.find_coordinator(tid, coordinator_type=1)
-                waiting = f"the coordinator of group {group}"
-                described = await admin.describe_consumer_groups([group])
+                waiting = f"the coordinator of groups {', '.join(groups)}"
+                described = await admin.describe_consumer_groups(groups)
                 if all(g[0] == 0 for r in described for g in r.groups):
                     return
             except Exception as exc:  # not available or still loading: expected here
@@ -292,9 +296,13 @@ def log_tally_lines() -> None:
         tally.addHandler(logs.handler("text"))
         tally.propagate = False
     tally.setLevel(logging.INFO)
-    sender = logging.getLogger("aiokafka.producer.sender")
-    if not any(isinstance(f, ExpectedRetries) for f in sender.filters):
-        sender.addFilter(ExpectedRetries())
+    for name, expected in (
+        ("aiokafka.producer.sender", ExpectedRetries),
+        ("aiokafka.consumer.group_coordinator", Rebalancing),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, expected) for f in logger.filters):
+            logger.addFilter(expected())
 
 
 class ExpectedRetries(logging.Filter):
@@ -314,6 +322,21 @@ class ExpectedRetries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.WARNING and "NotEnoughReplicasError" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+class Rebalancing(logging.Filter):
+    """aiokafka's WARNING for a heartbeat answered "the group is rebalancing", as INFO.
+
+    That answer is how a group member learns that another joined or left (a second
+    worker or sink starting, a restart, a scale-out): it rejoins at once, and Kafka's
+    own Java client logs the same event at INFO. A member that cannot rejoin is
+    reported by the errors that follow.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "because it is rebalancing" in str(record.msg):
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 

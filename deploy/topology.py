@@ -273,7 +273,7 @@ def api_urls(topology: Topology, settings: StackSettings) -> list[str]:
 
 def up_server(topology: Topology, settings: StackSettings, demo: bool, as_json: bool) -> None:
     """`tally up --store server ...`: every piece a process of its own, supervised here."""
-    from deploy.stack import demo_keys, open_store
+    from deploy.stack import await_coordinators, demo_keys, open_store
 
     with (
         brokers_for(settings, topology.brokers) as bootstrap,
@@ -281,6 +281,9 @@ def up_server(topology: Topology, settings: StackSettings, demo: bool, as_json: 
     ):
         asyncio.run(ensure_stack_topics(settings, bootstrap))
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap, "clickhouse_url": url})
+        # Before any child: clients that arrive while the brokers create their internal
+        # topics retry loudly though nothing is wrong.
+        asyncio.run(await_coordinators(settings, settings.events_partitions, sinks=True))
         store = open_store(settings)  # migrated before any child reads or writes it
         try:
             keys = demo_keys(store, settings) if demo else []

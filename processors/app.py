@@ -12,7 +12,9 @@ Why this order is safe at every instant:
 - the commit makes deltas, dead letters and the offset visible at once;
 - a worker that lost a partition is fenced by the new owner's producer, and the
   new owner reads the committed offset only after fencing, skipping whatever
-  the old owner managed to commit.
+  the old owner managed to commit;
+- a worker fenced while it keeps the partition (a timed-out transaction) reads
+  what its consumer delivered past the committed offset again (_take_over).
 Anything unexpected in this process ends it at once (crash-only): a half-done
 batch is never acknowledged, so nothing is skipped.
 """
@@ -40,7 +42,7 @@ from processors.deltas import Delta, encode, encode_bodies
 from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.output import FencedError, PartitionOutput, Record, dead_letter_record
 from processors.pipeline import BatchResult, Message, Pipeline
-from processors.replay import Resumer
+from processors.replay import Redelivered, Resumer
 from processors.settings import WorkerSettings
 from processors.timing import Timings
 from schemas.kafka import COMPRESSION
@@ -102,6 +104,12 @@ class RollupWorker:
         # the worker (the consumer stays assigned, and the heartbeat runs, a little longer).
         self._stopping = False
         self._committing: asyncio.Future[None] | None = None
+        # Per partition, the offset after the last message handed to the fold since it
+        # was assigned; with the messages read again after a fence (see _take_over).
+        self._delivered: dict[int, int] = {}
+        self._backlog: dict[int, Redelivered] = {}
+        # Batches and the heartbeat's backlog runs take turns (commits stay in order).
+        self._counting = asyncio.Lock()
         self._resumer = Resumer(
             settings.bootstrap,
             settings.consumer_group,
@@ -128,10 +136,27 @@ class RollupWorker:
                 Message(m.partition, m.offset, m.value, int((m.timestamp or 0) * 1000))
             )
             keys[(m.partition, m.offset)] = m.key
+        async with self._counting:
+            await self._count(received, keys, len(events))
+
+    async def _count(
+        self,
+        received: dict[int, list[Message]],
+        keys: dict[tuple[int, int], bytes | None],
+        messages: int,
+    ) -> None:
         await self._take_over_all(received)
+        # Messages read again after a fence precede everything delivered since.
+        for partition in [p for p in self._backlog if p in self._outputs]:
+            again = self._backlog.pop(partition)
+            received[partition] = again.messages + received.get(partition, [])
+            keys.update(again.keys)
         # A partition revoked while it was being taken over is another worker's now:
         # its messages are left to that owner, which resumes at the committed offset.
-        by_partition = {p: msgs for p, msgs in received.items() if p in self._outputs}
+        by_partition = {p: msgs for p, msgs in received.items() if p in self._outputs and msgs}
+        for partition, msgs in by_partition.items():
+            last = max(m.offset for m in msgs) + 1
+            self._delivered[partition] = max(self._delivered.get(partition, 0), last)
         # The outputs this batch is folded against. A partition dropped (fenced, revoked)
         # and taken over again before this batch's commit runs has a new output and a
         # new resume point: rows folded from the old state must not go through it.
@@ -154,9 +179,7 @@ class RollupWorker:
         # transactions in order, one batch at a time, as when every batch waited for
         # its own commits (a later batch's offset must never be committed first).
         await self._settle_commits()
-        self._committing = asyncio.ensure_future(
-            self._commit_all(results, keys, outputs, len(events))
-        )
+        self._committing = asyncio.ensure_future(self._commit_all(results, keys, outputs, messages))
 
     async def _settle_commits(self) -> None:
         committing, self._committing = self._committing, None
@@ -239,6 +262,13 @@ class RollupWorker:
                     self.settings.dedup_replay_max_messages,
                     lambda value: self.pipeline.remember(partition, value),
                 )
+                # Delivered to this worker past the committed offset and never counted:
+                # its producer was fenced but the group left it the partition, so its
+                # consumer will not deliver them again.
+                delivered = self._delivered.get(partition, committed)
+                again = None
+                if delivered > committed:
+                    again = await self._resumer.redeliver(partition, committed, delivered)
         except BaseException:
             await output.stop()  # the next attempt starts (and fences) afresh
             raise
@@ -248,6 +278,15 @@ class RollupWorker:
             await output.stop()
             return
         self.stats.remembered += remembered
+        if again is not None:
+            log.warning(
+                "partition %d: fenced while this worker still held it (a transaction "
+                "timed out?); counting its %d messages from offset %d again",
+                partition,
+                len(again.messages),
+                committed,
+            )
+            self._backlog[partition] = again
         self._outputs[partition] = output
         self._next_offset[partition] = committed
         log.info(
@@ -296,7 +335,9 @@ class RollupWorker:
                 self._last_commit[partition] = time.monotonic()
                 return True
             except FencedError:
-                log.warning("partition %d was taken over by another worker", partition)
+                # Usually a rebalance gave it to another worker; if the group left it
+                # here (a timed-out transaction), _take_over counts it again.
+                log.info("partition %d: this worker's producer was fenced", partition)
                 self.stats.fenced += 1
                 self._drop(partition)
                 return False
@@ -365,6 +406,8 @@ class RollupWorker:
             # Nothing was counted: the next tick (or the next batch) takes over afresh.
             log.error("could not take over idle partitions (%r); retrying", exc)
             return
+        if self._backlog:  # messages read again after a fence, with no batch to carry them
+            await self.handle([])
         due = time.monotonic() - self.settings.worker_flush_interval_s
         beats = []
         for partition, output in list(self._outputs.items()):
@@ -395,6 +438,8 @@ class RollupWorker:
     def on_revoked(self, partitions: set[int]) -> None:
         for partition in partitions:
             self._revocations[partition] += 1
+            self._delivered.pop(partition, None)
+            self._backlog.pop(partition, None)
             self._drop(partition)
 
     def _drop(self, partition: int) -> None:

@@ -17,13 +17,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from processors.deltas import read
+from processors.pipeline import Message
 
 log = logging.getLogger("tally.worker")
+
+
+class Redelivered(NamedTuple):
+    """Messages read again (Resumer.redeliver), with their keys for dead letters."""
+
+    messages: list[Message]
+    keys: dict[tuple[int, int], bytes | None]
 
 
 class Resumer:
@@ -134,16 +143,41 @@ class Resumer:
         consumer.assign([tp])
         consumer.seek(tp, start)
         try:
-            return await self._read(consumer, tp, end_offset, feed)
+            return await self._read(consumer, tp, end_offset, lambda record: feed(record.value))
         finally:
             consumer.unsubscribe()
+
+    async def redeliver(self, partition: int, start: int, end_offset: int) -> Redelivered:
+        """The messages of `partition` from `start` up to `end_offset`, read again.
+
+        For a partition whose producer was fenced while the group left it with this
+        worker (a transaction the coordinator timed out): its consumer delivered
+        these already, they were not counted, and it will not deliver them again.
+        """
+        consumer = await self._ready()
+        tp = TopicPartition(self.topic, partition)
+        found = Redelivered([], {})
+
+        def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+            found.messages.append(
+                Message(partition, record.offset, record.value, record.timestamp or 0)
+            )
+            found.keys[(partition, record.offset)] = record.key
+
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        try:
+            await self._read(consumer, tp, end_offset, keep)
+        finally:
+            consumer.unsubscribe()
+        return found
 
     async def _read(
         self,
         consumer: AIOKafkaConsumer,
         tp: TopicPartition,
         end_offset: int,
-        feed: Callable[[bytes | None], None],
+        feed: Callable[[ConsumerRecord[bytes, bytes]], None],
     ) -> int:
         fed = 0
         while True:
@@ -154,7 +188,7 @@ class Resumer:
             for record in records:
                 if record.offset >= end_offset:
                     return fed
-                feed(record.value)
+                feed(record)
                 fed += 1
                 if record.offset + 1 >= end_offset:
                     return fed

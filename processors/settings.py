@@ -61,3 +61,8 @@ class WorkerSettings(TallySettings):
     metrics_host: str = Field(
         "127.0.0.1", description="Interface the TALLY_METRICS_PORT endpoint listens on."
     )
+
+    @property
+    def sink_group_id(self) -> str:
+        """The sinks' consumer group: TALLY_SINK_GROUP, or `<rollups topic>.sinks`."""
+        return self.sink_group or f"{self.rollups_topic}.sinks"

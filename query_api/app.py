@@ -26,6 +26,7 @@ from query_api.guard import RequestGuard
 from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
 from query_api.readiness import Readiness
+from query_api.refusals import RefusalHold
 from query_api.routes import admin, analytics, dashboard, docs, forecast, health, usage, webhooks
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
@@ -204,7 +205,7 @@ def create_app(
     settings: ApiSettings,
     store: Store,
     now: Callable[[], datetime] | None = None,
-    rate_clock: Clock | None = None,
+    rate_clock: Clock = time.monotonic,
     fast_path: bool = True,
 ) -> FastAPI:
     """The app. `now` pins the clock usage is computed at; `rate_clock` (monotonic
@@ -238,8 +239,9 @@ def create_app(
         accounts=AccountStore(store, view),
         view=view,
         plans=load_plans(settings.plans),
-        limiter=RateLimiter(
-            settings.api_rate_per_s, settings.api_rate_burst, clock=rate_clock or time.monotonic
+        limiter=RateLimiter(settings.api_rate_per_s, settings.api_rate_burst, clock=rate_clock),
+        refusals=RefusalHold(
+            settings.api_refusal_delay_s, settings.api_refusal_max_held, clock=rate_clock
         ),
         now=now or utcnow,
         readiness=Readiness(settings, store, now or utcnow),

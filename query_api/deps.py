@@ -16,6 +16,7 @@ from query_api.errors import ApiError, rate_limited, unauthorized
 from query_api.plans import Plan
 from query_api.ratelimit import RateLimiter
 from query_api.readiness import Readiness
+from query_api.refusals import RefusalHold
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from schemas.store import Store
@@ -33,6 +34,8 @@ class Services:
     plans: dict[str, Plan]
     limiter: RateLimiter
     """The API's own per-caller limit (query_api/ratelimit.py)."""
+    refusals: RefusalHold
+    """When its 429s are sent (query_api/refusals.py)."""
     now: Callable[[], datetime] = utcnow
     """The API's clock; tests pin it to compare answers with an exact expectation."""
     view: UsageView | None = None
@@ -79,10 +82,11 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _spend(svc: Services, bucket: str) -> None:
+async def _spend(svc: Services, bucket: str) -> None:
     decision = svc.limiter.hit(bucket)
     if not decision.allowed:
-        raise rate_limited(decision, svc.now().timestamp())
+        sent = await svc.refusals.hold(decision)
+        raise rate_limited(sent, svc.now().timestamp())
 
 
 async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
@@ -104,10 +108,10 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
     key = presented_key(request)
     found = await _lookup(svc, key) if key else None
     if found is None:
-        _spend(svc, f"ip:{client_address(request)}")
+        await _spend(svc, f"ip:{client_address(request)}")
         raise unauthorized()
     # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
-    _spend(svc, key_bucket(found))
+    await _spend(svc, key_bucket(found))
     request.state.principal = found
     return found
 

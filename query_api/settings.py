@@ -117,6 +117,22 @@ class ApiSettings(TallySettings):
         "TALLY_API_RATE_PER_S. Over the limit the API answers 429 rate_limited with "
         "Retry-After.",
     )
+    api_refusal_delay_s: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="A 429 of the API's own limit is sent no sooner than the caller's next "
+        "request could be allowed, at most this many seconds after the request: a client "
+        "retrying without waiting for Retry-After is slowed down instead of keeping the API "
+        "busy. 0 sends refusals at once.",
+    )
+    api_refusal_max_held: int = Field(
+        1000,
+        ge=0,
+        description="At most this many 429s are held back (TALLY_API_REFUSAL_DELAY_S) at once; "
+        "beyond that they are sent at once.",
+    )
     api_usage_view: Literal["auto", "off"] = Field(
         "auto",
         description="Serve the usage endpoints and key checks from an in-memory view of the "

@@ -119,7 +119,7 @@ def load(cls: type[S]) -> S:
             # A secret (the admin key) refused for being weak is still never echoed.
             got = "" if _is_secret(cls, error["loc"]) else f" (got {error.get('input')!r})"
             lines.append(f"  {name}: {error['msg']}{got}")
-        lines.append("Fix these variables (see README, 'Configuration') and start again.")
+        lines.append("Fix these variables (see docs/configuration.md) and start again.")
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -10,7 +10,7 @@ before and after the page loaded, else it retries: a minute boundary may move
 `resets_at`). No event is in flight then, so the numbers hold still.
 
 Screenshots go to the test's tmp dir, and to docs/images/ with
-TALLY_UPDATE_SCREENSHOTS=1 (how the README's pictures are made).
+TALLY_UPDATE_SCREENSHOTS=1 (how the pictures of the README and docs/operations.md are made).
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 Three KRaft brokers, a ClickHouse server, two workers, two fenced sinks and two API
 processes, all children of one `tally up`. A key made on one API works on the other;
-events published to the cluster (re-sent copies included) are counted exactly on both
-replicas; a SIGKILLed worker, sink and ClickHouse server are started again by `tally up`, a
-sink SIGSTOPped past its session timeout loses its partitions and writes nothing twice
-once woken, the broker leading most partitions dies for good, and the totals stay exact
-through each; SIGTERM stops every child and leaves no process behind.
+100,000 events published to the cluster (a tenth re-sent) are counted exactly on both
+replicas; then, one fault after another: a SIGKILLed worker, sink and ClickHouse server are
+started again by `tally up`, a sink SIGSTOPped past its session timeout loses its
+partitions and writes nothing twice once woken, a broker frozen for 20 s (SIGSTOP) thaws,
+the workers are SIGTERMed in turn (a rolling restart), and the broker leading most
+partitions dies for good. After each the totals are exact on both replicas and `tally
+reconcile` reports no drift; each settle time is printed. SIGTERM stops every child and
+leaves no process behind.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +39,9 @@ pytestmark = pytest.mark.e2e
 
 ADMIN = "topology-admin-Qm7vX2kP9wL4rT8z"
 ACCOUNTS = 20
+INITIAL = 100_000
+"""Events published before the first fault (and a tenth of them again)."""
+BROKER_STOP_S = 20.0
 
 
 def _consecutive_free_ports(n: int) -> int:
@@ -86,6 +93,76 @@ def _restarted(log: Path, name: str) -> bool:
     return f"tally up: {name} started again" in log.read_text(errors="replace")
 
 
+def _starts(log: Path, name: str) -> int:
+    return log.read_text(errors="replace").count(f"tally up: {name} started")
+
+
+def _pid(log: Path, banner: dict[str, Any], name: str) -> int:
+    """The child's pid now: the banner's, or the one it was last started again with."""
+    again = re.findall(
+        rf"tally up: {name} started again \(pid (\d+)", log.read_text(errors="replace")
+    )
+    return int(again[-1]) if again else int(banner["processes"][name])
+
+
+async def _signal(log: Path, banner: dict[str, Any], name: str, sig: int) -> None:
+    """Signal the child as it runs now; one between an exit and its restart is waited for."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.kill(_pid(log, banner, name), sig)
+            return
+        except ProcessLookupError:
+            assert time.monotonic() < deadline, f"{name} is not running"
+            await asyncio.sleep(0.2)
+
+
+def _broker_pid(tmp_path: Path, broker: int) -> int:
+    pid_file = tmp_path / "data" / f"kafka-{broker}" / "broker.pid"
+    return int(pid_file.read_text().split()[0])
+
+
+class Sent:
+    """Events published so far: `unique` of them, every tenth sent twice."""
+
+    def __init__(self, bootstrap: str, spool: Path) -> None:
+        self.bootstrap = bootstrap
+        self.spool = spool
+        self.unique = 0
+
+    async def publish(self, count: int) -> None:
+        await _publish(self.bootstrap, self.unique, count, self.spool)
+        self.unique += count
+
+
+class Reconcile:
+    """`tally reconcile` over everything published, through the API: no drift."""
+
+    def __init__(self, bootstrap: str, api_url: str, started: float) -> None:
+        self.bootstrap = bootstrap
+        self.api_url = api_url
+        self.since = started - 600
+
+    async def check(self, after: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 600))
+        env = {**os.environ, "TALLY_KAFKA_BOOTSTRAP": self.bootstrap, "TALLY_ADMIN_KEY": ADMIN}
+        args = ["reconcile", "--from", stamp, "--to", until, "--api-url", self.api_url]
+        started = time.monotonic()
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "deploy.cli", *args, "--json", "--quiet"],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, (after, done.stdout[-2000:], done.stderr[-2000:])
+        print(f"  tally reconcile after {after}: no drift ({time.monotonic() - started:.1f}s)")
+
+
+# Seven faults, each followed by a recount of the whole log: about 5 minutes on a quiet
+# 2-core machine, twice that under load.
+@pytest.mark.timeout(1500)
 async def test_the_production_topology_counts_exactly_through_faults(tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -133,48 +210,86 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
                 assert r.status_code == 201, r.text
                 keys[f"acct-{i}"] = r.json()["data"]["api_key"]
 
-            await _publish(bootstrap, 0, 6_000, spool)
-            settle = await _until_exact(client, urls, keys, 6_000)
-            print(f"\n6,000 events counted on both replicas after {settle:.1f}s")
+            sent = Sent(bootstrap, spool)
+            reconcile = Reconcile(bootstrap, urls[0], time.time())
 
-            os.kill(banner["processes"]["worker-1"], signal.SIGKILL)
-            os.kill(banner["processes"]["sink-1"], signal.SIGKILL)
-            await _publish(bootstrap, 6_000, 4_000, spool)
-            settle = await _until_exact(client, urls, keys, 10_000)
+            await sent.publish(INITIAL)
+            settle = await _until_exact(client, urls, keys, sent.unique)
+            print(f"\n{sent.unique:,} events counted on both replicas after {settle:.1f}s")
+            await reconcile.check("before any fault")
+
+            os.kill(_pid(log, banner, "worker-1"), signal.SIGKILL)
+            os.kill(_pid(log, banner, "sink-1"), signal.SIGKILL)
+            await sent.publish(4_000)
+            settle = await _until_exact(client, urls, keys, sent.unique)
             print(f"worker and sink SIGKILLed: exact again after {settle:.1f}s")
             assert _restarted(log, "worker-1")
             assert _restarted(log, "sink-1")
+            await reconcile.check("worker and sink SIGKILL")
 
             # The ClickHouse server dies while the sinks write: tally up starts it again,
             # and the sinks' retries land each INSERT once (its markers say whether).
             os.kill(banner["processes"]["store-server-1"], signal.SIGKILL)
-            await _publish(bootstrap, 10_000, 2_000, spool)
-            settle = await _until_exact(client, urls, keys, 12_000)
+            await sent.publish(2_000)
+            settle = await _until_exact(client, urls, keys, sent.unique)
             print(f"ClickHouse server SIGKILLed: exact after {settle:.1f}s")
             assert "is gone; starting it again" in log.read_text(errors="replace")
+            await reconcile.check("ClickHouse server SIGKILL")
 
             # A sink paused past its session timeout: its partitions move to the other
             # sink, which counts on; woken, the paused one must not write what it held.
-            sink = banner["processes"]["sink-2"]
+            sink = _pid(log, banner, "sink-2")
             os.kill(sink, signal.SIGSTOP)
             try:
-                await _publish(bootstrap, 12_000, 3_000, spool)
-                settle = await _until_exact(client, urls, keys, 15_000)
+                await sent.publish(3_000)
+                settle = await _until_exact(client, urls, keys, sent.unique)
                 print(f"sink-2 stopped: exact without it after {settle:.1f}s")
             finally:
                 os.kill(sink, signal.SIGCONT)
-            await _publish(bootstrap, 15_000, 2_000, spool)
-            settle = await _until_exact(client, urls, keys, 17_000)
+            await sent.publish(2_000)
+            settle = await _until_exact(client, urls, keys, sent.unique)
             await asyncio.sleep(3)  # anything the woken sink wrote twice shows by now
-            assert await _totals(client, urls, keys) == [17_000, 17_000]
+            assert await _totals(client, urls, keys) == [sent.unique] * 2
             print(f"sink-2 woken: exact after {settle:.1f}s, and still exact")
+            await reconcile.check("sink SIGSTOP and SIGCONT")
+
+            # A broker frozen for 20 s: its partitions get new leaders, publishing goes
+            # on; thawed, it catches up as a follower.
+            frozen = await _busiest_leader(bootstrap)
+            broker = _broker_pid(tmp_path, frozen)
+            os.kill(broker, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                await sent.publish(2_000)
+                await asyncio.sleep(max(0.0, BROKER_STOP_S - (time.monotonic() - stopped)))
+            finally:
+                os.kill(broker, signal.SIGCONT)
+            # A gateway that closed while Kafka re-elected kept its batches in the spool:
+            # the next one on that spool sends them first, as a long-running gateway would.
+            await sent.publish(500)
+            settle = await _until_exact(client, urls, keys, sent.unique)
+            print(f"broker {frozen} SIGSTOPped for {BROKER_STOP_S:.0f}s: exact after {settle:.1f}s")
+            await reconcile.check("broker SIGSTOP")
+
+            # A rolling restart of the workers (SIGTERM, as a deployment does): each
+            # stops cleanly, tally up starts it again, and counting goes on meanwhile.
+            for name in ("worker-1", "worker-2"):
+                before = _starts(log, name)
+                await _signal(log, banner, name, signal.SIGTERM)
+                await sent.publish(1_000)
+                deadline = time.monotonic() + 60
+                while _starts(log, name) == before:
+                    assert time.monotonic() < deadline, f"{name} was not started again"
+                    await asyncio.sleep(0.2)
+            settle = await _until_exact(client, urls, keys, sent.unique)
+            print(f"workers SIGTERMed in turn: exact after {settle:.1f}s")
+            await reconcile.check("rolling SIGTERM of the workers")
 
             # The broker leading most events partitions dies and stays dead; once its
             # partitions have new leaders (the controller notices within the brokers'
             # session timeout), publishing goes on.
             leader = await _busiest_leader(bootstrap)
-            pid_file = tmp_path / "data" / f"kafka-{leader}" / "broker.pid"
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+            os.kill(_broker_pid(tmp_path, leader), signal.SIGKILL)
             survivors = ",".join(
                 a for i, a in enumerate(bootstrap.split(","), start=1) if i != leader
             )
@@ -182,10 +297,16 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
             while await _still_leads(survivors, leader):
                 assert time.monotonic() < deadline, "no new leaders"
                 await asyncio.sleep(0.5)
-            await _publish(survivors, 17_000, 3_000, spool)
-            settle = await _until_exact(client, urls, keys, 20_000)
+            sent.bootstrap = reconcile.bootstrap = survivors
+            await sent.publish(3_000)
+            settle = await _until_exact(client, urls, keys, sent.unique)
             print(f"broker {leader} SIGKILLed: exact after {settle:.1f}s")
+            await reconcile.check("broker SIGKILL")
     finally:
+        exits = [
+            line for line in log.read_text(errors="replace").splitlines() if " exited " in line
+        ]
+        print("\n".join(["children that exited:", *exits]))
         up.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(up.wait, 120)
     assert code == 0, log.read_text(errors="replace")[-3000:]

@@ -297,6 +297,8 @@ async def test_a_well_behaved_client_keeps_its_answers_under_abuse(
         # More than the good client needs, less than the guessers spend.
         api_rate_burst=50,
         api_rate_per_s=1.0,
+        # Refusals at once (not held, query_api/refusals.py): the abusers at full speed.
+        api_refusal_delay_s=0.0,
     )
     app = create_app(settings, store)
     transport = httpx.ASGITransport(app=app)  # every caller on one address, as via a proxy

@@ -120,6 +120,7 @@ async def _answers(
         clickhouse_database=store.database,
         api_rate_per_s=1.0,
         api_rate_burst=BURST,
+        api_refusal_delay_s=0.0,  # the limiter's clock is the test's: refusals at once
     )
     app = create_app(settings, store, now=lambda: NOW, rate_clock=Clock(), fast_path=fast_path)
     before = _histogram_counts()

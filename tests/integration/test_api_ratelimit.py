@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ def api(store: Store, store_url: str, keys: dict[str, str]) -> Api:
         clickhouse_database=store.database,
         api_rate_per_s=RATE,
         api_rate_burst=BURST,
+        # Refusals at once: these tests step the limiter's clock themselves.
+        api_refusal_delay_s=0.0,
     )
     app = create_app(settings, store, now=lambda: NOW, rate_clock=clock)
     return Api(app, clock, keys)
@@ -235,6 +238,35 @@ async def test_the_real_clock_refills(store: Store, store_url: str) -> None:
         assert refused.status_code == 429
         assert refused.headers["Retry-After"] == "1"
         await asyncio.sleep(1.1)  # one token at 1/s, and a margin
+        assert (await client.get(plans, headers=headers)).status_code == 200
+
+
+async def test_a_refusal_is_held_until_a_retry_could_succeed(store: Store, store_url: str) -> None:
+    """A 429 is sent no sooner than the caller's next request could be allowed (here
+    about 1 s, one token at 1/s), and its Retry-After counts from when it is sent."""
+    settings = ApiSettings(
+        admin_key=ENV_ADMIN_KEY,
+        clickhouse_url=store_url,
+        clickhouse_database=store.database,
+        api_rate_per_s=1.0,
+        api_rate_burst=1,
+        api_refusal_delay_s=5.0,
+    )
+    app = create_app(settings, store)
+    transport = httpx.ASGITransport(app=app)
+    plans, headers = "/api/v1/admin/plans", {"X-API-Key": ENV_ADMIN_KEY}
+    async with httpx.AsyncClient(transport=transport, base_url="http://tally") as client:
+        assert (await client.get(plans, headers=headers)).status_code == 200
+        started = time.monotonic()
+        refused = await client.get(plans, headers=headers)
+        held = time.monotonic() - started
+        assert refused.status_code == 429
+        # Not before the token it lacked has refilled (1 s, less the microseconds
+        # between the two requests).
+        assert held >= 0.9, held
+        # Sent when a retry could succeed: the shortest Retry-After there is, and a
+        # retry right away is served.
+        assert refused.headers["Retry-After"] == "1"
         assert (await client.get(plans, headers=headers)).status_code == 200
 
 

@@ -92,6 +92,8 @@ def make_app(store: Store, fast_path: bool) -> FastAPI:
         plans=orjson.dumps(PLANS).decode(),
         api_rate_per_s=RATE,
         api_rate_burst=BURST,
+        # Refusals at once: these tests step the limiter's clock themselves.
+        api_refusal_delay_s=0.0,
     )
     # The limiter's clock stands still: only the requests a test makes spend tokens.
     return create_app(settings, store, now=lambda: NOW, rate_clock=lambda: 0.0, fast_path=fast_path)

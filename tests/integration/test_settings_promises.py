@@ -1,4 +1,5 @@
-"""Settings the README promises, each seen over HTTP on a real store.
+"""Settings the docs promise (docs/configuration.md, docs/api.md), each seen over HTTP
+on a real store.
 
 TALLY_API_USAGE_VIEW=off (every usage answer read from the store per request),
 TALLY_PLANS (overriding a shipped plan and adding one), TALLY_STREAM_IDLE_TIMEOUT_S

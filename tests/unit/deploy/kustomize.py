@@ -21,7 +21,7 @@ KUSTOMIZE = Path(os.environ.get("TALLY_KUSTOMIZE", REPO / ".tally" / "bin" / "ku
 def kustomize_build(source: Path = K8S) -> str:
     """The YAML stream `kustomize build` prints for `source` (a copy is built)."""
     if not KUSTOMIZE.exists():
-        raise AssertionError(f"{KUSTOMIZE} is missing: run `make setup` (it builds kustomize)")
+        raise AssertionError(f"{KUSTOMIZE} is missing: run `make test-tools` (it builds kustomize)")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "k8s"
         shutil.copytree(source, copy, ignore=shutil.ignore_patterns("secrets.env"))

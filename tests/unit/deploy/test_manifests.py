@@ -655,12 +655,26 @@ def test_the_command_check_can_fail(argv: list[str]) -> None:
 # what the manifests must say
 
 
-def test_one_sink_recreated_never_rolled(manifests: list[dict[str, Any]]) -> None:
-    sink = next(d for d in manifests if d["metadata"]["name"] == "tally-sink")
-    assert sink["spec"]["replicas"] == 1
-    assert sink["spec"]["strategy"] == {"type": "Recreate"}
+def test_sinks_as_the_topology_test_runs_them(manifests: list[dict[str, Any]]) -> None:
+    """Two fenced sinks (tests/e2e/test_topology.py runs `--sinks 2`); the fence, not
+    the rollout, keeps them exact, so a rolling update may overlap old and new pods,
+    and voluntary disruptions take one at a time."""
+    sink = next(
+        d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"] == "tally-sink"
+    )
+    assert sink["spec"]["replicas"] == 2
+    assert sink["spec"]["strategy"]["type"] == "RollingUpdate"
     (container,) = sink["spec"]["template"]["spec"]["containers"]
     assert k8s_argv(container) == ["tally", "sink"]
+    (pdb,) = [
+        d
+        for d in manifests
+        if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "tally-sink"
+    ]
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": sink["spec"]["selector"]["matchLabels"]},
+    }
 
 
 def test_api_probes_use_readyz_and_healthz(manifests: list[dict[str, Any]]) -> None:
