@@ -219,10 +219,11 @@ def parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="machine output: the summary as JSON on stdout"
     )
     loadgen.set_defaults(run=_loadgen)
-    from deploy import admin_cli, reconcile_cli
+    from deploy import admin_cli, reconcile_cli, webhooks_cli
 
     admin_cli.register(sub)
     reconcile_cli.register(sub)
+    webhooks_cli.register(sub)
     return root
 
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings
 from deploy.settings import REPO_ROOT, StackSettings
 from processors.settings import WorkerSettings
 from producers.settings import ProducerSettings
+from query_api.alerts.settings import AlertSettings
 from query_api.settings import ApiSettings
 from schemas.settings import TallySettings
 
@@ -23,6 +24,7 @@ SECTIONS: list[tuple[str, type[BaseSettings]]] = [
     ("worker (`tally worker`)", WorkerSettings),
     ("API (`tally api`)", ApiSettings),
     ("`tally up`", StackSettings),
+    ("alerts and webhooks (`tally up`, `tally sink`, the API)", AlertSettings),
     ("gateway library and `tally loadgen`", ProducerSettings),
 ]
 

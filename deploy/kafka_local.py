@@ -476,8 +476,12 @@ async def ensure_topics(
     bootstrap: str,
     topics: Mapping[str, int],
     timeout: float = 30.0,  # noqa: ASYNC109
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Create the missing topics with the given partition counts; wait until all are usable.
+
+    `configs`: topic configs a topic is created with (e.g. cleanup.policy=compact for
+    tally.alerts); an existing topic keeps its own.
 
     Existing topics are kept as they are (more partitions than asked is fine). One with
     fewer partitions raises TopicSetupError: events keyed by account would map to other
@@ -495,7 +499,9 @@ async def ensure_topics(
         remaining = deadline - loop.time()
         try:
             async with asyncio.timeout(max(remaining, 0.1)):
-                pending = await _ensure_topics_once(bootstrap, topics, request_timeout=remaining)
+                pending = await _ensure_topics_once(
+                    bootstrap, topics, request_timeout=remaining, configs=configs or {}
+                )
         except TopicSetupError:
             raise
         except (KafkaError, OSError, TimeoutError) as exc:
@@ -512,7 +518,10 @@ async def ensure_topics(
 
 
 async def _ensure_topics_once(
-    bootstrap: str, topics: Mapping[str, int], request_timeout: float
+    bootstrap: str,
+    topics: Mapping[str, int],
+    request_timeout: float,
+    configs: Mapping[str, Mapping[str, str]],
 ) -> str | None:
     """One round: None when every topic is ready, else what we are still waiting for."""
     admin = AIOKafkaAdminClient(
@@ -556,7 +565,12 @@ async def _ensure_topics_once(
         if missing:
             replication = min(brokers, 3)
             response = await admin.create_topics(
-                [NewTopic(name, topics[name], replication) for name in missing]
+                [
+                    NewTopic(
+                        name, topics[name], replication, topic_configs=dict(configs.get(name, {}))
+                    )
+                    for name in missing
+                ]
             )
             for entry in response.to_object()["topic_errors"]:
                 code = int(entry["error_code"])

@@ -52,6 +52,8 @@ log = logging.getLogger("tally.up")
 if TYPE_CHECKING:
     # Imported where used: `tally worker` needs neither, and ClickHouse's
     # client costs it a fifth of a second of CPU at start.
+    from fastapi import FastAPI
+
     from processors.sink import Sink
     from schemas.store import Store
 
@@ -158,6 +160,19 @@ def new_sink(settings: WorkerSettings, store: Store) -> Sink:
         group=None if store.embedded else settings.sink_group_id,
         session_timeout_ms=settings.sink_session_timeout_ms,
     )
+
+
+def alert_services(
+    sink: Sink, store: Store, bootstrap: str, api: FastAPI | None = None
+) -> list[Service]:
+    """Threshold alerts and webhook deliveries beside the sink (docs/alerts.md); `api`:
+    the API app when it runs in this process, whose usage view they read then."""
+    from query_api.alerts.evaluator import attach_alerts
+    from query_api.app import view_feed
+
+    feed = view_feed(api) if api is not None else None
+    service = attach_alerts(sink, store, bootstrap, feed)
+    return [service] if service is not None else []
 
 
 async def ensure_rollups_topic(settings: WorkerSettings) -> None:
@@ -360,7 +375,9 @@ def run_sink(settings: WorkerSettings) -> None:
         sink = new_sink(settings, store)
         metrics_endpoint(settings, None, sink)
         tune_gc()
-        run_store_services([SinkService(sink)], settings)
+        services: list[Service] = [SinkService(sink)]
+        services += alert_services(sink, store, settings.bootstrap)
+        run_store_services(services, settings)
     finally:
         store.close()
 
@@ -446,6 +463,7 @@ def up(
         feed = view_feed(api)
         if feed is not None:  # the API's usage view follows tally.rollups, as every replica's
             services.append(ViewFeedService(feed))
+        services += alert_services(sink, store, bootstrap, api)
         if demo:
             services.append(DemoGateways(settings))
         try:

@@ -14,6 +14,8 @@ import asyncio
 from deploy.kafka_local import ensure_topics
 from deploy.settings import StackSettings
 from deploy.stack import ensure_rollups_topic
+from query_api.alerts.evaluator import COMPACTED
+from query_api.alerts.settings import AlertSettings
 from schemas.settings import load
 
 
@@ -25,13 +27,19 @@ async def create(settings: StackSettings, timeout_s: float = 120.0) -> None:
     # The rollups topic follows the events topic's actual partition count, which
     # may be larger than TALLY_EVENTS_PARTITIONS if someone created it earlier.
     await ensure_rollups_topic(settings)
+    # Alerts are keyed by their id and compacted: the latest event per alert stays.
+    alerts = load(AlertSettings).alerts_topic
+    await ensure_topics(
+        settings.bootstrap, {alerts: 1}, timeout=timeout_s, configs={alerts: COMPACTED}
+    )
 
 
 def main() -> int:
     settings = load(StackSettings)
     asyncio.run(create(settings))
     print(
-        f"topics {settings.events_topic}, {settings.rollups_topic}, {settings.dlq_topic} "
+        f"topics {settings.events_topic}, {settings.rollups_topic}, {settings.dlq_topic}, "
+        f"{load(AlertSettings).alerts_topic} "
         f"are ready on {settings.bootstrap}"
     )
     return 0

@@ -23,9 +23,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -45,6 +45,12 @@ from schemas.store import Store
 log = logging.getLogger("tally.sink")
 
 T = TypeVar("T")
+
+Listener = Callable[[Sequence[Sequence[Any]], Mapping[int, int]], None]
+"""Called after each INSERT that succeeded with the delta rows it stored, in the
+deltas' wire layout ([account, minute_s, type, ...]; processors/deltas.py), and per
+events partition the time (epoch ms) the store now reflects it up to. The alert
+evaluator beside a `tally sink` learns from it which accounts to look at again."""
 
 TABLE = "rollup_minute"
 
@@ -190,6 +196,12 @@ class Sink:
         # Per rollups partition, the offset after the last message in the store.
         self._positions: dict[int, int] = {}
         self._last_mark = time.monotonic()
+        self._listeners: list[Listener] = []
+        # Wire rows of the deltas in the INSERT being built (kept only for listeners).
+        self._wire: list[Sequence[Any]] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     async def run(self) -> None:
         """Apply committed deltas until stop(); anything unexpected ends the process."""
@@ -274,6 +286,7 @@ class Sink:
             self._counted = await self._retry(
                 "read offset markers", self.rollups.resume_offsets, self.events_topic
             )
+            self._wire = []
             self._next = {p: stored.get(p, 0) for p in mine}
             self._positions = {p: stored[p] for p in mine if p in stored}
             self._gate = gate
@@ -290,6 +303,7 @@ class Sink:
         gate, self._gate = self._gate, None
         self.stats.partitions = ()
         self._positions = {}
+        self._wire = []
         if gate is not None:
             try:
                 await asyncio.to_thread(self.gates.release, gate)
@@ -337,6 +351,7 @@ class Sink:
         self._gate = None
         self.stats.partitions = ()
         self._positions = {}
+        self._wire = []
         log.error(
             "sink: %s was dropped by a sink that took partitions %s over (this one "
             "was paused or cut off); its batch is left to that sink; this one writes again "
@@ -361,6 +376,8 @@ class Sink:
                 elif delta.count:
                     rows.append(delta.body)
                     count += delta.count
+                    if self._listeners:
+                        self._wire.extend(delta.wire_rows())
                 applied[tp.partition] = record.offset + 1  # type: ignore[attr-defined]
                 if delta.final:  # earlier chunks of a split delta: not all rows are out yet
                     fresh[delta.partition] = max(fresh.get(delta.partition, 0), delta.reflected_ms)
@@ -412,6 +429,9 @@ class Sink:
         self.stats.counted.update(counted)
         self.stats.rows += count
         self.stats.inserts += 1
+        wire, self._wire = self._wire, []
+        for listener in self._listeners:
+            listener(wire, fresh)
 
     async def _mark_alive(self) -> None:
         """Re-state the markers of the partitions this sink holds, with a fresh write time.

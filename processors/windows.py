@@ -153,6 +153,13 @@ def _chain_start(minutes: list[datetime], length: timedelta) -> int:
     return 0
 
 
+def first_request_windows(activity: Sequence[datetime], length: timedelta) -> list[Window]:
+    """All first-request windows over `activity` (minutes, ascending, distinct): the
+    alert rules place every window a late event may have pushed over a threshold."""
+    _check_length(length)
+    return _windows(_minutes(activity), length)
+
+
 def chain_start(activity: Sequence[datetime], length: timedelta) -> int:
     """An index i such that the windows over activity[i:] are the last windows over
     all of `activity`: the last i with activity[i] - activity[i-1] >= length, or 0.

@@ -38,6 +38,9 @@ class PlanOut(BaseModel):
     weekly_anchor: Literal["fixed", "first_request"]
     per_minute: int = Field(description="Requests per minute.")
     max_streams: int = Field(description="Concurrent streams; 0 = streaming not enabled.")
+    alert_thresholds: list[int] = Field(
+        description="Percentages of the session and weekly limits that raise an alert."
+    )
 
 
 class PlansOut(BaseModel):
@@ -53,6 +56,7 @@ class PlansOut(BaseModel):
                     "weekly_anchor": "fixed",
                     "per_minute": 300,
                     "max_streams": 10,
+                    "alert_thresholds": [80, 100],
                 }
             ]
         }

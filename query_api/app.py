@@ -29,7 +29,17 @@ from query_api.plans import load_plans
 from query_api.ratelimit import Clock, RateLimiter
 from query_api.readiness import Readiness
 from query_api.refusals import RefusalHold
-from query_api.routes import admin, analytics, dashboard, docs, events, health, usage
+from query_api.routes import (
+    admin,
+    analytics,
+    dashboard,
+    docs,
+    events,
+    forecast,
+    health,
+    usage,
+    webhooks,
+)
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from query_api.view_feed import ViewFeed
@@ -276,6 +286,8 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(events.router)
     events.install_schemas(app)
+    app.include_router(webhooks.router)
+    app.include_router(forecast.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)

@@ -26,12 +26,28 @@ class Plan(BaseModel):
     weekly_anchor: Literal["fixed", "first_request"]
     per_minute: int = Field(ge=0, description="Requests per minute.")
     max_streams: int = Field(ge=0, description="Concurrent streams; 0 = streaming not enabled.")
+    alert_thresholds: tuple[int, ...] = Field(
+        (80, 100),
+        max_length=10,
+        description="Percentages of the session and weekly limits at which a "
+        "usage.threshold.crossed alert is emitted (docs/alerts.md).",
+    )
 
     @model_validator(mode="after")
     def _whole_minutes(self) -> Plan:
         # Windows are built from per-minute rollups, so their lengths must be too.
         if abs(self.session_hours * 60 - round(self.session_hours * 60)) > 1e-9:
             raise ValueError("session_hours must be a whole number of minutes (e.g. 5 or 0.5)")
+        return self
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> Plan:
+        # Each threshold names one alert per window: duplicates would be one alert
+        # under two names, and the identity (docs/alerts.md) needs whole percentages.
+        if any(not 1 <= t <= 1000 for t in self.alert_thresholds):
+            raise ValueError("alert_thresholds must be whole percentages in 1..1000")
+        if list(self.alert_thresholds) != sorted(set(self.alert_thresholds)):
+            raise ValueError("alert_thresholds must be ascending and distinct, e.g. [80, 100]")
         return self
 
     @property

@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -75,6 +75,11 @@ KEY_CHANGES = (
     "FROM api_keys FINAL "
     "WHERE prefix IN (SELECT prefix FROM api_keys WHERE version > {since:UInt64})"
 )
+
+
+Applied = Callable[[Sequence[Sequence[Any]], Mapping[int, int]], None]
+"""What a feed listener is called with: the wire rows the view applied (account
+first) and, per events partition, the time (epoch ms) it now reflects."""
 
 
 class Fold(NamedTuple):
@@ -153,6 +158,12 @@ class ViewFeed:
         self.stats = FeedStats()
         self.position: FeedPosition | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Applied] = []
+
+    def add_listener(self, listener: Applied) -> None:
+        """Call `listener` with each record's rows and fresh partitions once the view
+        holds them (the alert evaluator in `tally up` reads the view right after)."""
+        self._listeners.append(listener)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.run(), name="tally-view-feed")]
@@ -243,6 +254,8 @@ class ViewFeed:
                 self.stats.records += 1
                 if fold is not None and (fold.rows or fold.fresh):
                     view.apply(fold.rows, fold.fresh)
+                    for listener in self._listeners:
+                        listener(fold.rows, fold.fresh)
                 if time.perf_counter() - since_yield > YIELD_AFTER_S:
                     # A backlog (a replica starting behind) must not hold usage
                     # answers waiting on the loop.

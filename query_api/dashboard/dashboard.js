@@ -16,6 +16,10 @@
     series: "/api/v1/analytics/usage",
     top: "/api/v1/analytics/top-accounts",
     plans: "/api/v1/admin/plans",
+    forecast: "/api/v1/account/forecast",
+    alerts: "/api/v1/account/alerts",
+    webhooks: "/api/v1/admin/webhooks",
+    deliveries: "/api/v1/admin/webhooks/{endpoint_id}/deliveries",
     ready: "/readyz",
   };
 
@@ -211,6 +215,63 @@
     return minutes.body.meta;
   }
 
+  function row(body, testid, cells) {
+    // cells: [text, className] pairs; text only, never HTML (URLs and ids come from users).
+    const tr = document.createElement("tr");
+    tr.dataset.testid = testid;
+    for (const [text, cls] of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (cls) td.className = cls;
+      tr.appendChild(td);
+    }
+    body.appendChild(tr);
+  }
+
+  async function renderAlerts() {
+    const [forecast, alerts] = await Promise.all([ok(ENDPOINTS.forecast), ok(ENDPOINTS.alerts)]);
+    for (const name of ["session", "weekly"]) {
+      const f = forecast.body.data[name];
+      setText(`forecast-${name}-projected`, fmtPct(f.projected_percentage));
+      setText(`forecast-${name}-exhausted-at`, f.exhausted_at ? fmtTime(f.exhausted_at) : "not before reset");
+    }
+    const body = el("alerts-body");
+    body.replaceChildren();
+    const found = alerts.body.data.slice(0, 10);
+    for (const a of found) {
+      row(body, "alert-row", [
+        [a.emitted_at, "iso"], [a.type, "mono"], [`${a.window} from ${a.window_start}`, "iso"],
+        [`${a.threshold} %`, "r num"], [`${fmtPct(a.used_percentage)} %`, "r num"],
+      ]);
+    }
+    el("alerts-empty").hidden = found.length > 0;
+    el("alerts").hidden = found.length === 0;
+  }
+
+  async function renderWebhooks() {
+    const endpoints = (await ok(ENDPOINTS.webhooks)).body.data;
+    const logs = await Promise.all(endpoints.map((e) =>
+      ok(ENDPOINTS.deliveries.replace("{endpoint_id}", encodeURIComponent(e.id)), { limit: "5" })));
+    const body = el("webhooks-body");
+    body.replaceChildren();
+    endpoints.forEach((e, i) => {
+      const deliveries = logs[i].body.data;
+      if (deliveries.length === 0) {
+        row(body, "webhook-row", [[e.id, "mono"], [e.url, "mono"], ["—", "muted"], ["", null], ["", null], ["", null], ["", null], ["", null]]);
+      }
+      for (const d of deliveries) {
+        const last = d.log[0];
+        row(body, "webhook-row", [
+          [e.id, "mono"], [e.url, "mono"], [d.id, "mono"], [d.event_type, null], [d.status, null],
+          [fmtInt(d.attempts), "r num"], [last ? fmtInt(last.status_code) : "—", "r num"],
+          [last ? Number(last.latency_ms).toFixed(1) : "—", "r num"],
+        ]);
+      }
+    });
+    el("webhooks-empty").hidden = endpoints.length > 0;
+    el("webhooks").hidden = endpoints.length === 0;
+  }
+
   async function ready() {
     // /readyz needs no key; 503 carries the same body, saying what is not ok.
     const response = await fetch(ENDPOINTS.ready, { cache: "no-store" });
@@ -246,7 +307,7 @@
     setText("period-end", d.period.end);
     setText("data-delay", v1.headers.get("X-Data-Delay") || "—");
     setText("updated-at", v1.body.meta.updated_at);
-    const meta = await charts(now, null);
+    const [meta] = await Promise.all([charts(now, null), renderAlerts()]);
     setText("account-id", meta.account || "");
     el("account-label").hidden = !meta.account;
   }
@@ -258,6 +319,7 @@
     const [top, meta] = await Promise.all([
       ok(ENDPOINTS.top, { from: iso(from), to: iso(to), metric: "units", limit: "10" }),
       charts(now, null),
+      renderWebhooks(),
     ]);
     setText("top-from", top.body.meta.from);
     setText("top-to", top.body.meta.to);

@@ -32,6 +32,7 @@ PLAN_FIELDS = {
     "weekly_anchor",
     "per_minute",
     "max_streams",
+    "alert_thresholds",
 }
 KEY_FIELDS = {"key_prefix", "account", "admin", "ingest", "created_at", "revoked_at"}
 

@@ -292,6 +292,7 @@ def test_up_json_is_one_line_with_addresses_and_demo_keys(
     monkeypatch.setattr(stack, "new_sink", lambda settings, store: None)
     monkeypatch.setattr("query_api.app.view_feed", lambda api: None)
     monkeypatch.setattr(stack.REGISTRY, "register", lambda collector: None)
+    monkeypatch.setattr(stack, "alert_services", lambda sink, store, bootstrap, api: [])
     monkeypatch.setattr(stack, "run_services", lambda app, services, settings: ran.append(1))
     assert cli.main(["up", "--demo", "--json"]) == 0
     doc = _json(capsys.readouterr().out)

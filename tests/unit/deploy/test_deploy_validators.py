@@ -62,11 +62,17 @@ K8S_SECRET_KIND = {
     "TALLY_CLICKHOUSE_URL": "store",
     "SINK_CLICKHOUSE_URL": "store",
     "TALLY_ADMIN_KEY": "admin",
+    "TALLY_WEBHOOK_SECRET_KEY": "webhooks",
 }
-COMPOSE_SECRET_KIND = {"CLICKHOUSE_PASSWORD": "store", "TALLY_ADMIN_KEY": "admin"}
+COMPOSE_SECRET_KIND = {
+    "CLICKHOUSE_PASSWORD": "store",
+    "TALLY_ADMIN_KEY": "admin",
+    "TALLY_WEBHOOK_SECRET_KEY": "webhooks",
+}
+# The API encrypts webhook signing secrets, the sink (which delivers) decrypts them.
 READS = {
-    "api": {"store", "admin"},
-    "sink": {"store"},
+    "api": {"store", "admin", "webhooks"},
+    "sink": {"store", "webhooks"},
     "migrate": {"store"},
     "worker": set(),
     "topics": set(),
@@ -235,7 +241,7 @@ def test_each_process_receives_only_the_secrets_it_reads() -> None:
     # and those that read them still get them
     api = next(s for n, _, s in pod_specs(docs) if n == "Deployment tally-api")
     keys = {e["valueFrom"]["secretKeyRef"]["key"] for e in api["containers"][0]["env"]}
-    assert keys == {"TALLY_CLICKHOUSE_URL", "TALLY_ADMIN_KEY"}
+    assert keys == {"TALLY_CLICKHOUSE_URL", "TALLY_ADMIN_KEY", "TALLY_WEBHOOK_SECRET_KEY"}
     assert "${TALLY_ADMIN_KEY" in json.dumps(compose["services"]["api"]["environment"])
     assert "${CLICKHOUSE_PASSWORD" in json.dumps(compose["services"]["sink"]["environment"])
 

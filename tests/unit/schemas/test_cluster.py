@@ -160,10 +160,10 @@ def test_store_sends_todays_sql_without_a_cluster(monkeypatch: pytest.MonkeyPatc
 def test_store_migrates_on_cluster_and_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
     sent = _store(monkeypatch, "c").sql
     ddl = [s for s in sent if s.startswith("CREATE")]
-    assert len(ddl) == 5  # the database and four tables
+    assert len(ddl) == 9  # the database and eight tables
     assert all(" ON CLUSTER `c`" in s for s in ddl)
     tables = [s for s in ddl if "ENGINE" in s]
-    assert len(tables) == 4  # schema_migrations and the three of the migrations
+    assert len(tables) == 8  # schema_migrations and the seven of the migrations
     assert all(re.search(r"ENGINE = Replicated\w*MergeTree\('/clickhouse/", s) for s in tables)
     assert "system.clusters" in sent[1]  # checked before any table is made
     assert sent[-1] == "SYSTEM SYNC REPLICA tally.`rollup_minute`"
