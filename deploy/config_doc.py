@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings
 
 from deploy.settings import REPO_ROOT, StackSettings
 from processors.settings import WorkerSettings
-from producers.settings import ProducerSettings
+from producers.settings import EnforcementSettings, ProducerSettings
 from query_api.alerts.settings import AlertSettings
 from query_api.settings import ApiSettings
 from schemas.settings import TallySettings
@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, type[BaseSettings]]] = [
     ("`tally up`", StackSettings),
     ("alerts and webhooks (`tally up`, `tally sink`, the API)", AlertSettings),
     ("gateway library and `tally loadgen`", ProducerSettings),
+    ("gateway middleware enforcement", EnforcementSettings),
 ]
 
 

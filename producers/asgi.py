@@ -32,6 +32,14 @@ What each call records (docs/api.md#event-types):
   with the same `stream_id`, `units` from `stream_units(call)` (default 0),
   `duration_ms` and `reason`: `completed`, `client_disconnect`, `error` or `cancelled`.
 
+With `enforcement=Enforcement.from_settings()` the middleware also holds each account
+to its plan (producers/enforcement.py, docs/gateway-integration.md#enforcing-plans): before
+the app runs, a call over the per-minute limit, the session or weekly quota, or opening
+a stream (`opens_stream`, by default `Accept: text/event-stream`) with `max_streams`
+active, is answered 429 with the error envelope, `Retry-After`, `X-RateLimit-*` and the
+RateLimit fields, and is not metered. The account must then be known from the request
+(`from_header`); `from_state` is refused.
+
 Calls without an account (the resolver returns None or raises) are NOT metered: put
 authentication in front of, or inside, the app and let it name the account. Paths in
 `unmetered_paths` (exact, or a prefix ending in `*`), websockets and lifespan are not
@@ -60,6 +68,9 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producers.asgi_call import Call, CallMeter
+from producers.asgi_refusal import ENFORCEMENT_DOCS, send_refusal
+from producers.enforcement import Refusal
+from producers.enforcement_sync import Enforcement
 from producers.events import AnyEvent
 from schemas.events import MAX_UNITS
 
@@ -73,6 +84,7 @@ __all__ = [
     "MeteringStats",
     "Recorder",
     "Resolver",
+    "accepts_event_stream",
     "event_stream",
     "from_header",
     "from_state",
@@ -111,13 +123,26 @@ def from_header(name: str) -> Resolver[str]:
     return resolve
 
 
+class _FromState:
+    """Resolves after the app ran: enforcement cannot use it (the app must not run)."""
+
+    def __init__(self, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __call__(self, call: Call) -> Any:
+        return call.state.get(self.attribute)
+
+
 def from_state(attribute: str) -> Resolver[Any]:
-    """A value the app put on `request.state.<attribute>`, e.g. in an auth dependency."""
+    """A value the app put on `request.state.<attribute>`, e.g. in an auth dependency.
+    Known only once the app ran, so it cannot be used with `enforcement`."""
+    return _FromState(attribute)
 
-    def resolve(call: Call) -> Any:
-        return call.state.get(attribute)
 
-    return resolve
+def accepts_event_stream(call: Call) -> bool:
+    """The default `opens_stream`: the request asks for server-sent events
+    (`Accept: text/event-stream`); enforcement must know before the app answers."""
+    return "text/event-stream" in (call.request_header("accept") or "")
 
 
 def event_stream(call: Call) -> bool:
@@ -147,6 +172,8 @@ class MeteringStats:
     errors: int = 0
     """Resolver or event-building failures (the call is metered with defaults, or not at
     all when the event cannot be built)."""
+    calls_refused: int = 0
+    """Calls answered 429 by enforcement: the app did not run and they are NOT metered."""
 
 
 class _RateLimitedLog:
@@ -192,6 +219,9 @@ class MeteringMiddleware:
         drain_timeout_s: float = 10.0,
         log_every_s: float = 10.0,
         stats: MeteringStats | None = None,
+        enforcement: Enforcement | None = None,
+        opens_stream: Callable[[Call], bool] | None = accepts_event_stream,
+        docs_url: str = ENFORCEMENT_DOCS,
     ) -> None:
         if not 1 <= len(source) <= _LABEL_MAX:
             raise ValueError(
@@ -202,6 +232,15 @@ class MeteringMiddleware:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         if drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {drain_timeout_s}")
+        if enforcement is not None and isinstance(account, _FromState):
+            raise ValueError(
+                "enforcement needs the account before the app runs, and from_state(...) "
+                "reads what the app sets while it runs: resolve the account from the request "
+                "(e.g. from_header('x-account-id') set by your auth proxy), or drop enforcement"
+            )
+        self.enforcement = enforcement
+        self._opens_stream = opens_stream
+        self._docs_url = docs_url
         self.app = app
         self.recorder = recorder
         self.source = source
@@ -236,6 +275,11 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         call = CallMeter(self, scope)
+        if self.enforcement is not None:
+            refusal = self._admit(call, self.enforcement)
+            if refusal is not None:
+                await send_refusal(send, refusal, self._docs_url)
+                return
         try:
             await self.app(scope, call.receive(receive), call.send(send))
         except asyncio.CancelledError:
@@ -245,6 +289,26 @@ class MeteringMiddleware:
             call.finish("error")
             raise
         call.finish(None)
+
+    def _admit(self, call: CallMeter, enforcement: Enforcement) -> Refusal | None:
+        """Decide before the app runs; an admitted call is counted locally at once, so
+        concurrent calls see each other (producers/enforcement.py)."""
+        account = call.account()
+        if account is None:
+            return None
+        enforcement.ensure_running()
+        core = enforcement.core
+        if account not in core.accounts:
+            enforcement.wake()
+        opens = self._opens_stream is not None and bool(
+            self.resolve("opens_stream", self._opens_stream, Call(call.scope, None))
+        )
+        refusal = core.decide(account, call.at_epoch, opens)
+        if refusal is not None:
+            self.stats.calls_refused += 1
+            return refusal
+        call.local = core.admit(account, call.at_epoch)
+        return None
 
     # -- the queue -----------------------------------------------------------
 
@@ -330,6 +394,8 @@ class MeteringMiddleware:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
                 # Before the app's own shutdown closes the gateway: what is queued goes in.
+                if self.enforcement is not None:
+                    await self.enforcement.aclose()
                 left = await self.aclose()
                 if left:
                     log.error(

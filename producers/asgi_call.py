@@ -19,6 +19,7 @@ from producers import events
 
 if TYPE_CHECKING:
     from producers.asgi import MeteringMiddleware
+    from producers.enforcement import LocalUse
 
 _METHOD_MAX: Final = 16
 """The contract's longest `method`: a longer one is left out of the event."""
@@ -53,7 +54,10 @@ class CallMeter:
         self.meter = meter
         self.scope = scope
         self.root_path: str = scope.get("root_path", "")
-        self.at = datetime.now(UTC)
+        self.at_epoch = time.time()
+        self.at = datetime.fromtimestamp(self.at_epoch, UTC)
+        self.local: LocalUse | None = None
+        """This call's count in the enforcer, when it was admitted by one."""
         self.t0 = time.monotonic()
         self.status: int | None = None
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -159,7 +163,7 @@ class CallMeter:
     def _call(self) -> Call:
         return Call(self.scope, self.status, self.headers)
 
-    def _account(self) -> str | None:
+    def account(self) -> str | None:
         # Asked once per call: the request and its stream belong to the same account.
         if not self.resolved:
             self.resolved = True
@@ -169,18 +173,21 @@ class CallMeter:
     def _request(self, *, latency_s: float, streaming: bool = False) -> None:
         self.request_done = True
         meter = self.meter
-        subject = self._account()
+        subject = self.account()
         if subject is None:
             meter.stats.calls_without_account += 1
             return
         call = self._call()
         status = 500 if self.status is None else self.status
         method = self.scope.get("method")
+        units = meter.units_of(call)
+        if self.local is not None and meter.enforcement is not None:
+            meter.enforcement.core.charge(subject, self.local, units)
         try:
             event = events.request(
                 subject,
                 meter.source,
-                units=meter.units_of(call),
+                units=units,
                 route=meter.route_of(self.scope, self.root_path),
                 method=method if isinstance(method, str) and len(method) <= _METHOD_MAX else None,
                 status=status if 100 <= status <= 599 else None,
@@ -202,7 +209,7 @@ class CallMeter:
     def _open_stream(self) -> None:
         if not self.request_done:
             self._request(latency_s=time.monotonic() - self.t0, streaming=True)
-        subject = self._account()
+        subject = self.account()
         if subject is None:
             return
         meter = self.meter
@@ -221,6 +228,8 @@ class CallMeter:
             return
         self.stream_id = stream_id
         self.stream_t0 = time.monotonic()
+        if meter.enforcement is not None:
+            meter.enforcement.core.stream_opened(subject, self.at_epoch)
         meter.stats.streams_opened += 1
         meter.enqueue(event)
 
@@ -230,14 +239,19 @@ class CallMeter:
             return
         meter = self.meter
         elapsed = time.monotonic() - self.stream_t0
+        units = meter.stream_units_of(self._call())
+        closed_at = time.time()
+        if meter.enforcement is not None:
+            meter.enforcement.core.stream_closed(self.subject, closed_at, units)
         try:
             event = events.stream_closed(
                 self.subject,
                 meter.source,
                 self.stream_id,
-                units=meter.stream_units_of(self._call()),
+                units=units,
                 duration_ms=max(0.0, elapsed * 1000),
                 reason=reason,
+                time=datetime.fromtimestamp(closed_at, UTC),
             )
         except Exception as exc:
             meter.report("build", "stream close NOT metered: %s", _first_line(exc))

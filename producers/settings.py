@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from schemas.kafka import GATEWAY_MAX_MESSAGE_BYTES
 from schemas.settings import TallySettings
@@ -93,3 +93,45 @@ class ProducerSettings(TallySettings):
                 "TALLY_PRODUCER_SPOOL=false to run without a spool"
             )
         return value
+
+
+class EnforcementSettings(TallySettings):
+    """The gateway middleware's enforcement of plans (producers/enforcement_sync.py)."""
+
+    enforce_api_url: str | None = Field(
+        None,
+        description="Tally's API the gateway reads limits from (POST /api/v1/admin/limits), "
+        "e.g. http://tally-api:8000. Unset: `Enforcement.from_settings` refuses to start.",
+    )
+    enforce_admin_key: SecretStr | None = Field(
+        None, description="An admin key of that API (the limits route is admin-only)."
+    )
+    enforce_sync_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often (s) the gateway reads the limits of its recently active "
+        "accounts. The overshoot bound grows with it (docs/gateway-integration.md).",
+    )
+    enforce_active_within_s: float = Field(
+        300.0,
+        gt=0,
+        description="Accounts with a call in this many seconds are kept in sync; others "
+        "are forgotten once Tally reflects all their uses.",
+    )
+    enforce_stale_after_s: float = Field(
+        10.0,
+        gt=0,
+        description="A last answer from Tally older than this (s) no longer refuses "
+        "anything: enforcement fails open while Tally is unreachable (metering goes on).",
+    )
+    enforce_reflect_margin_s: float = Field(
+        2.0,
+        ge=0,
+        description="A use of this gateway is dropped from its local count once Tally's "
+        "reflected time is this many seconds past its event time: at least a call's "
+        "latency plus the producer's linger.",
+    )
+    enforce_timeout_s: float = Field(
+        2.0, gt=0, description="Timeout (s) of one limits request to the API."
+    )

@@ -37,6 +37,7 @@ from query_api.routes import (
     events,
     forecast,
     health,
+    limits,
     usage,
     webhooks,
 )
@@ -288,6 +289,7 @@ def create_app(
     events.install_schemas(app)
     app.include_router(webhooks.router)
     app.include_router(forecast.router)
+    app.include_router(limits.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)

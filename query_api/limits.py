@@ -7,14 +7,15 @@ Two limits are reported:
   once per answer from the same `AccountUsage` (query_api/usage.py) the body shows;
   the body's `limit` object, `X-RateLimit-*` and the §7 fields are all read from it,
   so they cannot disagree. Its minute is `processors.windows.minute_window` and its
-  count the requests rolled up for that minute: the window and count an enforcer of
-  the plan (not yet: docs/api.md#not-yet-implemented) must use for what an account
-  is shown to be what it is held to.
+  count the requests rolled up for that minute: the window and count the gateway's
+  enforcement (producers/enforcement.py, fed by POST /api/v1/admin/limits, which
+  computes this very value) uses, so what an account is shown is what it is held to.
 - The API's own per-caller token bucket (query_api/ratelimit.py), reported only on
   the 429 it causes, as the limit that refused the request.
 
 The §7 fields (draft-ietf-httpapi-ratelimit-headers) are RFC 9651 Lists, serialized
-with http-sf. Policies are named by sf-strings:
+with http-sf in schemas/ratelimit_fields.py, which the gateway's enforcement shares
+(producers may not import query_api). Policies are named by sf-strings:
 
     RateLimit-Policy: "minute";q=300;w=60, "streams";q=10;qu="concurrent-requests"
     RateLimit: "minute";r=287;t=13, "streams";r=8
@@ -30,31 +31,39 @@ rounded up, so a client that waits `t` seconds is past the reset, never before i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-import http_sf
-from http_sf.types import ListType, ParamsType
-
 from query_api.plans import Plan
 from query_api.ratelimit import Decision
 from query_api.usage import AccountUsage
+from schemas.ratelimit_fields import (
+    MINUTE_POLICY,
+    POLICY_HEADER,
+    STATE_HEADER,
+    STREAMS_POLICY,
+    plan_fields,
+    seconds_until,
+)
+from schemas.ratelimit_fields import sf_list as _sf_list
 
-MINUTE_POLICY = "minute"
-STREAMS_POLICY = "streams"
+__all__ = [
+    "API_POLICY",
+    "MINUTE_POLICY",
+    "POLICY_HEADER",
+    "STATE_HEADER",
+    "STREAMS_POLICY",
+    "PlanLimits",
+    "api_limit_headers",
+    "plan_headers",
+    "plan_limits",
+    "seconds_until",
+]
+
 API_POLICY = "api"
 """The API's own limit (a token bucket per API key, or per client address without a
 valid key): q = its burst, w = the seconds an empty bucket takes to refill."""
-
-POLICY_HEADER = "RateLimit-Policy"
-STATE_HEADER = "RateLimit"
-
-
-def seconds_until(reset_epoch: int, now_epoch: float) -> int:
-    """`t` for a reset at `reset_epoch`: whole seconds from now, rounded up, never < 0."""
-    return max(0, math.ceil(reset_epoch - now_epoch))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,43 +100,16 @@ def plan_limits(plan: Plan, usage: AccountUsage, active_streams: int, now: datet
     )
 
 
-def _sf_list(members: Sequence[tuple[str, ParamsType]]) -> str:
-    """An RFC 9651 List of sf-string policy names, each with its parameters."""
-    items: ListType = [(name, params) for name, params in members]
-    return http_sf.ser(items)
-
-
-@lru_cache(maxsize=64)
-def _plan_policy(per_minute: int, max_streams: int) -> str:
-    # One text per plan: cached rather than serialized on every usage answer.
-    return _sf_list(
-        [
-            (MINUTE_POLICY, {"q": per_minute, "w": 60}),
-            (STREAMS_POLICY, {"q": max_streams, "qu": "concurrent-requests"}),
-        ]
-    )
-
-
-@lru_cache(maxsize=4096)
-def _plan_state(remaining: int, reset_in: int, streams_remaining: int) -> str:
-    # Few distinct values (remaining x 60 seconds x streams): cached, as above.
-    return _sf_list(
-        [
-            (MINUTE_POLICY, {"r": remaining, "t": reset_in}),
-            (STREAMS_POLICY, {"r": streams_remaining}),
-        ]
-    )
-
-
 def plan_headers(limits: PlanLimits) -> dict[str, str]:
     """X-RateLimit-* and the RateLimit fields of a usage answer (docs/api.md#usage)."""
-    return {
-        "X-RateLimit-Limit": str(limits.per_minute),
-        "X-RateLimit-Remaining": str(limits.remaining),
-        "X-RateLimit-Reset": str(limits.reset_epoch),
-        POLICY_HEADER: _plan_policy(limits.per_minute, limits.max_streams),
-        STATE_HEADER: _plan_state(limits.remaining, limits.reset_in, limits.streams_remaining),
-    }
+    return plan_fields(
+        per_minute=limits.per_minute,
+        remaining=limits.remaining,
+        reset_epoch=limits.reset_epoch,
+        reset_in=limits.reset_in,
+        max_streams=limits.max_streams,
+        streams_remaining=limits.streams_remaining,
+    )
 
 
 @lru_cache(maxsize=64)

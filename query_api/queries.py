@@ -222,3 +222,15 @@ def account_totals(
         else:
             usage.append(UsageRow(str(acct), str(kind), int(events), int(units_micro)))
     return StoredTotals(usage, offsets)
+
+
+def reflected_by_partition(store: Store, topic: str) -> dict[int, datetime]:
+    """Per partition of `topic`, the time up to which its events are counted
+    (`reflected_until` is the least of these)."""
+    rows = store.query(
+        "SELECT status, max(last_time) FROM rollup_minute"
+        " WHERE account = {m:String} AND type = {k:String} AND route = {topic:String}"
+        " GROUP BY status",
+        {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "topic": topic},
+    )
+    return {int(part): at for part, at in rows}

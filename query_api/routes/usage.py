@@ -95,7 +95,7 @@ def _idle_cutoff(svc: ServicesDep, now: datetime) -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer:
+class Answer:
     """What both usage endpoints answer from: one read, one computation."""
 
     usage: AccountUsage
@@ -104,7 +104,7 @@ class _Answer:
     reads: UsageReads
 
 
-async def _answer(svc: ServicesDep, account_id: str, now: datetime) -> _Answer:
+async def answer(svc: ServicesDep, account_id: str, now: datetime) -> Answer:
     since = history_start_any_anchor(now, timedelta(days=svc.settings.window_history_days))
     idle_cutoff = _idle_cutoff(svc, now)
     view = await usage_view(svc)
@@ -130,7 +130,7 @@ async def _answer(svc: ServicesDep, account_id: str, now: datetime) -> _Answer:
     assert account is not None
     usage = compute(reads.minutes, plan, account.billing_anchor_day, now)
     limits = plan_limits(plan, usage, reads.active_streams, now)
-    return _Answer(usage, plan, limits, reads)
+    return Answer(usage, plan, limits, reads)
 
 
 def _window_out(use: WindowUse, limit: float) -> WindowUsageOut:
@@ -162,12 +162,12 @@ async def account_usage(
     caller: AccountCallerDep, svc: ServicesDep, response: Response
 ) -> AccountUsageOut:
     assert caller.account is not None
-    answer = await _answer(svc, caller.account, svc.now())
-    response.headers.update(plan_headers(answer.limits))
-    plan = answer.plan
+    found = await answer(svc, caller.account, svc.now())
+    response.headers.update(plan_headers(found.limits))
+    plan = found.plan
     return AccountUsageOut(
-        session=_window_out(answer.usage.session, plan.session_limit),
-        weekly=_window_out(answer.usage.weekly, plan.weekly_limit),
+        session=_window_out(found.usage.session, plan.session_limit),
+        weekly=_window_out(found.usage.weekly, plan.weekly_limit),
         plan=plan.name,
     )
 
@@ -192,8 +192,8 @@ async def account_usage_v1(request: Request) -> Response:
     caller = await account_principal(await principal(request, svc))
     assert caller.account is not None
     now = svc.now()
-    answer = await _answer(svc, caller.account, now)
-    usage, limits, reflected = answer.usage, answer.limits, answer.reads.reflected_until
+    found = await answer(svc, caller.account, now)
+    usage, limits, reflected = found.usage, found.limits, found.reads.reflected_until
     period_start, period_end = _period_texts(usage.period)
     updated = min(reflected, now) if reflected else datetime.fromtimestamp(0, UTC)
     # Exactly UsageV1Out's fields (query_api/models.py); the limit and the headers
