@@ -104,6 +104,8 @@ class EnforcementStats:
     """Calls allowed because Tally had not answered for the account (new, or stale)."""
     syncs: int = 0
     sync_failures: int = 0
+    sync_seconds_max: float = 0.0
+    """The longest limits read (its round trip, RTT in the overshoot bound)."""
 
 
 @dataclass(slots=True)

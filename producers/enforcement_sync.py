@@ -145,11 +145,14 @@ class Enforcement:
         accounts = self.core.active(self.clock() - self._active_within_s)
         for i in range(0, len(accounts), BATCH):
             batch = accounts[i : i + BATCH]
+            started = time.monotonic()
             try:
                 response = await client.post(
                     self._url, json={"accounts": batch}, headers=self._headers
                 )
                 response.raise_for_status()
+                took = time.monotonic() - started
+                self.stats.sync_seconds_max = max(self.stats.sync_seconds_max, took)
                 answers = response.json()["accounts"]
                 now = self.clock()
                 for account in batch:

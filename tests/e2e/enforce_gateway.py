@@ -35,11 +35,12 @@ def create() -> FastAPI:
         return Response(b"ok", headers={"x-tally-units": repr(units)})
 
     @app.get("/stats")
-    async def stats() -> dict[str, int]:
+    async def stats() -> dict[str, float]:
         return {
             "unsynced_allowed": enforcement.stats.unsynced_allowed,
             "syncs": enforcement.stats.syncs,
             "sync_failures": enforcement.stats.sync_failures,
+            "sync_seconds_max": enforcement.stats.sync_seconds_max,
         }
 
     app.add_middleware(
