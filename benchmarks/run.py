@@ -55,6 +55,7 @@ BENCHES: tuple[tuple[str, str, bool], ...] = (
     ("freshness", "benchmarks.freshness", False),
     ("memory", "benchmarks.memory", False),
     ("view_memory", "benchmarks.view_memory", False),
+    ("enforce", "benchmarks.enforce", False),
 )
 
 # (figure, ">=" or "<=", target): the targets.
@@ -71,6 +72,7 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("api_abuse_good_errors", "<=", 0),
     ("freshness_p99_s", "<=", 1.0),
     ("worker_peak_rss_mib", "<=", 1_024),
+    ("enforce_overhead_us", "<=", 50),
 )
 
 # ratio name -> (numerator, denominator)
