@@ -181,7 +181,10 @@ class Enforcer:
         state.synced = synced
         state.synced_at = now
         self.stats.syncs += 1
-        if synced is not None and synced.reflected_until is not None:
+        if synced is None:
+            # Not an account: nothing to hold it to, nothing to remember for it.
+            self._prune(state, math.inf)
+        elif synced.reflected_until is not None:
             self._prune(state, synced.reflected_until - self.margin_s)
 
     def _prune(self, state: AccountState, cutoff: float) -> None:
@@ -200,8 +203,13 @@ class Enforcer:
                     state.minute_requests.pop(minute, None)
 
     def active(self, since: float) -> list[str]:
-        """Accounts seen since `since` (to sync); forgets those idle and fully reflected."""
-        idle = [a for a, s in self.accounts.items() if s.last_seen < since and not s.uses]
+        """Accounts seen since `since` (to sync); forgets idle ones once nothing of theirs
+        awaits Tally (no local use left, or Tally does not know them)."""
+        idle = [
+            a
+            for a, s in self.accounts.items()
+            if s.last_seen < since and (not s.uses or (s.synced is None and s.synced_at > 0))
+        ]
         for account in idle:
             del self.accounts[account]
         return [a for a, s in self.accounts.items() if s.last_seen >= since]

@@ -113,9 +113,9 @@ class Enforcement:
     def ensure_running(self) -> None:
         """Start the sync task on the running loop if it is not running (cheap)."""
         task = self._task
-        if task is not None and not task.done():
-            return
         loop = asyncio.get_running_loop()
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(self._wake), name="tally-enforcement-sync")
 
