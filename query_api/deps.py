@@ -85,10 +85,10 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def _spend(svc: Services, bucket: str) -> None:
+async def _spend(svc: Services, bucket: str, *, failed_key: bool = False) -> None:
     decision = svc.limiter.hit(bucket)
     if not decision.allowed:
-        sent = await svc.refusals.hold(decision)
+        sent = await svc.refusals.hold(decision, failed_key=failed_key)
         raise rate_limited(sent, svc.now().timestamp())
 
 
@@ -118,7 +118,7 @@ async def authenticate(request: Request, svc: Services, *, charge: bool) -> Prin
     key = presented_key(request)
     found = await _lookup(svc, key) if key else None
     if found is None:
-        await _spend(svc, f"ip:{client_address(request)}")
+        await _spend(svc, f"ip:{client_address(request)}", failed_key=True)
         raise unauthorized()
     # One bucket per key (its prefix), the TALLY_ADMIN_KEY principal being one key.
     if charge:

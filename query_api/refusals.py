@@ -8,6 +8,9 @@ So the refusal is held: sent after `min(max_delay_s, retry_after)` seconds, the 
 its bucket needs before the caller's next request could be allowed anyway (capped).
 
 - A compliant client loses nothing: it could not have been served sooner.
+- Requests without a valid key that are over their address's budget (key guessing,
+  unauthenticated floods) wait at least `FAILED_KEY_HOLD_S`, as failed logins are
+  slowed: no caller with a real key is among them (a valid key never spends it).
 - A client retrying at once is slowed to about one request per refill interval per
   connection, and a held refusal costs no CPU (a sleeping coroutine; the unread body
   of a refused upload stays in the socket, paused by the server's flow control).
@@ -27,6 +30,9 @@ import time
 
 from query_api.ratelimit import Clock, Decision
 
+FAILED_KEY_HOLD_S = 0.25
+"""The shortest hold of a 429 for requests without a valid key (capped by max_delay_s)."""
+
 
 class RefusalHold:
     """Holds 429s as the module docstring says. One per API process (event loop)."""
@@ -41,16 +47,18 @@ class RefusalHold:
         self.held = 0
         """Refusals being held right now."""
 
-    def delay_for(self, refused: Decision) -> float:
-        """Seconds to hold `refused`: until its caller could be allowed, at most
-        `max_delay_s`; 0 when `max_held` refusals are held already."""
+    def delay_for(self, refused: Decision, *, failed_key: bool = False) -> float:
+        """Seconds to hold `refused`: until its caller could be allowed (at least
+        FAILED_KEY_HOLD_S for requests without a valid key), at most `max_delay_s`;
+        0 when `max_held` refusals are held already."""
         if self.held >= self.max_held:
             return 0.0
-        return max(0.0, min(self.max_delay_s, refused.retry_after))
+        wait = max(refused.retry_after, FAILED_KEY_HOLD_S if failed_key else 0.0)
+        return max(0.0, min(self.max_delay_s, wait))
 
-    async def hold(self, refused: Decision) -> Decision:
+    async def hold(self, refused: Decision, *, failed_key: bool = False) -> Decision:
         """Wait `delay_for(refused)`; the refusal as it stands when sent."""
-        delay = self.delay_for(refused)
+        delay = self.delay_for(refused, failed_key=failed_key)
         if delay <= 0:
             return refused
         self.held += 1

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from query_api.ratelimit import Decision
-from query_api.refusals import RefusalHold
+from query_api.refusals import FAILED_KEY_HOLD_S, RefusalHold
 
 
 def refused(retry_after: float, reset_after: float = 2.0) -> Decision:
@@ -78,3 +78,15 @@ async def test_held_refusals_are_counted_while_held() -> None:
 def test_negative_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="must be >= 0"):
         RefusalHold(max_delay_s=-1.0, max_held=1)
+
+
+def test_requests_without_a_valid_key_wait_at_least_the_failed_key_hold() -> None:
+    hold = RefusalHold(max_delay_s=1.0, max_held=10)
+    assert hold.delay_for(refused(0.02), failed_key=True) == FAILED_KEY_HOLD_S
+    assert hold.delay_for(refused(0.6), failed_key=True) == 0.6
+    assert hold.delay_for(refused(3.0), failed_key=True) == 1.0
+    # The cap wins: 0 turns holding off for everyone.
+    assert RefusalHold(max_delay_s=0.0, max_held=10).delay_for(refused(0.02), failed_key=True) == 0
+    assert (
+        RefusalHold(max_delay_s=0.1, max_held=10).delay_for(refused(0.02), failed_key=True) == 0.1
+    )
