@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from deploy.cli_support import emit, guarded, load_service
 from schemas import logs
-from schemas.settings import redact
+from schemas.settings import load, redact
 
 if TYPE_CHECKING:
     from processors.settings import WorkerSettings
@@ -64,10 +64,13 @@ def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from deploy.stack import open_store
+    from query_api.alerts.settings import AlertSettings
     from query_api.app import create_app
     from query_api.settings import ApiSettings
 
     settings = load_service(ApiSettings)
+    # The webhook routes read these on first use: a bad one stops the start, as any other.
+    load(AlertSettings)
     store = open_store(settings)
     url = f"http://{settings.api_host}:{settings.api_port}"
     emit(

@@ -215,6 +215,12 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
             sent = Sent(bootstrap, spool)
             reconcile = Reconcile(bootstrap, urls[0], time.time())
 
+            # Both workers and both sinks in their groups first: the faults below are what
+            # this test is about. (A rebalance landing in the middle of the first large
+            # batch once stalled counting here: issue notes, not yet understood.)
+            await _groups_settled(bootstrap, {"tally-worker": 2, "tally.rollups.sinks": 2})
+            await sent.publish(ACCOUNTS)
+            await _until_exact(client, urls, keys, sent.unique)
             await sent.publish(INITIAL)
             settle = await _until_exact(client, urls, keys, sent.unique)
             print(f"\n{sent.unique:,} events counted on both replicas after {settle:.1f}s")
@@ -341,6 +347,28 @@ async def _busiest_leader(bootstrap: str, dead: int | None = None) -> int:
     if dead is not None:
         return leaders[dead]
     return leaders.most_common(1)[0][0]
+
+
+async def _groups_settled(bootstrap: str, members: dict[str, int]) -> None:
+    """Until each consumer group is Stable with the given number of members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    deadline = time.monotonic() + 120
+    found: dict[str, tuple[str, int]] = {}
+    try:
+        while time.monotonic() < deadline:
+            try:
+                for response in await admin.describe_consumer_groups(list(members)):
+                    for group in response.groups:
+                        found[group[1]] = (group[2], len(group[5]))
+            except KafkaError:
+                pass
+            if all(found.get(g) == ("Stable", n) for g, n in members.items()):
+                return
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    raise AssertionError(f"groups not settled: {found}, want {members}")
 
 
 async def _still_leads(bootstrap: str, broker: int) -> bool:
