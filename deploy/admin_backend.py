@@ -78,6 +78,22 @@ def _segment(value: str) -> str:
     return quote(value, safe="").replace(".", "%2E")
 
 
+def answer_json(response: httpx.Response) -> Any:
+    """The answer's JSON document, or None when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def error_message(response: httpx.Response, doc: Any) -> str:
+    """What an error answer says: the error envelope's message, else its status."""
+    message = f"the API answered {response.status_code}"
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        message = str(doc["error"].get("message", message))
+    return message
+
+
 class HttpBackend:
     def __init__(
         self, api_url: str, admin_key: str, transport: httpx.BaseTransport | None = None
@@ -126,15 +142,9 @@ class HttpBackend:
                 EXIT_UNAVAILABLE,
                 403,
             )
-        try:
-            doc: Any = response.json()
-        except ValueError:
-            doc = None
+        doc = answer_json(response)
         if response.is_error:
-            message = f"the API answered {response.status_code}"
-            if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-                message = str(doc["error"].get("message", message))
-            raise AdminCliError(message, EXIT_REFUSED, response.status_code)
+            raise AdminCliError(error_message(response, doc), EXIT_REFUSED, response.status_code)
         if not isinstance(doc, dict) or "data" not in doc:
             raise AdminCliError(
                 f"{self.api_url} answered {method} {path} with something that is not a Tally "

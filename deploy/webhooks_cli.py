@@ -18,15 +18,16 @@ from urllib.parse import quote
 
 import httpx
 
+from deploy.admin_backend import answer_json, error_message
+from deploy.exceptions import EXIT_REFUSED, EXIT_UNAVAILABLE, AdminCliError
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
-EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 2
 EVENTS = ("usage.threshold.crossed", "usage.threshold.projected")
 
 
-class WebhooksCliError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+class WebhooksCliError(AdminCliError):
+    """`tally webhooks` could not do what was asked (an operator error: its message says
+    what to do); `exit_code` as AdminCliError's."""
 
 
 def call(
@@ -58,16 +59,10 @@ def call(
             "(`tally up`) or set TALLY_API_URL",
             EXIT_UNAVAILABLE,
         ) from None
-    try:
-        doc: Any = response.json()
-    except ValueError:
-        doc = None
+    doc = answer_json(response)
     if response.is_error:
-        message = f"the API answered {response.status_code}"
-        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-            message = str(doc["error"].get("message", message))
         code = EXIT_UNAVAILABLE if response.status_code in (401, 403) else EXIT_REFUSED
-        raise WebhooksCliError(message, code)
+        raise WebhooksCliError(error_message(response, doc), code)
     if not isinstance(doc, dict) or "data" not in doc:
         raise WebhooksCliError(
             f"{api_url} did not answer like a Tally API; check TALLY_API_URL", EXIT_UNAVAILABLE

@@ -155,21 +155,11 @@ class Batcher:
     def _add_encoded(self, p: int, subject: str, event: AnyEvent) -> bool:
         data = encode_event(event)
         self.check_size(event, data)
-        buf = self._buffers[p]
-        if buf.events and buf.size + 1 + len(data) + 2 > self._max_bytes:
-            self.seal(p)
-            buf = self._buffers[p]
-        if not buf.events:
-            buf.key = subject.encode()
-            buf.size = len(data)
-            self._started(p)
-        else:
-            buf.size += 1 + len(data)
-        buf.events.append(data)
+        held = self._add_raw_python(p, subject, data)
         ledger = self._ledger
         ledger.recorded += 1
         ledger.unacked += 1
-        if len(buf.events) >= self._max_batch:
+        if held >= self._max_batch:
             self.seal(p)
             return True
         return False
