@@ -177,10 +177,18 @@ class ViewFeed:
                 await task
 
     async def run(self) -> None:
-        """Load the view (unless loaded), then follow deltas and poll until cancelled."""
+        """Load the view (unless loaded), then follow deltas and poll until cancelled.
+
+        No poll on the embedded store: one process holds it, so every account and key
+        written there is this process's own write, which reaches the view directly.
+        Polling would only re-read the last OVERLAP_NS of writes, all of them after a
+        bulk load (100,000 accounts made just before the API bench: its p99 went from
+        6.7 to 264 ms).
+        """
         await asyncio.to_thread(self.view.ensure_loaded, self.store)
         self.position = FeedPosition(self.view.snapshot)
-        await asyncio.gather(self._follow(self.position), self._poll())
+        polling = [] if self.store.embedded else [self._poll()]
+        await asyncio.gather(self._follow(self.position), *polling)
 
     # -- deltas ----------------------------------------------------------------------
 
