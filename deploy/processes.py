@@ -49,6 +49,15 @@ def free_port(host: str = HOST, exclude: frozenset[int] = frozenset()) -> int:
     raise LocalServerError("could not find a free TCP port")
 
 
+def free_ports(count: int, host: str = HOST) -> int:
+    """The first of `count` consecutive free ports (brokers and API replicas take N, N+1, …)."""
+    for _ in range(50):
+        base = free_port(host)
+        if all(port_is_free(base + i, host) for i in range(count)):
+            return base
+    raise LocalServerError(f"could not find {count} consecutive free TCP ports")
+
+
 def port_is_free(port: int, host: str = HOST) -> bool:
     """Whether a server could bind `port`.
 

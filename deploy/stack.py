@@ -270,7 +270,7 @@ def run_services(app: faust.App, services: list[Service], settings: TallySetting
     """Run the faust app and services until SIGINT/SIGTERM."""
     log_tally_lines()
     try:
-        faust.Worker(
+        worker = faust.Worker(
             app,
             *services,
             loglevel=settings.log_level,
@@ -279,7 +279,12 @@ def run_services(app: faust.App, services: list[Service], settings: TallySetting
             logging_config=logs.dict_config(settings.log_format, settings.log_level),
             # faust's start-up spinner writes terminal codes; stdout stays for results.
             stdout=sys.stderr,
-        ).execute_from_commandline()
+        )
+        if not sys.stderr.isatty():
+            # Into a log file or a pipe (tally up, systemd, kubectl logs) the spinner's
+            # cursor codes are only noise in the log.
+            worker.spinner = None
+        worker.execute_from_commandline()
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise

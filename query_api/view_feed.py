@@ -209,9 +209,11 @@ class ViewFeed:
                 await self._assign(consumer, position)
                 if not self.stats.connected:
                     log.info(
-                        "usage view follows %s from offsets %s",
+                        "usage view follows %s from %s",
                         self.rollups_topic,
-                        dict(sorted(position.next.items())) or "the beginning",
+                        f"offsets {dict(sorted(position.next.items()))}"
+                        if position.next
+                        else "the beginning",
                     )
                 self.stats.connected = True
                 attempt = 0

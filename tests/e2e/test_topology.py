@@ -33,7 +33,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from deploy.processes import free_port, port_is_free, process_exited
+from deploy.processes import free_port, free_ports, process_exited
 from producers import events as build
 from producers.gateway import Gateway
 
@@ -44,14 +44,6 @@ ACCOUNTS = 20
 INITIAL = 100_000
 """Events published before the first fault (and a tenth of them again)."""
 BROKER_STOP_S = 20.0
-
-
-def _consecutive_free_ports(n: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if all(port_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 async def _totals(client: httpx.AsyncClient, urls: list[str], keys: dict[str, str]) -> list[int]:
@@ -169,9 +161,9 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
     env = {
         **os.environ,
         "TALLY_DATA_DIR": str(tmp_path / "data"),
-        "TALLY_KAFKA_PORT": str(_consecutive_free_ports(3)),
+        "TALLY_KAFKA_PORT": str(free_ports(3)),
         "TALLY_CLICKHOUSE_PORT": str(free_port()),
-        "TALLY_API_PORT": str(_consecutive_free_ports(2)),
+        "TALLY_API_PORT": str(free_ports(2)),
         "TALLY_ADMIN_KEY": ADMIN,
         "TALLY_SINK_SESSION_TIMEOUT_MS": "6000",
     }
