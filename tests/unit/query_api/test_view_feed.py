@@ -12,7 +12,14 @@ from typing import Any
 from processors.deltas import encode_wire
 from query_api.keys import hash_key, new_key
 from query_api.view import UsageView, to_ms
-from query_api.view_feed import ACCOUNT_CHANGES, OVERLAP_NS, FeedPosition, ViewFeed
+from query_api.view_feed import (
+    ACCOUNT_CHANGES,
+    ACCOUNT_WINDOW,
+    KEY_CHANGES,
+    OVERLAP_NS,
+    FeedPosition,
+    ViewFeed,
+)
 from query_api.view_rows import Snapshot
 from schemas.events import REQUEST
 
@@ -143,16 +150,20 @@ def test_snapshot_then_feed_equals_every_record_applied_once() -> None:
 
 
 class PollStore:
-    """Answers the feed's two poll statements with the rows given; records `since`."""
+    """Answers the feed's poll statements with the rows given; records each row read's
+    `since`. A window's fingerprint is the rows' count and their hash, as the server's."""
 
     def __init__(self, accounts: list[tuple[Any, ...]], keys: list[tuple[Any, ...]]) -> None:
         self.accounts, self.keys = accounts, keys
         self.asked: list[tuple[str, int]] = []
 
     def query(self, sql: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
-        table = "accounts" if sql == ACCOUNT_CHANGES else "keys"
+        table = "accounts" if sql in (ACCOUNT_CHANGES, ACCOUNT_WINDOW) else "keys"
+        rows = self.accounts if table == "accounts" else self.keys
+        if sql not in (ACCOUNT_CHANGES, KEY_CHANGES):
+            return [(len(rows), hash(tuple(rows)))]
         self.asked.append((table, parameters["since"]))
-        return self.accounts if table == "accounts" else self.keys
+        return rows
 
 
 def test_a_poll_applies_changed_rows_and_re_reads_the_overlap() -> None:
@@ -181,3 +192,22 @@ def test_a_poll_applies_changed_rows_and_re_reads_the_overlap() -> None:
     store.keys = [(prefix, hash_key(key), "acme", False, False, version + 5)]
     feed.poll_once()
     assert view.authenticate(key) is None
+
+
+def test_a_poll_reads_rows_again_only_when_its_window_changed() -> None:
+    """After a bulk load the window holds every new account for the overlap's length:
+    unchanged, it is not read again; one more row in it, and it is."""
+    view = _view()
+    version = 10 * OVERLAP_NS
+    loaded = [(f"a{n}", "pro", 1, NOW, version + n) for n in range(1000)]
+    store = PollStore(accounts=list(loaded), keys=[])
+    feed = ViewFeed(view, store, "127.0.0.1:9", "r")  # type: ignore[arg-type]
+    feed.poll_once()
+    feed.poll_once()
+    feed.poll_once()
+    assert [table for table, _ in store.asked] == ["accounts", "keys", "accounts"]
+    # A row that becomes visible late, inside the window: the next poll reads it.
+    store.accounts.append(("late", "pro", 1, NOW, version + 500))
+    feed.poll_once()
+    assert store.asked[-1] == ("accounts", version + 999 - OVERLAP_NS)
+    assert view.account("late") is not None
