@@ -7,15 +7,15 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from query_api.deps import Services, authenticate, ingest_principal, services
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.guard import RequestGuard
 from query_api.ingest import BATCH, JSON, SINGLE, check_body
+from query_api.routes.bare import bare_endpoint
 from schemas.events import EVENT_ADAPTER
 
 router = APIRouter(tags=["events"])
@@ -170,21 +170,8 @@ def install_schemas(app: FastAPI) -> None:
 
 
 def fast_routes(app: FastAPI, svc: Services) -> dict[str, tuple[BaseRoute, ASGIApp]]:
-    """`POST /api/v1/events` as a bare ASGI app, for query_api/app.py's RequestMiddleware
-    to call without routing (as routes/usage.py `fast_routes` for its GET), behind the
-    same RequestGuard the routed app has: the body bound and the key checked before
-    the body is read. Its ApiErrors go through the app's own handler, anything else
-    to the server-error handler, as through the router."""
-    route = next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is post_events)
-    handler = app.exception_handlers[ApiError]
-
-    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["endpoint"] = post_events
-        request = Request(scope, receive, send)
-        try:
-            response = await post_events(request)
-        except ApiError as exc:
-            response = await handler(request, exc)  # type: ignore[misc]
-        await response(scope, receive, send)
-
+    """`POST /api/v1/events` as a bare ASGI app (routes/bare.py), behind the same
+    RequestGuard the routed app has: the body bound and the key checked before the
+    body is read."""
+    route, serve = bare_endpoint(app, router, post_events)
     return {PATH: (route, RequestGuard(serve, services=svc))}

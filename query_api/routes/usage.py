@@ -9,9 +9,8 @@ from functools import lru_cache
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from processors.windows import Window, format_time, period_end_inclusive, used_percentage
 from query_api import queries
@@ -33,6 +32,7 @@ from query_api.models import (
 )
 from query_api.plans import Plan
 from query_api.queries import UsageReads
+from query_api.routes.bare import bare_endpoint
 from query_api.usage import AccountUsage, WindowUse, compute, history_start_any_anchor
 
 router = APIRouter(tags=["usage"])
@@ -229,29 +229,5 @@ async def account_usage_v1(request: Request) -> Response:
 
 
 def fast_routes(app: FastAPI) -> dict[str, tuple[BaseRoute, ASGIApp]]:
-    """`GET /api/v1/account/usage` as a bare ASGI app, for query_api/app.py's
-    RequestMiddleware to call without routing.
-
-    Answers exactly as through the router: the same endpoint, its ApiErrors through
-    the app's own handler for them (as Starlette's exception middleware would call
-    it), anything else propagating to the server-error handler, as routed. Routing
-    and the exception middleware otherwise cost about as much CPU as the answer
-    (benchmarks/api.py); tests/integration/test_api_fast_path.py compares the two.
-    """
-    # The router's own route object: what routing puts in scope["route"] (the
-    # latency histogram labels requests with its path).
-    route = next(
-        r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is account_usage_v1
-    )
-    handler = app.exception_handlers[ApiError]
-
-    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["endpoint"] = account_usage_v1
-        request = Request(scope, receive, send)
-        try:
-            response = await account_usage_v1(request)
-        except ApiError as exc:
-            response = await handler(request, exc)  # type: ignore[misc]
-        await response(scope, receive, send)
-
-    return {V1_PATH: (route, serve)}
+    """`GET /api/v1/account/usage` as a bare ASGI app (routes/bare.py)."""
+    return {V1_PATH: bare_endpoint(app, router, account_usage_v1)}
