@@ -9,17 +9,15 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from deploy.clickhouse_local import LocalClickHouse, kill_stale_server, render_config
 from deploy.processes import free_port, port_is_free, process_exited
+from tests.orphans import check_dies_with_its_parent, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +29,6 @@ def _sql(url: str, sql: str) -> str:
     with urllib.request.urlopen(request, timeout=30) as answer:
         body: bytes = answer.read()
     return body.decode().strip()
-
-
-def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_config_is_loopback_http_only() -> None:
@@ -86,7 +75,7 @@ def test_a_stop_lets_a_running_insert_finish(tmp_path: Path) -> None:
             ),
         )
         insert.start()
-        assert _wait_until(
+        assert wait_until(
             lambda: _sql(server.url, "SELECT count() FROM system.processes") == "3", 10
         ), "the INSERT never started"  # the listener, the INSERT, this SELECT
         server.stop()
@@ -153,54 +142,16 @@ def test_a_server_left_by_a_dead_owner_is_killed(tmp_path: Path) -> None:
             leftover.wait()
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, threading, time
-    from pathlib import Path
-    from deploy.clickhouse_local import LocalClickHouse
-
-    server = LocalClickHouse(Path(sys.argv[1]), port=int(sys.argv[2]))
-    # Started from a thread that then ends, the hard case for PR_SET_PDEATHSIG.
-    starter = threading.Thread(target=server.start)
-    starter.start()
-    starter.join()
-    print(server.pid, flush=True)
-    time.sleep(300)
-    """
-)
-
-
 def test_killed_parent_takes_the_server_down(tmp_path: Path) -> None:
     port = free_port()
-    errors = tmp_path / "child.err"
-    with errors.open("wb") as err:
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(tmp_path / "data"), str(port)],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )
-    server_pid = 0
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], 60)
-        line = child.stdout.readline() if ready else b""
-        assert line.strip().isdigit(), f"no server: {line!r}\n{errors.read_text()[-3000:]}"
-        server_pid = int(line)
-        time.sleep(1.0)  # would the server die with its starter thread? It must not.
-        assert not process_exited(server_pid)
-        assert _sql(f"http://127.0.0.1:{port}", "SELECT 1") == "1"
-
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-        assert _wait_until(lambda: process_exited(server_pid), 5), "server survived its parent"
-        assert _wait_until(lambda: port_is_free(port), 5), f"port {port} still taken"
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        if server_pid and not process_exited(server_pid):
-            os.kill(server_pid, signal.SIGKILL)
+    check_dies_with_its_parent(
+        "deploy.clickhouse_local.LocalClickHouse",
+        "Path(sys.argv[1]), port=int(sys.argv[2])",
+        [str(tmp_path / "data"), str(port)],
+        port,
+        lambda: _sql(f"http://127.0.0.1:{port}", "SELECT 1") == "1",
+        tmp_path / "child.err",
+    )
 
 
 def test_the_cli_serves_until_sigterm(tmp_path: Path) -> None:

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import select
-import signal
-import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.kafka_local import LocalKafka, TopicSetupError, ensure_topics, read_properties
 from deploy.processes import free_port, port_is_free, process_exited
+from tests.orphans import check_dies_with_its_parent, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -66,15 +60,6 @@ async def _read_all(bootstrap: str, want: int, seconds: float = 20.0) -> list[tu
     return got
 
 
-def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return bool(condition())
-
-
 async def test_topics_data_and_restarts(tmp_path: Path) -> None:
     broker = LocalKafka(tmp_path, LIBS, port=free_port())
     try:
@@ -114,7 +99,7 @@ async def test_topics_data_and_restarts(tmp_path: Path) -> None:
         assert java is not None
         broker.kill()
         assert process_exited(java)
-        assert _wait_until(lambda: port_is_free(broker.port), 5)
+        assert wait_until(lambda: port_is_free(broker.port), 5)
 
         broker.start()  # log recovery after an unclean stop
         got = await _read_all(broker.bootstrap, 2)
@@ -123,51 +108,13 @@ async def test_topics_data_and_restarts(tmp_path: Path) -> None:
         broker.kill()
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, threading, time
-    from pathlib import Path
-    from deploy.kafka_local import LocalKafka
-
-    broker = LocalKafka(Path(sys.argv[1]), Path(sys.argv[2]), port=int(sys.argv[3]))
-    # Started from a thread that then ends, the hard case for PR_SET_PDEATHSIG.
-    starter = threading.Thread(target=broker.start)
-    starter.start()
-    starter.join()
-    print(broker.pid, flush=True)
-    time.sleep(300)
-    """
-)
-
-
 def test_killed_parent_takes_the_broker_down(tmp_path: Path) -> None:
     port = free_port()
-    errors = tmp_path / "child.err"
-    with errors.open("wb") as err:
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(tmp_path / "data"), str(LIBS), str(port)],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )
-    java_pid = 0
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], 60)
-        line = child.stdout.readline() if ready else b""
-        assert line.strip().isdigit(), f"no broker: {line!r}\n{errors.read_text()[-3000:]}"
-        java_pid = int(line)
-        time.sleep(1.0)  # would the broker die with its starter thread? It must not.
-        assert not process_exited(java_pid)
-        assert not port_is_free(port)
-
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-        assert _wait_until(lambda: process_exited(java_pid), 5), "broker survived its parent"
-        assert _wait_until(lambda: port_is_free(port), 5), f"port {port} still taken"
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        if java_pid and not process_exited(java_pid):
-            os.kill(java_pid, signal.SIGKILL)
+    check_dies_with_its_parent(
+        "deploy.kafka_local.LocalKafka",
+        "Path(sys.argv[1]), Path(sys.argv[2]), port=int(sys.argv[3])",
+        [str(tmp_path / "data"), str(LIBS), str(port)],
+        port,
+        lambda: not port_is_free(port),
+        tmp_path / "child.err",
+    )
