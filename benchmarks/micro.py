@@ -20,9 +20,9 @@ import orjson
 
 from benchmarks.dataset import BATCH_EVENTS, DUPLICATE_RATE, PARTITIONS, _Generator
 from processors.decode import Limits, decode_flat, decode_message
-from processors.deltas import Delta, decode, encode, read, store_rows
 from processors.pipeline import Message, Pipeline
 from processors.rollup import RollupBuilder
+from schemas.deltas import Delta, decode, encode, read, store_rows
 
 
 def best(fn: Callable[[], object], repeat: int = 3) -> float:

@@ -28,13 +28,11 @@ from schemas.events import (
     EVENT_TYPES,
     MAX_COUNT,
     STREAM_OPENED,
+    AnyEvent,
     RequestEvent,
     StreamClosedEvent,
-    StreamOpenedEvent,
 )
 from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
-
-AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
 log = logging.getLogger("tally.worker")
 

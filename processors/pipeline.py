@@ -17,9 +17,10 @@ from typing import cast
 
 from processors.decode import NATIVE_MAX_EVENT_BYTES, Flat, Limits, Rejection, decode_flat
 from processors.dedup import Deduplicator
-from processors.deltas import BODY_BUDGET, wire_bodies
-from processors.rollup import EPOCH, RollupBuilder
+from processors.rollup import RollupBuilder
+from schemas.deltas import BODY_BUDGET, wire_bodies
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.windows import EPOCH
 
 try:
     # The worker's hot path in native code (native/, built by `make setup`): the same
@@ -61,7 +62,7 @@ class BatchResult:
     by_type: dict[str, int] = field(default_factory=dict)
     bodies: list[tuple[bytes, int]] = field(default_factory=list)
     """The rollup rows as delta row parts and their row counts, each part within one
-    delta message (processors/deltas.py `encode_bodies`)."""
+    delta message (schemas/deltas.py `encode_bodies`)."""
 
 
 def _utcnow() -> datetime:

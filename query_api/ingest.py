@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from processors.decode import (
+from processors import (
     NATIVE_MAX_EVENT_BYTES,
     Limits,
+    WorkerSettings,
     decode_message,
 )
-from processors.rollup import EPOCH
-from processors.settings import WorkerSettings
 from producers.exceptions import FlushTimeoutError, GatewaySendError
 from producers.settings import ProducerSettings
 from query_api.errors import ApiError
 from schemas.settings import TallySettings
+from schemas.windows import EPOCH
 
 if TYPE_CHECKING:
     from producers.gateway import Gateway, ProducerFactory

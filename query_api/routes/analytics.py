@@ -26,19 +26,17 @@ from typing import Annotated, Any, Literal, cast
 from fastapi import APIRouter, Query, Response
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from processors.rollup import MARKER_ACCOUNT
-from processors.windows import format_time
 from query_api import queries
 from query_api.analytics_cost import QueryBounds, run
 from query_api.deps import AdminDep, CallerDep, Services, ServicesDep, key_bucket
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from schemas.events import REQUEST, STREAM_CLOSED, SUBJECT_PATTERN, Rfc3339
+from schemas.rollup_table import MARKER_ACCOUNT
 from schemas.store import Store
+from schemas.windows import MINUTE, ceil_to, floor_to, format_time, minute_range
 
 router = APIRouter(tags=["analytics"])
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MINUTE = timedelta(minutes=1)
 
 WindowName = Literal["minute", "hour", "day"]
 Dimension = Literal["type", "route", "model", "status"]
@@ -248,16 +246,6 @@ ToQuery = Annotated[
 # --- the pure parts ------------------------------------------------------------------
 
 
-def floor_to(t: datetime, step: timedelta) -> datetime:
-    """The start of the UTC-aligned `step` bucket containing `t`."""
-    return EPOCH + (t.astimezone(UTC) - EPOCH) // step * step
-
-
-def ceil_to(t: datetime, step: timedelta) -> datetime:
-    start = floor_to(t, step)
-    return start if start == t else start + step
-
-
 def bucket_count(start: datetime, end: datetime, step: timedelta) -> int:
     """How many aligned buckets [start, end) touches, partial ones included."""
     return (ceil_to(end, step) - floor_to(start, step)) // step
@@ -290,11 +278,6 @@ def check_range(start: datetime, end: datetime) -> None:
             "validation_error",
             f"from ({format_time(start)}) must be before to ({format_time(end)})",
         )
-
-
-def minute_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
-    """The minutes whose start lies in [start, end), as [first, stop) on the minute column."""
-    return ceil_to(start, MINUTE), ceil_to(end, MINUTE)
 
 
 # Each dimension's JSON member, as ClickHouse writes it: a dimension an event did not

@@ -7,11 +7,12 @@ together with the consumed offset. The sink applies every committed message once
 Version 2 (what `encode` writes): one JSON header line, b"\n", then the rows:
 {"v": 2, "partition": p, "next_offset": n, "reflected_ms": t, "final": f,
 "count": k}\n[row],[row],... Each row holds the columns of `rollup_minute` in
-order: [account, minute_s, type, route, method, model, status, stream_id,
-events, units_micro, latency_ms_sum, bytes_in, bytes_out, last_time_ms,
-offset_end] (offset_end 0: only markers carry one). Comma-separated rows are
-what ClickHouse's JSONCompactEachRow reads, so the sink joins the row parts of
-many messages with "," and hands them to one INSERT without parsing a row.
+the order and wire types of `schemas.rollup_table.SPEC`: [account, minute_s, type,
+route, method, model, status, stream_id, events, units_micro, latency_ms_sum,
+bytes_in, bytes_out, last_time_ms, offset_end] (offset_end 0: only markers carry
+one). Comma-separated rows are what ClickHouse's JSONCompactEachRow reads, so the
+sink joins the row parts of many messages with "," and hands them to one INSERT
+without parsing a row.
 
 Version 1 (still read, for deltas written before an upgrade): one JSON object
 {"v": 1, "partition": p, "next_offset": n, "reflected_ms": t, "final": f,
@@ -32,12 +33,12 @@ from typing import Any
 
 import orjson
 
+from schemas.rollup_table import DELTA_COLUMNS, SUMMED
+
 VERSION = 2
 # Kafka's default record limit is ~1 MiB; stay well below it with headroom
 # for the envelope and the batch framing.
 MAX_MESSAGE_BYTES = 700_000
-WIRE_COLUMNS = 14
-"""Columns of a row as the API's usage view applies it: all but offset_end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ def rows_of(body: bytes) -> list[list[Any]]:
     """Rows of a version 2 row part, without offset_end."""
     if not body:
         return []
-    return [row[:WIRE_COLUMNS] for row in orjson.loads(b"[" + body + b"]")]
+    return [row[:DELTA_COLUMNS] for row in orjson.loads(b"[" + body + b"]")]
 
 
 def _wire_rows(rows: list[list[Any]]) -> list[list[Any]]:
@@ -136,8 +137,6 @@ def wire_bodies(rows: list[list[Any]], budget: int = BODY_BUDGET) -> list[tuple[
 
 
 _U64_MAX = 2**64 - 1
-_SUMMED = (9, 11, 12)
-"""units_micro, bytes_in, bytes_out: the integer sums that may outgrow UInt64."""
 
 
 def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
@@ -149,7 +148,7 @@ def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
     """
     out: list[list[Any]] = []
     for row in rows:
-        while any(row[i] > _U64_MAX for i in _SUMMED):
+        while any(row[i] > _U64_MAX for i in SUMMED):
             part = [*row[:8], 0, min(row[9], _U64_MAX), 0.0, min(row[11], _U64_MAX),
                     min(row[12], _U64_MAX), *row[13:]]  # fmt: skip
             out.append(part)

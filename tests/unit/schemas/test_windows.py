@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.windows import (
+from schemas.windows import (
     EPOCH,
     Window,
     billing_period,
