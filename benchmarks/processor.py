@@ -51,7 +51,7 @@ from deploy.stack import ensure_rollups_topic, new_sink, running_pipeline
 from processors.settings import WorkerSettings
 from processors.sink import Sink
 from schemas.gc_tuning import tune_gc
-from schemas.rollup_table import RollupStore
+from schemas.rollup_table import MARKER_ACCOUNT, RollupStore
 from schemas.store import Store
 
 TIMEOUT_S = 900.0
@@ -107,7 +107,9 @@ async def _prepared(bootstrap: str, workdir: Path, ds: Dataset) -> tuple[WorkerS
 def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
     """Whether the store's totals are the dataset's; and its rollup row count."""
     total = store.query(
-        "SELECT sum(events), sum(units_micro), count() FROM rollup_minute WHERE account != ''"
+        "SELECT sum(events), sum(units_micro), count() FROM rollup_minute"
+        " WHERE account != {marker_account:String}",
+        {"marker_account": MARKER_ACCOUNT},
     )[0]
     counted, units, rows = int(total[0] or 0), int(total[1] or 0), int(total[2] or 0)
     correct = counted == ds.unique_events and units == ds.units_micro

@@ -77,31 +77,6 @@ class RollupBuilder:
         (`deltas.store_rows` gives the store's types where a caller needs them).
         """
         return [
-            [
-                account,
-                minute,
-                kind,
-                route,
-                method,
-                model,
-                status,
-                stream_id,
-                t[1],
-                t[2],
-                t[3],
-                t[4],
-                t[5],
-                int(t[0].timestamp() * 1000),
-                0,
-            ]
-            for (
-                account,
-                minute,
-                kind,
-                route,
-                method,
-                model,
-                status,
-                stream_id,
-            ), t in self._totals.items()
+            [*key, t[1], t[2], t[3], t[4], t[5], int(t[0].timestamp() * 1000), 0]
+            for key, t in self._totals.items()
         ]

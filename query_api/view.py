@@ -46,7 +46,7 @@ from query_api.keys import prefix_of, same_key
 from query_api.queries import MinuteRow, UsageReads
 from query_api.view_rows import AccountChange, Horizon, KeyChange, Snapshot, Versions
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
-from schemas.rollup_table import MARKER_PARAMS, MARKER_WHERE
+from schemas.rollup_table import MARKER_PARAMS, MARKER_WHERE, Marker
 from schemas.store import Store
 from schemas.windows import EPOCH
 
@@ -332,7 +332,7 @@ class UsageView:
         for account, at, stream_id, topic, partition, requests, units, *rest in rows:
             opens, opened_at, closes, offset_end, last = rest
             if topic:
-                self._marker(str(topic), int(partition), int(offset_end), last)
+                self._marker(Marker(str(topic), int(partition), int(offset_end), last))
                 continue
             minute = minute_of(at)
             self._add(account, minute, int(requests), int(units))
@@ -342,12 +342,12 @@ class UsageView:
         if self.rows > self.max_rows:
             self._evict()
 
-    def _marker(self, topic: str, partition: int, offset_end: int, last: datetime) -> None:
-        if topic == self.events_topic:
-            self._reflected[partition] = to_ms(last)
-            self.snapshot.counted[partition] = offset_end
-        if topic == self.rollups_topic:
-            self.snapshot.rollups[partition] = offset_end
+    def _marker(self, marker: Marker) -> None:
+        if marker.topic == self.events_topic:
+            self._reflected[marker.partition] = to_ms(marker.last_time)
+            self.snapshot.counted[marker.partition] = marker.offset_end
+        if marker.topic == self.rollups_topic:
+            self.snapshot.rollups[marker.partition] = marker.offset_end
 
     # -- writes ----------------------------------------------------------------------
 

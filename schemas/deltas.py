@@ -27,13 +27,14 @@ counted up to `next_offset`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from schemas.rollup_table import DELTA_COLUMNS, SUMMED
+from schemas.rollup_table import DELTA_COLUMNS, SUMMED, RollupRow
 
 VERSION = 2
 # Kafka's default record limit is ~1 MiB; stay well below it with headroom
@@ -46,7 +47,8 @@ class Delta:
     partition: int
     next_offset: int
     reflected_ms: int
-    rows: list[list[Any]]
+    rows: Sequence[RollupRow]
+    """The delta's rows in the store's types (`store_rows`)."""
     final: bool = True
 
 
@@ -75,7 +77,7 @@ def rows_of(body: bytes) -> list[list[Any]]:
     return [row[:DELTA_COLUMNS] for row in orjson.loads(b"[" + body + b"]")]
 
 
-def _wire_rows(rows: list[list[Any]]) -> list[list[Any]]:
+def _wire_rows(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     # Datetimes become integers: compact, and exact to the millisecond. A delta
     # holds few distinct minutes (and the builder shares their datetimes), so
     # each minute converts once.
@@ -240,23 +242,24 @@ def decode(value: bytes) -> Delta:
     return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final)
 
 
-def store_rows(wire: list[list[Any]]) -> list[list[object]]:
+def store_rows(wire: list[list[Any]]) -> list[RollupRow]:
     """Wire rows (`RollupBuilder.wire_rows`, with or without offset_end) in the store's
     column types: the minute and last_time as UTC datetimes, offset_end 0 (deltas
     carry none, markers do). The inverse of what `encode` does to `Delta.rows`."""
     # One datetime per distinct minute (a delta holds few), and no per-row helper call.
     minutes: dict[Any, datetime] = {}
-    rows: list[list[object]] = []
+    rows: list[RollupRow] = []
     append = rows.append
     fromtimestamp = datetime.fromtimestamp
     for cells in wire:
-        row: list[object] = cells[:13]
-        minute = cells[1]
+        account, minute, kind, route, method, model, status, stream_id = cells[:8]
+        events, units_micro, latency_ms_sum, bytes_in, bytes_out, last_ms = cells[8:14]
         at = minutes.get(minute)
         if at is None:
             at = minutes[minute] = fromtimestamp(minute, UTC)
-        row[1] = at
-        row.append(fromtimestamp(cells[13] / 1000, UTC))
-        row.append(0)
-        append(row)
+        append(
+            RollupRow(account, at, kind, route, method, model, status, stream_id, events,
+                      units_micro, latency_ms_sum, bytes_in, bytes_out,
+                      fromtimestamp(last_ms / 1000, UTC), 0)
+        )  # fmt: skip
     return rows
