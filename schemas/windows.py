@@ -235,6 +235,14 @@ def used_percentage(used_micro: int, limit_units: float) -> float:
     return tenths / 10
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_micros(at: datetime) -> int:
+    """Microseconds since the epoch, exactly (a float timestamp is not exact)."""
+    return (at - EPOCH) // _MICROSECOND
+
+
 def format_time(t: datetime) -> str:
     """UTC RFC 3339 with milliseconds and Z, e.g. 2026-03-29T03:00:00.000Z.
 
