@@ -1,7 +1,9 @@
 """The SQL behind the usage API, in one place (blocking; call via asyncio.to_thread).
 
 Every query reads `rollup_minute` for one account's key range, aggregating with
-sum()/max() because background merges are eventual (see migration 0001).
+sum()/max() because background merges are eventual (see migration 0001). Markers
+are told from deltas by schemas/rollup_table.py's names and read alone by its
+`read_markers`. The analytics SQL is query_api/analytics_queries.py.
 """
 
 from __future__ import annotations
