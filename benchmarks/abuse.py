@@ -66,9 +66,8 @@ def seed(url: str, database: str, keys_file: pathlib.Path) -> None:
     import orjson
 
     from benchmarks.api import seed_accounts
-    from processors.rollup import COLUMNS, offset_markers
-    from processors.sink import RollupStore
     from schemas.events import REQUEST
+    from schemas.rollup_table import COLUMNS, RollupStore, offset_markers
     from schemas.store import Store
 
     store = Store(url, database)

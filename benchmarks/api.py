@@ -113,9 +113,8 @@ def seed_accounts(store: Store, plans: dict[str, str], now: datetime) -> list[st
 def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> None:
     import orjson
 
-    from processors.rollup import COLUMNS, offset_markers
-    from processors.sink import RollupStore
     from schemas.events import REQUEST, STREAM_OPENED
+    from schemas.rollup_table import COLUMNS, RollupStore, offset_markers
     from schemas.store import Store
 
     store = Store(url, database)

@@ -24,7 +24,7 @@ from typing import Any
 from producers.asgi import MeteringMiddleware, from_header
 from producers.enforcement import Quota, Synced
 from producers.enforcement_sync import Enforcement
-from producers.events import AnyEvent
+from schemas.events import AnyEvent
 
 ACCOUNTS = 1000
 TARGET_US = 50.0

@@ -20,9 +20,10 @@ import orjson
 
 from benchmarks.dataset import BATCH_EVENTS, DUPLICATE_RATE, PARTITIONS, _Generator
 from processors.decode import Limits, decode_flat, decode_message
-from processors.deltas import Delta, decode, encode, read, store_rows
 from processors.pipeline import Message, Pipeline
 from processors.rollup import RollupBuilder
+from schemas.deltas import Delta, decode, encode, read, store_rows
+from schemas.rollup_table import RollupRow
 
 
 def best(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -44,7 +45,7 @@ def batch_messages(docs_by_partition: list[list[bytes]]) -> list[Message]:
     return found
 
 
-def _store_rows(messages: list[Message], now: datetime, limits: Limits) -> list[list[object]]:
+def _store_rows(messages: list[Message], now: datetime, limits: Limits) -> list[RollupRow]:
     """The messages' events folded into rows in the store's columns (the delta codec's
     input)."""
     builder = RollupBuilder()

@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 from benchmarks.producer import _events
-from producers.events import AnyEvent
 from producers.gateway import Gateway, Headers
+from schemas.events import AnyEvent
 
 PARTITIONS = 12
 

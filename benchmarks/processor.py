@@ -48,9 +48,10 @@ from benchmarks.dataset import Dataset, load
 from deploy.kafka_local import ensure_topics
 from deploy.processes import free_port
 from deploy.stack import ensure_rollups_topic, new_sink, running_pipeline
-from processors.gc_tuning import tune_gc
 from processors.settings import WorkerSettings
-from processors.sink import RollupStore, Sink
+from processors.sink import Sink
+from schemas.gc_tuning import tune_gc
+from schemas.rollup_table import MARKER_ACCOUNT, RollupStore
 from schemas.store import Store
 
 TIMEOUT_S = 900.0
@@ -106,7 +107,9 @@ async def _prepared(bootstrap: str, workdir: Path, ds: Dataset) -> tuple[WorkerS
 def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
     """Whether the store's totals are the dataset's; and its rollup row count."""
     total = store.query(
-        "SELECT sum(events), sum(units_micro), count() FROM rollup_minute WHERE account != ''"
+        "SELECT sum(events), sum(units_micro), count() FROM rollup_minute"
+        " WHERE account != {marker_account:String}",
+        {"marker_account": MARKER_ACCOUNT},
     )[0]
     counted, units, rows = int(total[0] or 0), int(total[1] or 0), int(total[2] or 0)
     correct = counted == ds.unique_events and units == ds.units_micro
@@ -410,7 +413,7 @@ async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]
 
 def child(args: dict[str, Any]) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
-    tune_gc()  # as `tally worker` and `tally up` do (processors/gc_tuning.py)
+    tune_gc()  # as `tally worker` and `tally up` do (schemas/gc_tuning.py)
     return asyncio.run(_measure(args["bootstrap"], Path(args["workdir"]), load(args["dataset"])))
 
 

@@ -23,9 +23,9 @@ from aiokafka import AIOKafkaProducer
 from benchmarks import _child
 from benchmarks.dataset import PARTITIONS, _Generator
 from deploy.kafka_local import ensure_topics
-from producers.events import AnyEvent, encode_event
+from producers.events import encode_event
 from producers.gateway import Gateway
-from schemas.events import EVENT_ADAPTER
+from schemas.events import EVENT_ADAPTER, AnyEvent
 
 TIMEOUT_S = 600.0
 FULL_GATEWAY_EVENTS = 1_000_000

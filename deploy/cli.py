@@ -12,7 +12,7 @@ from schemas import logs
 from schemas.settings import load, redact
 
 if TYPE_CHECKING:
-    from processors.settings import WorkerSettings
+    from processors import WorkerSettings
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -31,7 +31,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from deploy.stack import run_worker
-    from processors.settings import WorkerSettings
+    from processors import WorkerSettings
 
     settings = load_service(WorkerSettings)
     _status(args, "worker", settings)
@@ -90,7 +90,7 @@ def _api(args: argparse.Namespace) -> int:
 
 def _sink(args: argparse.Namespace) -> int:
     from deploy.stack import run_sink
-    from processors.settings import WorkerSettings
+    from processors import WorkerSettings
 
     settings = load_service(WorkerSettings)
     _status(args, "sink", settings)
@@ -99,7 +99,7 @@ def _sink(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from processors.settings import WorkerSettings
+    from processors import WorkerSettings
     from schemas.store import Store, migrations
 
     settings = load_service(WorkerSettings)

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic_settings import BaseSettings
 
 from deploy.settings import REPO_ROOT, StackSettings
-from processors.settings import WorkerSettings
+from processors import WorkerSettings
 from producers.settings import EnforcementSettings, ProducerSettings
 from query_api.alerts.settings import AlertSettings
 from query_api.settings import ApiSettings

@@ -46,10 +46,10 @@ from deploy.exceptions import ReconcileError
 from deploy.reconcile_report import as_json, as_text
 from deploy.reconcile_scan import check_range, reconcile
 from deploy.reconcile_source import TotalsSource, choose_source
-from processors.windows import format_time
+from schemas.windows import format_time
 
 if TYPE_CHECKING:
-    from processors.settings import WorkerSettings
+    from processors import WorkerSettings
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
@@ -98,7 +98,7 @@ async def run_reconcile(
 
 
 def run(args: argparse.Namespace) -> int:
-    from processors.settings import WorkerSettings
+    from processors import WorkerSettings
     from schemas.settings import load
 
     settings = load(WorkerSettings)

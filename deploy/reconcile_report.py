@@ -6,8 +6,8 @@ from typing import Any
 
 from deploy.admin_cli import table
 from deploy.reconcile_scan import Outcome
-from processors.reconcile import format_units
-from processors.windows import format_time
+from schemas.totals import format_units
+from schemas.windows import format_time
 
 
 def _measure_label(name: str) -> str:

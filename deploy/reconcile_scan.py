@@ -15,9 +15,9 @@ from typing import Any, TextIO
 
 from deploy.exceptions import ReconcileError
 from deploy.reconcile_source import StoredView, TotalsSource
-from processors.decode import Limits
-from processors.reconcile import DriftReport, Recount, RecountStats, align_range, compare
-from processors.windows import format_time
+from processors import Limits, Recount, RecountStats
+from schemas.totals import DriftReport, compare
+from schemas.windows import format_time, minute_range
 
 STALL_S = 30.0
 """No record for this long while offsets remain to be read: Kafka is not answering."""
@@ -369,7 +369,7 @@ def check_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
         raise ReconcileError(
             f"--from ({format_time(start)}) must be before --to ({format_time(end)})"
         )
-    since, until = align_range(start, end)
+    since, until = minute_range(start, end)
     if since >= until:
         raise ReconcileError(
             f"no minute starts in {format_time(start)}..{format_time(end)}; rollups are per "

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from deploy.admin_backend import HttpBackend, api_answers, api_target
 from deploy.admin_store import StoreBackend, open_store_backend
 from deploy.exceptions import AdminCliError, ReconcileError
-from processors.reconcile import AccountTotals
-from processors.windows import format_time
+from schemas.totals import AccountTotals
+from schemas.windows import format_time
 
 if TYPE_CHECKING:
     from schemas.store import Store

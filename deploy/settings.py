@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from processors.settings import WorkerSettings
+from processors import WorkerSettings
 from query_api.settings import ApiSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

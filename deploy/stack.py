@@ -39,11 +39,9 @@ from deploy.topology import (
     run_demo,
     up_server,
 )
-from processors.app import RollupWorker, build_app
-from processors.gc_tuning import tune_gc
-from processors.metrics import PipelineCollector
-from processors.settings import WorkerSettings
+from processors import PipelineCollector, RollupWorker, WorkerSettings, build_app
 from schemas import logs
+from schemas.gc_tuning import tune_gc
 from schemas.settings import TallySettings
 
 log = logging.getLogger("tally.up")
@@ -54,7 +52,7 @@ if TYPE_CHECKING:
     # client costs it a fifth of a second of CPU at start.
     from fastapi import FastAPI
 
-    from processors.sink import Sink
+    from processors import Sink
     from schemas.store import Store
 
 
@@ -149,7 +147,7 @@ class SinkService(Service):
 
 
 def new_sink(settings: WorkerSettings, store: Store) -> Sink:
-    from processors.sink import Sink
+    from processors import Sink
 
     return Sink(
         store,
@@ -366,7 +364,7 @@ def metrics_endpoint(
     """TALLY_METRICS_PORT: Prometheus metrics of this process on a port of its own."""
     if settings.metrics_port is None:
         return
-    from processors.metrics import serve_metrics
+    from processors import serve_metrics
 
     serve_metrics(settings.metrics_port, settings.metrics_host, worker, sink)
     log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)

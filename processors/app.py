@@ -36,14 +36,14 @@ import faust
 from faust.tables import TableManager
 from faust.types import TP
 
-from processors.deltas import Delta, encode, encode_bodies
 from processors.exceptions import FencedError
-from processors.failure import EXIT_UNSAFE, retry_delay
 from processors.output import PartitionOutput, Record, dead_letter_record
 from processors.pipeline import BatchResult, Message, Pipeline
 from processors.replay import Redelivered, Resumer
 from processors.settings import WorkerSettings
 from processors.timing import Timings
+from schemas.deltas import Delta, encode, encode_bodies
+from schemas.failure import EXIT_UNSAFE, retry_delay
 from schemas.kafka import COMPRESSION
 
 log = logging.getLogger("tally.worker")

@@ -28,13 +28,12 @@ from schemas.events import (
     EVENT_TYPES,
     MAX_COUNT,
     STREAM_OPENED,
+    AnyEvent,
     RequestEvent,
     StreamClosedEvent,
-    StreamOpenedEvent,
 )
 from schemas.kafka import WORKER_MAX_MESSAGE_BYTES
-
-AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
+from schemas.windows import epoch_micros
 
 log = logging.getLogger("tally.worker")
 
@@ -82,6 +81,11 @@ class Limits:
     max_event_bytes: int = 64_000
     max_future: timedelta = timedelta(minutes=5)
     max_lateness: timedelta = timedelta(days=35)
+
+    def on_time_us(self, now: datetime) -> tuple[int, int]:
+        """The span of event times on time at `now`, in epoch microseconds, as the
+        native check takes it (the worker's fold and the API's ingest check alike)."""
+        return epoch_micros(now - self.max_lateness), epoch_micros(now + self.max_future)
 
 
 class Flat(NamedTuple):

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from time import monotonic
 from typing import cast
 
 from processors.decode import NATIVE_MAX_EVENT_BYTES, Flat, Limits, Rejection, decode_flat
 from processors.dedup import Deduplicator
-from processors.deltas import BODY_BUDGET, wire_bodies
-from processors.rollup import EPOCH, RollupBuilder
+from processors.rollup import RollupBuilder
+from schemas.deltas import BODY_BUDGET, wire_bodies
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.windows import epoch_micros
 
 try:
     # The worker's hot path in native code (native/, built by `make setup`): the same
@@ -61,7 +62,7 @@ class BatchResult:
     by_type: dict[str, int] = field(default_factory=dict)
     bodies: list[tuple[bytes, int]] = field(default_factory=list)
     """The rollup rows as delta row parts and their row counts, each part within one
-    delta message (processors/deltas.py `encode_bodies`)."""
+    delta message (schemas/deltas.py `encode_bodies`)."""
 
 
 def _utcnow() -> datetime:
@@ -127,7 +128,7 @@ class Pipeline:
         else:
             fold.clear()
             add = self._native_adder(fold)
-            lo_us, hi_us = _bounds_us(now, limits)
+            lo_us, hi_us = limits.on_time_us(now)
             max_message, max_event = limits.max_message_bytes, limits.max_event_bytes
         requests = opened = closed = 0
         result = BatchResult(dead_letters=[], next_offsets={})
@@ -195,7 +196,7 @@ class Pipeline:
         fold = self._replay_fold
         if fold is not None and value is not None and len(value) <= self.limits.max_message_bytes:
             fold.clear()
-            lo_us, hi_us = _bounds_us(now, self.limits)
+            lo_us, hi_us = self.limits.on_time_us(now)
             max_event = self.limits.max_event_bytes
             if fold.add_message(value, lo_us, hi_us, max_event, cast(Dedup, dedup)) is not None:
                 return
@@ -210,19 +211,6 @@ class Pipeline:
         def add(e: Flat) -> None:
             add_values(e.type, e.subject, int(e.time.timestamp()) // 60 * 60, e.route, e.method,
                        e.model, e.status, e.stream_id, e.units, 0.0 + e.latency_ms, e.bytes_in,
-                       e.bytes_out, _micros(e.time))  # fmt: skip
+                       e.bytes_out, epoch_micros(e.time))  # fmt: skip
 
         return add
-
-
-def _micros(at: datetime) -> int:
-    """Microseconds since the epoch, exactly (a float timestamp is not exact)."""
-    return (at - EPOCH) // _MICROSECOND
-
-
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def _bounds_us(now: datetime, limits: Limits) -> tuple[int, int]:
-    """The on-time span of event times at `now`, in microseconds, for the native fold."""
-    return _micros(now - limits.max_lateness), _micros(now + limits.max_future)

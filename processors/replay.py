@@ -22,8 +22,8 @@ from typing import NamedTuple
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from processors.deltas import read
 from processors.pipeline import Message
+from schemas.deltas import read
 
 log = logging.getLogger("tally.worker")
 

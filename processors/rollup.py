@@ -3,45 +3,18 @@
 A delta row is keyed by (account, minute, type, route, method, model, status,
 stream_id); absent dimensions are '' or 0 so the key is total. Units are kept in
 integer millionths (`units_micro`) so that sums are exact in Python and in
-ClickHouse. `last_time` is the latest event time folded into the row.
+ClickHouse. `last_time` is the latest event time folded into the row. The
+columns, the wire layout and the markers are schemas/rollup_table.py's.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-from processors.decode import AnyEvent, Flat, flatten
-from schemas.events import RequestEvent
-
-COLUMNS = (
-    "account",
-    "minute",
-    "type",
-    "route",
-    "method",
-    "model",
-    "status",
-    "stream_id",
-    "events",
-    "units_micro",
-    "latency_ms_sum",
-    "bytes_in",
-    "bytes_out",
-    "last_time",
-    "offset_end",
-)
+from processors.decode import Flat, flatten
+from schemas.events import AnyEvent, RequestEvent
 
 RollupKey = tuple[str, int, str, str, str, str, int, str]
-
-# Offset markers share the table with the deltas (see migration 0001).
-MARKER_ACCOUNT = ""
-MARKER_TYPE = "kafka.offset"
-EPOCH = datetime.fromtimestamp(0, UTC)
-
-
-def to_micro(units: float) -> int:
-    return round(units * 1_000_000)
 
 
 def key_of(event: AnyEvent) -> RollupKey:
@@ -97,52 +70,13 @@ class RollupBuilder:
         return len(self._totals)
 
     def wire_rows(self) -> list[list[object]]:
-        """The folded rows in the layout deltas go on the wire in (processors/deltas.py):
-        `COLUMNS` order, the minute in epoch seconds, last_time in epoch milliseconds,
-        offset_end 0. No datetime is built per row: this is the worker's hot path
+        """The folded rows in the layout deltas go on the wire in (schemas/deltas.py):
+        `schemas.rollup_table.SPEC` order, the minute in epoch seconds, last_time in
+        epoch milliseconds, offset_end 0. No datetime is built per row: this is the
+        worker's hot path
         (`deltas.store_rows` gives the store's types where a caller needs them).
         """
         return [
-            [
-                account,
-                minute,
-                kind,
-                route,
-                method,
-                model,
-                status,
-                stream_id,
-                t[1],
-                t[2],
-                t[3],
-                t[4],
-                t[5],
-                int(t[0].timestamp() * 1000),
-                0,
-            ]
-            for (
-                account,
-                minute,
-                kind,
-                route,
-                method,
-                model,
-                status,
-                stream_id,
-            ), t in self._totals.items()
+            [*key, t[1], t[2], t[3], t[4], t[5], int(t[0].timestamp() * 1000), 0]
+            for key, t in self._totals.items()
         ]
-
-
-def offset_markers(
-    topic: str, next_offsets: dict[int, int], reflected_ms: dict[int, int]
-) -> list[list[object]]:
-    """Per partition of `topic`: the next offset not yet counted, and the time (epoch ms)
-    its data reflects, as marker rows in the wire layout (`RollupBuilder.wire_rows`)
-    that the sink writes in the same INSERT as the deltas they cover."""
-    return [
-        [
-            *(MARKER_ACCOUNT, 0, MARKER_TYPE, topic, "", "", partition, ""),
-            *(0, 0, 0.0, 0, 0, reflected_ms.get(partition, 0), offset),
-        ]
-        for partition, offset in sorted(next_offsets.items())
-    ]

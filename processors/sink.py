@@ -32,14 +32,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
-from processors.deltas import Frame, read
 from processors.exceptions import SinkFencedError
-from processors.failure import EXIT_UNSAFE, retry_delay
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, offset_markers
 from processors.sink_fence import Gate, Gates
 from processors.sink_group import SinkRebalance
 from processors.timing import Timings
+from schemas.deltas import Frame, read
 from schemas.exceptions import OperatorError
+from schemas.failure import EXIT_UNSAFE, retry_delay
+from schemas.rollup_table import RollupStore, offset_markers
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
@@ -48,91 +48,16 @@ T = TypeVar("T")
 
 Listener = Callable[[Sequence[Sequence[Any]], Mapping[int, int]], None]
 """Called after each INSERT that succeeded with the delta rows it stored, in the
-deltas' wire layout ([account, minute_s, type, ...]; processors/deltas.py), and per
+deltas' wire layout ([account, minute_s, type, ...]; schemas/deltas.py), and per
 events partition the time (epoch ms) the store now reflects it up to. The alert
 evaluator beside a `tally sink` learns from it which accounts to look at again."""
 
-TABLE = "rollup_minute"
-
-# One INSERT must stay one part to be atomic: ClickHouse splits a block larger
-# than max_insert_block_size (default 1,048,576 rows). The sink flushes well
-# below this; the check turns a silent split into a loud error.
-MAX_ROWS_PER_INSERT = 1_000_000
 SINK_ROWS_PER_INSERT = 200_000
+"""Rows per INSERT the sink flushes at, well below MAX_ROWS_PER_INSERT."""
 
 # An idle sink re-states its rollups markers this often: their write time tells
 # /readyz that the sink runs even while workers send it nothing.
 SINK_IDLE_MARK_S = 5.0
-
-# The rows as the deltas' wire format (version 2) carries them, and how they
-# become `rollup_minute`'s columns: ClickHouse parses and converts them, Python
-# never builds a row.
-WIRE_STRUCTURE = (
-    "account String, minute UInt32, type String, route String, method String, "
-    "model String, status UInt16, stream_id String, events UInt64, units_micro UInt64, "
-    "latency_ms_sum Float64, bytes_in UInt64, bytes_out UInt64, last_time_ms Int64, "
-    "offset_end Int64"
-)
-WIRE_SELECT = (
-    "account, toDateTime(minute, 'UTC'), type, route, method, model, status, stream_id, "
-    "events, units_micro, latency_ms_sum, bytes_in, bytes_out, "
-    "fromUnixTimestamp64Milli(last_time_ms, 'UTC'), offset_end"
-)
-_HUGE = 1 << 40
-INSERT_SETTINGS: dict[str, int] = {
-    # INSERT ... SELECT reads its input in blocks and writes a part per block it
-    # hands on: one reading thread, one inserting thread, and squashing whose
-    # row threshold is never reached (and whose byte threshold is off) make the
-    # whole input one block, so one part; tests/integration/test_sink_insert.py
-    # checks it.
-    "max_threads": 1,
-    "max_insert_threads": 1,
-    "input_format_parallel_parsing": 0,
-    "max_insert_block_size": _HUGE,
-    "max_block_size": _HUGE,
-    "min_insert_block_size_rows": _HUGE,
-    "min_insert_block_size_bytes": 0,
-    # The default fast float parser may be off by an ulp; the values must be
-    # exactly what the worker summed.
-    "precise_float_parsing": 1,
-    # By default an INSERT into an AggregatingMergeTree first folds the rows of
-    # its block that share a key. A worker's delta holds one row per key already,
-    # so in the bench that pass folded 0.3 % of an INSERT's rows for more than
-    # half of its CPU (benchmarks/NOTES.md). Background merges fold them as they
-    # fold separate INSERTs, and every reader sums (0001_rollup_minute.sql).
-    "optimize_on_insert": 0,
-}
-
-
-class RollupStore:
-    """The rollup table: appending deltas with markers, reading markers back."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def write_json(self, body: bytes, count: int, table: str = TABLE) -> None:
-        """Append `count` rows, deltas and their offset markers, encoded as the deltas'
-        wire rows (version 2), in one INSERT into `table` (`rollup_minute` itself or a
-        sink's write gate onto it): all of them land, or none."""
-        if count > MAX_ROWS_PER_INSERT:
-            raise ValueError(
-                f"{count} rows in one INSERT would be split into several parts and "
-                f"lose atomicity (limit {MAX_ROWS_PER_INSERT})"
-            )
-        if count:
-            self.store.insert_json_rows(
-                table, COLUMNS, WIRE_STRUCTURE, WIRE_SELECT, body, INSERT_SETTINGS
-            )
-
-    def resume_offsets(self, topic: str) -> dict[int, int]:
-        """Per partition of `topic`, the offset after the last one in the store."""
-        rows = self.store.query(
-            f"SELECT status, max(offset_end) FROM {TABLE} "
-            "WHERE account = {account:String} AND type = {kind:String} AND route = {topic:String} "
-            "GROUP BY status",
-            {"account": MARKER_ACCOUNT, "kind": MARKER_TYPE, "topic": topic},
-        )
-        return {int(partition): int(offset) for partition, offset in rows}
 
 
 @dataclass

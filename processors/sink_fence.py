@@ -35,13 +35,14 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from schemas.rollup_table import TABLE
 from schemas.store import Store
 
 log = logging.getLogger("tally.sink")
 
 PREFIX = "rollup_gate_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)(_mv)?$")
-TARGET = "rollup_minute"
+TARGET = TABLE
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,7 @@ from producers.asgi_call import Call, CallMeter
 from producers.asgi_refusal import ENFORCEMENT_DOCS, send_refusal
 from producers.enforcement import Refusal
 from producers.enforcement_sync import Enforcement
-from producers.events import AnyEvent
-from schemas.events import MAX_UNITS
+from schemas.events import MAX_UNITS, AnyEvent
 
 __all__ = [
     "DEFAULT_UNITS_HEADER",

@@ -21,12 +21,12 @@ from producers.batches import Batch, Receipt
 from producers.events import (
     MAX_PLAIN_EVENT_BYTES,
     PLAIN_EVENT_TYPES,
-    AnyEvent,
     encode_event,
     encode_events,
 )
 from producers.ledger import Failure, Ledger
 from producers.partitioning import partition_for
+from schemas.events import AnyEvent
 
 if TYPE_CHECKING:
     from tally_fold import BatchEncoder

@@ -18,7 +18,7 @@ uses are never lost, so the gateway sees at least what Tally will show.
 
 Decisions, in this order (docs/gateway-integration.md#enforcing-plans):
 
-* session or weekly `used_percentage` (processors.windows.used_percentage, the usage
+* session or weekly `used_percentage` (schemas.windows.used_percentage, the usage
   endpoint's function) of synced + local units >= 100 -> `quota_exceeded`, retry at
   the window's end;
 * requests in the current UTC minute (the API's minute: epoch seconds // 60) >=
@@ -38,8 +38,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
-from processors.windows import used_percentage
 from schemas.ratelimit_fields import plan_fields, seconds_until
+from schemas.windows import used_percentage
 
 MINUTE_S: Final = 60
 

@@ -20,6 +20,7 @@ from schemas.events import (
     REQUEST,
     STREAM_CLOSED,
     STREAM_OPENED,
+    AnyEvent,
     RequestData,
     RequestEvent,
     StreamClosedData,
@@ -33,8 +34,6 @@ try:
     from tally_fold import BatchEncoder
 except ImportError:  # pragma: no cover - a checkout installed without native/
     BatchEncoder = None  # type: ignore[assignment,misc]
-
-AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
 
 SPECVERSION = "1.0"
 

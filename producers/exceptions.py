@@ -9,7 +9,7 @@ a `SpoolError`.
 
 from __future__ import annotations
 
-from producers.events import AnyEvent
+from schemas.events import AnyEvent
 from schemas.exceptions import OperatorError, TallyError
 
 

@@ -27,9 +27,8 @@ from datetime import UTC, datetime
 from typing import Final
 
 from producers import events
-from producers.events import AnyEvent
 from producers.gateway import Gateway
-from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED, AnyEvent
 
 Clock = Callable[[], datetime]
 

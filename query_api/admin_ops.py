@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from processors.reconcile import align_range, stored_totals
-from processors.windows import format_time
 from query_api import queries
 from query_api.accounts import Account, AccountStore, KeyInfo
 from query_api.admin_models import (
@@ -37,6 +35,8 @@ from query_api.errors import ApiError
 from query_api.exceptions import AccountExistsError, UnknownAccountError
 from query_api.plans import Plan
 from schemas.store import Store
+from schemas.totals import stored_totals
+from schemas.windows import format_time, minute_range
 
 PAGE_MAX = 1000
 ENV_ADMIN_PREFIX = "env:TALLY_ADMIN_KEY"
@@ -161,7 +161,7 @@ def account_totals(
 ) -> TotalsOut:
     """Per-account totals over the minutes starting in [start, end), and the offsets
     of `topic` they reflect: exactly those (queries.account_totals says why)."""
-    since, until = align_range(start, end)
+    since, until = minute_range(start, end)
     read = queries.account_totals(store, topic, since, until, account)
     offsets = read.counted_offsets
     totals = stored_totals(read.usage)

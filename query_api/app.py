@@ -17,8 +17,7 @@ from starlette.datastructures import URL
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from processors.gc_tuning import tune_gc
-from processors.settings import WorkerSettings
+from processors import WorkerSettings
 from producers.settings import ProducerSettings
 from query_api import errors, metrics
 from query_api.accounts import AccountStore
@@ -44,6 +43,7 @@ from query_api.routes import (
 from query_api.settings import ApiSettings
 from query_api.view import UsageView
 from query_api.view_feed import ViewFeed
+from schemas.gc_tuning import tune_gc
 from schemas.store import Store
 
 DESCRIPTION = """
@@ -246,7 +246,7 @@ def create_app(
             await asyncio.to_thread(view.ensure_loaded, store)
             # The loaded view is long-lived: freezing it keeps the cyclic collector
             # from walking it over and over, and each request allocates plenty of
-            # short-lived objects (processors/gc_tuning.py says why).
+            # short-lived objects (schemas/gc_tuning.py says why).
             tune_gc()
             feed.start()
         try:

@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from processors.decode import (
+from processors import (
     NATIVE_MAX_EVENT_BYTES,
     Limits,
+    WorkerSettings,
     decode_message,
 )
-from processors.rollup import EPOCH
-from processors.settings import WorkerSettings
 from producers.exceptions import FlushTimeoutError, GatewaySendError
 from producers.settings import ProducerSettings
 from query_api.errors import ApiError
@@ -113,11 +112,6 @@ def media_type(content_type: str | None) -> str:
     return kind
 
 
-def _micros(at: datetime) -> int:
-    """Microseconds since the epoch, exactly, as the worker bounds the native check."""
-    return (at - EPOCH) // timedelta(microseconds=1)
-
-
 def check_body(
     raw: bytes, content_type: str | None, now: datetime, limits: Limits, max_events: int
 ) -> Checked:
@@ -129,8 +123,7 @@ def check_body(
     """
     kind = media_type(content_type)
     if check_events is not None and limits.max_event_bytes >= NATIVE_MAX_EVENT_BYTES:
-        lo = _micros(now - limits.max_lateness)
-        hi = _micros(now + limits.max_future)
+        lo, hi = limits.on_time_us(now)
         found = check_events(raw, lo, hi, limits.max_event_bytes)
         if found is not None:
             _check_shape(kind, raw.lstrip()[:1] == b"[", len(found), max_events)

@@ -6,7 +6,7 @@ Two limits are reported:
   `max_streams` concurrent streams, on both usage endpoints. `PlanLimits` is computed
   once per answer from the same `AccountUsage` (query_api/usage.py) the body shows;
   the body's `limit` object, `X-RateLimit-*` and the §7 fields are all read from it,
-  so they cannot disagree. Its minute is `processors.windows.minute_window` and its
+  so they cannot disagree. Its minute is `schemas.windows.minute_window` and its
   count the requests rolled up for that minute: the window and count the gateway's
   enforcement (producers/enforcement.py, fed by POST /api/v1/admin/limits, which
   computes this very value) uses, so what an account is shown is what it is held to.

@@ -1,7 +1,9 @@
 """The SQL behind the usage API, in one place (blocking; call via asyncio.to_thread).
 
 Every query reads `rollup_minute` for one account's key range, aggregating with
-sum()/max() because background merges are eventual (see migration 0001).
+sum()/max() because background merges are eventual (see migration 0001). Markers
+are told from deltas by schemas/rollup_table.py's names and read alone by its
+`read_markers`. The analytics SQL is query_api/analytics_queries.py.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import MARKER_ACCOUNT, MARKER_PARAMS, MARKER_WHERE, read_markers
 from schemas.store import Store
+from schemas.windows import EPOCH
 
 MinuteRow = tuple[datetime, int, int]
 """(minute, requests, units in millionths): one minute of one account."""
@@ -58,17 +61,8 @@ def active_streams(store: Store, account: str, idle_cutoff: datetime) -> int:
 
 def reflected_until(store: Store, topic: str) -> datetime | None:
     """The time up to which every partition's events are counted (None: nothing yet)."""
-    rows = store.query(
-        "SELECT min(t), count() FROM ("
-        " SELECT status, max(last_time) AS t FROM rollup_minute"
-        " WHERE account = {m:String} AND type = {k:String} AND route = {topic:String}"
-        " GROUP BY status)",
-        {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "topic": topic},
-    )
-    if not rows or not rows[0][1]:
-        return None
-    found: datetime = rows[0][0]
-    return found
+    markers = read_markers(store, topic)
+    return min(m.last_time for m in markers) if markers else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,16 +77,10 @@ class PipelineMarks:
 
 def pipeline_marks(store: Store, events_topic: str, rollups_topic: str) -> PipelineMarks:
     """`reflected_until` and the sink's last write, in one statement."""
-    rows = store.query(
-        "SELECT route, status, max(last_time) FROM rollup_minute"
-        " WHERE account = {m:String} AND type = {k:String}"
-        " AND route IN ({events:String}, {rollups:String})"
-        " GROUP BY route, status",
-        {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "events": events_topic, "rollups": rollups_topic},
-    )
-    reflected = [t for route, _, t in rows if route == events_topic]
+    markers = read_markers(store, events_topic, rollups_topic)
+    reflected = [m.last_time for m in markers if m.topic == events_topic]
     # Markers written before they carried a write time hold the epoch: not a write time.
-    wrote = [t for route, _, t in rows if route == rollups_topic and t.timestamp() > 0]
+    wrote = [m.last_time for m in markers if m.topic == rollups_topic and m.last_time > EPOCH]
     return PipelineMarks(
         reflected_until=min(reflected) if reflected else None,
         sink_wrote=max(wrote) if wrote else None,
@@ -141,7 +129,7 @@ def usage_reads(
         "UNION ALL "
         "SELECT 2, toDateTime(0, 'UTC'), count(), 0, min(t), '' FROM ("
         " SELECT status, max(last_time) AS t FROM rollup_minute"
-        " WHERE account = {m:String} AND type = {k:String} AND route = {topic:String}"
+        f" WHERE {MARKER_WHERE} AND route = {{topic:String}}"
         " GROUP BY status) "
         "UNION ALL "
         "SELECT 3, toDateTime(0, 'UTC'), billing_anchor_day, 0, created_at, toString(plan)"
@@ -155,8 +143,7 @@ def usage_reads(
             "opened": STREAM_OPENED,
             "stream_since": idle_cutoff.replace(second=0, microsecond=0),
             "cutoff": idle_cutoff,
-            "m": MARKER_ACCOUNT,
-            "k": MARKER_TYPE,
+            **MARKER_PARAMS,
             "topic": topic,
         },
     )
@@ -198,15 +185,14 @@ def account_totals(
     `tally reconcile` needs to compare like with like).
     """
     rows = store.query(
-        "SELECT account, type, if(account = {m:String}, status, 0) AS part, "
+        "SELECT account, type, if(account = {marker_account:String}, status, 0) AS part, "
         "sum(events), sum(units_micro), max(offset_end) FROM rollup_minute "
-        "WHERE (account != {m:String} AND minute >= {since:DateTime} "
+        "WHERE (account != {marker_account:String} AND minute >= {since:DateTime} "
         "AND minute < {until:DateTime} AND ({a:String} = '' OR account = {a:String})) "
-        "OR (account = {m:String} AND type = {mt:String} AND route = {topic:String}) "
+        f"OR ({MARKER_WHERE} AND route = {{topic:String}}) "
         "GROUP BY account, type, part",
         {
-            "m": MARKER_ACCOUNT,
-            "mt": MARKER_TYPE,
+            **MARKER_PARAMS,
             "topic": topic,
             "since": since,
             "until": until,
@@ -227,10 +213,4 @@ def account_totals(
 def reflected_by_partition(store: Store, topic: str) -> dict[int, datetime]:
     """Per partition of `topic`, the time up to which its events are counted
     (`reflected_until` is the least of these)."""
-    rows = store.query(
-        "SELECT status, max(last_time) FROM rollup_minute"
-        " WHERE account = {m:String} AND type = {k:String} AND route = {topic:String}"
-        " GROUP BY status",
-        {"m": MARKER_ACCOUNT, "k": MARKER_TYPE, "topic": topic},
-    )
-    return {int(part): at for part, at in rows}
+    return {m.partition: m.last_time for m in read_markers(store, topic)}

@@ -1,7 +1,7 @@
 """An account's usage at an instant, from its per-minute rollups (pure).
 
 Both usage endpoints are views of `AccountUsage`. Every window is minute-aligned
-(processors/windows.py), so summing whole minutes gives exact window totals.
+(schemas/windows.py), so summing whole minutes gives exact window totals.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 
-from processors.windows import (
+from query_api.plans import Plan
+from query_api.queries import MinuteRow
+from schemas.windows import (
     Window,
     billing_period,
     chain_start,
@@ -21,8 +23,6 @@ from processors.windows import (
     minute_window,
     week_window,
 )
-from query_api.plans import Plan
-from query_api.queries import MinuteRow
 
 WEEK = timedelta(days=7)
 

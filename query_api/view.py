@@ -38,20 +38,20 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
 from query_api.accounts import Principal
 from query_api.keys import prefix_of, same_key
 from query_api.queries import MinuteRow, UsageReads
 from query_api.view_rows import AccountChange, Horizon, KeyChange, Snapshot, Versions
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import MARKER_PARAMS, MARKER_WHERE, Marker
 from schemas.store import Store
+from schemas.windows import EPOCH
 
 log = logging.getLogger("tally.api.view")
 
-EPOCH = datetime.fromtimestamp(0, UTC)
 PAGE_ROWS = 100_000
 """Rows per statement while loading: memory stays bounded by the data held."""
 EVICT_TO = 0.9
@@ -60,16 +60,15 @@ PRUNE_EVERY_S = 600
 """How often (by the view's clock) apply() drops minutes that no answer reads any more."""
 
 SNAPSHOT_MINUTE = (
-    "SELECT account, minute, stream_id, if(type = {marker:String}, route, '') AS topic,"
-    " if(type = {marker:String}, status, 0) AS partition,"
+    "SELECT account, minute, stream_id, if(type = {marker_type:String}, route, '') AS topic,"
+    " if(type = {marker_type:String}, status, 0) AS partition,"
     " sumIf(events, type = {req:String}),"
     " sumIf(units_micro, type IN ({req:String}, {closed:String})),"
     " countIf(type = {opened:String}), maxIf(last_time, type = {opened:String}),"
     " countIf(type = {closed:String}), max(offset_end), max(last_time) "
     "FROM rollup_minute "
-    "WHERE (minute >= {since:DateTime} AND type != {marker:String})"
-    " OR (account = {marker_account:String} AND type = {marker:String}"
-    " AND route IN ({events:String}, {rollups:String})) "
+    "WHERE (minute >= {since:DateTime} AND type != {marker_type:String})"
+    f" OR ({MARKER_WHERE} AND route IN ({{events:String}}, {{rollups:String}})) "
     "GROUP BY account, minute, stream_id, topic, partition"
 )
 """The rollups and the markers they reflect, in ONE statement (see the module
@@ -317,8 +316,7 @@ class UsageView:
             SNAPSHOT_MINUTE,
             {
                 "since": ms_time(self.horizon.minutes * 1000),
-                "marker": MARKER_TYPE,
-                "marker_account": MARKER_ACCOUNT,
+                **MARKER_PARAMS,
                 "events": self.events_topic,
                 "rollups": self.rollups_topic,
                 "req": REQUEST,
@@ -334,7 +332,7 @@ class UsageView:
         for account, at, stream_id, topic, partition, requests, units, *rest in rows:
             opens, opened_at, closes, offset_end, last = rest
             if topic:
-                self._marker(str(topic), int(partition), int(offset_end), last)
+                self._marker(Marker(str(topic), int(partition), int(offset_end), last))
                 continue
             minute = minute_of(at)
             self._add(account, minute, int(requests), int(units))
@@ -344,12 +342,12 @@ class UsageView:
         if self.rows > self.max_rows:
             self._evict()
 
-    def _marker(self, topic: str, partition: int, offset_end: int, last: datetime) -> None:
-        if topic == self.events_topic:
-            self._reflected[partition] = to_ms(last)
-            self.snapshot.counted[partition] = offset_end
-        if topic == self.rollups_topic:
-            self.snapshot.rollups[partition] = offset_end
+    def _marker(self, marker: Marker) -> None:
+        if marker.topic == self.events_topic:
+            self._reflected[marker.partition] = to_ms(marker.last_time)
+            self.snapshot.counted[marker.partition] = marker.offset_end
+        if marker.topic == self.rollups_topic:
+            self.snapshot.rollups[marker.partition] = marker.offset_end
 
     # -- writes ----------------------------------------------------------------------
 
@@ -383,7 +381,7 @@ class UsageView:
 
     def apply(self, rows: Sequence[Sequence[Any]], reflected_ms: Mapping[int, int]) -> None:
         """One `tally.rollups` record as `view_feed.FeedPosition` folds it: its delta's
-        wire rows (processors/deltas.py) and, per events partition, the time (epoch
+        wire rows (schemas/deltas.py) and, per events partition, the time (epoch
         ms) the view now reflects it up to."""
         with self._lock:
             if not self._writable():

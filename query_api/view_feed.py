@@ -55,10 +55,10 @@ from typing import Any, NamedTuple
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from processors.deltas import read
-from processors.failure import retry_delay
 from query_api.view import UsageView
 from query_api.view_rows import AccountChange, KeyChange, Snapshot
+from schemas.deltas import read
+from schemas.failure import retry_delay
 from schemas.store import Store
 
 log = logging.getLogger("tally.api.view")

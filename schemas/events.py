@@ -145,13 +145,11 @@ class StreamClosedEvent(_Envelope):
     data: StreamClosedData
 
 
-Event = Annotated[
-    RequestEvent | StreamOpenedEvent | StreamClosedEvent,
-    Field(discriminator="type"),
-]
+AnyEvent = RequestEvent | StreamOpenedEvent | StreamClosedEvent
+"""A valid event of any Tally type, as a model."""
+
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 """One CloudEvent of any Tally type; `type` selects the model."""
 
-EVENT_ADAPTER: TypeAdapter[RequestEvent | StreamOpenedEvent | StreamClosedEvent] = TypeAdapter(
-    Event
-)
+EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event | list[Event])

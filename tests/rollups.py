@@ -6,7 +6,7 @@ from datetime import datetime
 
 import orjson
 
-from processors.sink import RollupStore
+from schemas.rollup_table import RollupStore
 from schemas.store import Store
 
 

@@ -4,7 +4,7 @@
 //!
 //! It is the same computation as the Python reference (the models of
 //! schemas/events.py through processors/decode.py, processors/rollup.py
-//! `RollupBuilder`, processors/deltas.py `_bodies`): `add_message` accepts a strict
+//! `RollupBuilder`, schemas/deltas.py `_bodies`): `add_message` accepts a strict
 //! subset of what the models accept, with their values, and returns None for
 //! anything else, so that Python decides, and reports why. Nothing is folded or
 //! remembered for a message it returns None for.
@@ -778,7 +778,7 @@ impl Fold {
         Ok(())
     }
 
-    /// The rows as delta row parts (processors/deltas.py version 2) of at most
+    /// The rows as delta row parts (schemas/deltas.py version 2) of at most
     /// `budget` bytes each, a lone larger row alone: [(part, rows in it)], and one
     /// empty part when there are no rows (a heartbeat), as `deltas._bodies` gives.
     fn bodies<'py>(&self, py: Python<'py>, budget: usize) -> PyResult<Bound<'py, PyList>> {
@@ -788,7 +788,7 @@ impl Fold {
         let mut count = 0usize;
         for t in &self.rows {
             // A sum beyond the store's UInt64 goes out as rows of no events carrying
-            // u64::MAX each, then the rest (processors/deltas.py `split_overflowing`).
+            // u64::MAX each, then the rest (schemas/deltas.py `split_overflowing`).
             let (mut units, mut bytes_in, mut bytes_out) = (t.units_micro, t.bytes_in, t.bytes_out);
             loop {
                 let last = units <= U64_MAX && bytes_in <= U64_MAX && bytes_out <= U64_MAX;

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 import httpx
 import orjson
 
-from processors.windows import format_time
 from query_api.alerts.dispatch import post
 from query_api.alerts.models import (
     AttemptOut,
@@ -39,6 +38,7 @@ from query_api.alerts.store import (
     Endpoint,
 )
 from query_api.errors import ApiError
+from schemas.windows import format_time
 
 
 def _out(endpoint: Endpoint) -> WebhookOut:

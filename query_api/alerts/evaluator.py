@@ -48,7 +48,7 @@ from query_api.usage import WEEK, history_start_any_anchor
 from schemas.store import Store
 
 if TYPE_CHECKING:
-    from processors.sink import Sink
+    from processors import Sink
     from query_api.view import UsageView
     from query_api.view_feed import ViewFeed
 

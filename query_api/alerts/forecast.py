@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from processors.windows import MINUTE, Window, used_percentage
 from query_api.queries import MinuteRow
+from schemas.windows import MINUTE, Window, used_percentage
 
 RATE_SPAN = timedelta(hours=1)
 

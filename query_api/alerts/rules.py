@@ -4,7 +4,7 @@ An alert's identity is (type, account, window, window start, threshold): at most
 one alert ever exists per identity, and `alert_id` derives its id from it alone,
 so every evaluator that finds the same crossing names it the same way. Windows
 are placed and percentages computed exactly as the usage endpoints do
-(query_api/usage.py, processors/windows.py), so an alert at 80 means the usage
+(query_api/usage.py, schemas/windows.py), so an alert at 80 means the usage
 endpoint showed at least 80.0 for that window.
 
 Late events: a window is evaluated while it runs and for `late` after it ends
@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from processors.windows import (
+from query_api.alerts.forecast import Forecast, forecast
+from query_api.plans import Plan
+from query_api.queries import MinuteRow
+from query_api.usage import WEEK
+from schemas.windows import (
     Window,
     chain_start,
     first_request_windows,
@@ -33,10 +37,6 @@ from processors.windows import (
     used_percentage,
     week_window,
 )
-from query_api.alerts.forecast import Forecast, forecast
-from query_api.plans import Plan
-from query_api.queries import MinuteRow
-from query_api.usage import WEEK
 
 CROSSED = "usage.threshold.crossed"
 PROJECTED = "usage.threshold.projected"

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from schemas.rollup_table import MARKER_ACCOUNT
 from schemas.store import Store
 
 ALERT_COLUMNS = (
@@ -234,8 +235,8 @@ class AlertStore:
     def active_accounts(self, since: datetime) -> list[str]:
         rows = self.store.query(
             "SELECT DISTINCT account FROM rollup_minute"
-            " WHERE minute >= {s:DateTime} AND account != ''",
-            {"s": since},
+            " WHERE minute >= {s:DateTime} AND account != {marker_account:String}",
+            {"s": since, "marker_account": MARKER_ACCOUNT},
         )
         return sorted(str(r[0]) for r in rows)
 

@@ -1,10 +1,9 @@
 """Analytics routes (docs/api.md#analytics): usage time series and the top accounts.
 
-Both read `rollup_minute` and aggregate with sum() ... GROUP BY, because merges are
-eventual (see migration 0001); the reserved account '' (offset markers) is never
-read. Every user input reaches ClickHouse as a bound parameter; the only SQL text
-chosen by a request (the bucket expression, the group-by columns, the sort column)
-is picked from the fixed tables below, never built from the input.
+Both read `rollup_minute` through query_api/analytics_queries.py (`usage_series`,
+`top_accounts`), which aggregates with sum() ... GROUP BY because merges are
+eventual, never reads the offset markers, and binds every user input as a
+parameter: the only SQL text a request chooses is picked from fixed tables there.
 
 Cost per query is bounded: the range may span at most `analytics_max_buckets`
 buckets (TALLY_ANALYTICS_MAX_BUCKETS), and query_api/analytics_cost.py bounds the
@@ -26,19 +25,15 @@ from typing import Annotated, Any, Literal, cast
 from fastapi import APIRouter, Query, Response
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from processors.rollup import MARKER_ACCOUNT
-from processors.windows import format_time
-from query_api import queries
-from query_api.analytics_cost import QueryBounds, run
+from query_api import analytics_queries, queries
+from query_api.analytics_cost import QueryBounds
 from query_api.deps import AdminDep, CallerDep, Services, ServicesDep, key_bucket
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
-from schemas.events import REQUEST, STREAM_CLOSED, SUBJECT_PATTERN, Rfc3339
-from schemas.store import Store
+from schemas.events import SUBJECT_PATTERN, Rfc3339
+from schemas.windows import MINUTE, ceil_to, floor_to, format_time, minute_range
 
 router = APIRouter(tags=["analytics"])
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MINUTE = timedelta(minutes=1)
 
 WindowName = Literal["minute", "hour", "day"]
 Dimension = Literal["type", "route", "model", "status"]
@@ -49,20 +44,7 @@ WINDOWS: dict[str, timedelta] = {
     "hour": timedelta(hours=1),
     "day": timedelta(days=1),
 }
-# SQL fragments a request may select, by name. Never extend these from input.
-_BUCKET_SQL: dict[str, str] = {
-    "minute": "minute",
-    "hour": "toStartOfHour(minute)",
-    "day": "toStartOfDay(minute)",
-}
-_DIMENSION_SQL: dict[str, str] = {
-    "type": "type",
-    "route": "route",
-    "model": "model",
-    "status": "status",
-}
-DIMENSIONS: tuple[str, ...] = tuple(_DIMENSION_SQL)
-_METRIC_SQL: dict[str, str] = {"units": "units", "requests": "requests"}
+DIMENSIONS: tuple[str, ...] = tuple(analytics_queries.DIMENSION_SQL)
 
 NOT_FOUND_MESSAGE = "account not found"
 """The same for an account that does not exist and one the key may not see."""
@@ -248,16 +230,6 @@ ToQuery = Annotated[
 # --- the pure parts ------------------------------------------------------------------
 
 
-def floor_to(t: datetime, step: timedelta) -> datetime:
-    """The start of the UTC-aligned `step` bucket containing `t`."""
-    return EPOCH + (t.astimezone(UTC) - EPOCH) // step * step
-
-
-def ceil_to(t: datetime, step: timedelta) -> datetime:
-    start = floor_to(t, step)
-    return start if start == t else start + step
-
-
 def bucket_count(start: datetime, end: datetime, step: timedelta) -> int:
     """How many aligned buckets [start, end) touches, partial ones included."""
     return (ceil_to(end, step) - floor_to(start, step)) // step
@@ -271,7 +243,7 @@ def parse_group_by(values: list[str] | None) -> list[Dimension]:
             name = part.strip().lower()
             if not name:
                 continue
-            if name not in _DIMENSION_SQL:
+            if name not in analytics_queries.DIMENSION_SQL:
                 raise ApiError(
                     422,
                     "validation_error",
@@ -290,103 +262,6 @@ def check_range(start: datetime, end: datetime) -> None:
             "validation_error",
             f"from ({format_time(start)}) must be before to ({format_time(end)})",
         )
-
-
-def minute_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
-    """The minutes whose start lies in [start, end), as [first, stop) on the minute column."""
-    return ceil_to(start, MINUTE), ceil_to(end, MINUTE)
-
-
-# Each dimension's JSON member, as ClickHouse writes it: a dimension an event did not
-# carry ('' or status 0) is null. Never extended from input, like the tables above.
-_DIMENSION_JSON: dict[str, str] = {
-    "type": """'"type":', toJSONString(toString(type))""",
-    "route": """'"route":', if(route = '', 'null', toJSONString(toString(route)))""",
-    "model": """'"model":', if(model = '', 'null', toJSONString(toString(model)))""",
-    "status": """'"status":', if(status = 0, 'null', toString(status))""",
-}
-_TIME_FORMAT = "'%Y-%m-%dT%H:%i:%S.000Z', 'UTC'"
-
-
-def usage_series(
-    store: Store,
-    account: str | None,
-    since: datetime,
-    until: datetime,
-    window: str,
-    dimensions: list[Dimension],
-    bounds: QueryBounds,
-) -> list[str]:
-    """Buckets x groups with data, for one account or (None) every real account: each
-    a UsageBucketOut as JSON text, written by ClickHouse (in Python, building and
-    serialising these rows cost the API most of an answer's CPU, holding the GIL).
-
-    Blocking; `since`/`until` are minute-aligned. At most `bounds.max_rows` + 1 rows
-    come back (one more than allowed: the caller refuses that many).
-    """
-    limit = bounds.max_rows + 1
-    columns = "".join(f", {_DIMENSION_SQL[d]}" for d in dimensions)
-    group = ", ',', ".join(_DIMENSION_JSON[d] for d in dimensions) or "''"
-    where_account = "account = {a:String}" if account is not None else "account != {a:String}"
-    json_row = (
-        """concat('{"window_start":"', """
-        f"formatDateTime(({_BUCKET_SQL[window]}) AS window_start, {_TIME_FORMAT}), "
-        """'","window_end":"', """
-        f"formatDateTime(addSeconds(window_start, {{step:UInt32}}), {_TIME_FORMAT}), "
-        f"""'","group":{{', {group}, '}},"requests":', """
-        "toString(sumIf(events, type = {req:String}) AS requests), "
-        """',"units":', toString((sum(units_micro) AS units) / 1000000), '}')"""
-    )
-    rows = run(
-        store,
-        f"SELECT {json_row} FROM rollup_minute WHERE {where_account} "
-        "AND minute >= {since:DateTime} AND minute < {until:DateTime} "
-        "AND type IN ({req:String}, {closed:String}) "
-        f"GROUP BY window_start{columns} "
-        "HAVING requests > 0 OR units > 0 "
-        f"ORDER BY window_start{columns} "
-        "LIMIT {limit:UInt32}",
-        {
-            "a": account if account is not None else MARKER_ACCOUNT,
-            "since": since,
-            "until": until,
-            "step": int(WINDOWS[window].total_seconds()),
-            "req": REQUEST,
-            "closed": STREAM_CLOSED,
-            "limit": limit,
-        },
-        bounds,
-        limit,
-    )
-    return [row[0] for row in rows]
-
-
-def top_accounts(
-    store: Store, since: datetime, until: datetime, metric: str, limit: int, bounds: QueryBounds
-) -> list[tuple[str, int, int]]:
-    """(account, requests, units in millionths), by `metric` descending then account."""
-    order = _METRIC_SQL[metric]
-    rows = run(
-        store,
-        "SELECT account, sumIf(events, type = {req:String}) AS requests, "
-        "sum(units_micro) AS units FROM rollup_minute "
-        "WHERE account != {m:String} "
-        "AND minute >= {since:DateTime} AND minute < {until:DateTime} "
-        "AND type IN ({req:String}, {closed:String}) "
-        "GROUP BY account HAVING requests > 0 OR units > 0 "
-        f"ORDER BY {order} DESC, account ASC LIMIT {{limit:UInt32}}",
-        {
-            "m": MARKER_ACCOUNT,
-            "since": since,
-            "until": until,
-            "req": REQUEST,
-            "closed": STREAM_CLOSED,
-            "limit": limit,
-        },
-        bounds,
-        limit,
-    )
-    return [(str(a), int(r), int(u)) for a, r, u in rows]
 
 
 def _units(micro: int) -> float:
@@ -527,13 +402,20 @@ def series_answer(svc: Services, query: SeriesQuery, bounds: QueryBounds) -> byt
 
     Rows are charged whether they are served or refused for being too many: the
     store and this process did the work either way. The rows arrive as JSON text
-    (usage_series): this process only joins them.
+    (analytics_queries.usage_series): this process only joins them.
     """
     since, until = minute_range(query.start, query.end)
     rows: list[str] = []
     if since < until:
-        rows = usage_series(
-            svc.store, query.account, since, until, query.window, query.dimensions, bounds
+        rows = analytics_queries.usage_series(
+            svc.store,
+            query.account,
+            since,
+            until,
+            query.window,
+            WINDOWS[query.window],
+            query.dimensions,
+            bounds,
         )
     svc.limiter.charge(query.bucket, bounds.extra_tokens(len(rows)))
     bounds.check_rows(len(rows))
@@ -573,7 +455,9 @@ async def analytics_top_accounts(
     rows: list[tuple[str, int, int]] = []
     if since < until:
         bounds = QueryBounds.of(svc.settings)
-        rows = await asyncio.to_thread(top_accounts, svc.store, since, until, metric, limit, bounds)
+        rows = await asyncio.to_thread(
+            analytics_queries.top_accounts, svc.store, since, until, metric, limit, bounds
+        )
     return TopAccountsOut(
         data=[TopAccountOut(account=a, requests=r, units=_units(u)) for a, r, u in rows],
         meta=TopMetaOut(from_=format_time(start), to=format_time(end), metric=metric, limit=limit),

@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 
 from fastapi import APIRouter
 
-from processors.windows import format_time, used_percentage
 from query_api import queries
 from query_api.alerts.forecast import forecast
 from query_api.alerts.models import (
@@ -27,6 +26,7 @@ from query_api.deps import AccountCallerDep, ServicesDep, usage_view
 from query_api.errors import RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.queries import MinuteRow
 from query_api.usage import WindowUse, compute, history_start_any_anchor
+from schemas.windows import format_time, used_percentage
 
 router = APIRouter(prefix="/api/v1/account", tags=["usage"])
 _ERRORS: dict[int | str, dict[str, object]] = {

@@ -16,13 +16,13 @@ from typing import Annotated
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from processors.windows import format_time, used_percentage
 from query_api import queries
 from query_api.deps import AdminDep, ServicesDep
 from query_api.errors import PAYLOAD_TOO_LARGE_RESPONSE, RATE_LIMITED_RESPONSE, ApiError, ErrorBody
 from query_api.routes.usage import Answer, answer
 from query_api.usage import WindowUse
 from schemas.events import SUBJECT_PATTERN
+from schemas.windows import format_time, used_percentage
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
@@ -44,7 +44,7 @@ class LimitsIn(BaseModel):
 
 
 class MinuteLimitOut(BaseModel):
-    start: str = Field(description="The current UTC minute (processors/windows.py).")
+    start: str = Field(description="The current UTC minute (schemas/windows.py).")
     resets_at: str = Field(description="Its end: the next minute boundary.")
     requests: int = Field(description="Requests rolled up in this minute so far.")
     per_minute: int

@@ -12,7 +12,6 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from processors.windows import Window, format_time, period_end_inclusive, used_percentage
 from query_api import queries
 from query_api.accounts import Account
 from query_api.deps import (
@@ -34,6 +33,7 @@ from query_api.plans import Plan
 from query_api.queries import UsageReads
 from query_api.routes.bare import bare_endpoint
 from query_api.usage import AccountUsage, WindowUse, compute, history_start_any_anchor
+from schemas.windows import Window, format_time, period_end_inclusive, used_percentage
 
 router = APIRouter(tags=["usage"])
 ERRORS: dict[int | str, dict[str, object]] = {

@@ -1,4 +1,5 @@
--- Per-account, per-minute usage deltas, written by the sink (processors/sink.py).
+-- Per-account, per-minute usage deltas, written by the sink (processors/sink.py);
+-- its columns, INSERT and offset markers are described in schemas/rollup_table.py.
 --
 -- Engine: AggregatingMergeTree with SimpleAggregateFunction columns. Each flush
 -- appends deltas; background merges fold rows with the same key by summing the

@@ -35,12 +35,12 @@ from aiokafka.structs import TopicPartition
 
 from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
-from processors.sink import RollupStore
 from producers import events as build
 from producers.gateway import Gateway
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
+from schemas.rollup_table import RollupStore
 from schemas.store import Store
 
 pytestmark = pytest.mark.e2e

@@ -10,9 +10,9 @@ import httpx
 import orjson
 import pytest
 
-from processors.rollup import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
 from query_api.app import create_app
 from query_api.settings import ApiSettings
+from schemas.rollup_table import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
 from schemas.store import Store
 from tests.integration.test_ratelimit_headers import ACCOUNTS, NOW, PLANS, V0, V1, keys
 

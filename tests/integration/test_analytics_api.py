@@ -20,13 +20,14 @@ from typing import Any
 import httpx
 import pytest
 
-from processors.rollup import RollupBuilder, offset_markers
+from processors.rollup import RollupBuilder
 from producers import events as build
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.deps import Services
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, RequestEvent, StreamClosedEvent
+from schemas.rollup_table import offset_markers
 from schemas.store import Store
 from tests.rollups import ms, write_wire
 

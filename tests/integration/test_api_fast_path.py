@@ -18,11 +18,11 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from processors.rollup import COLUMNS
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_OPENED
+from schemas.rollup_table import COLUMNS
 from schemas.store import Store
 
 pytestmark = pytest.mark.integration

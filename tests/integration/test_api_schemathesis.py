@@ -39,11 +39,12 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from deploy.kafka_local import ensure_topics
-from processors.rollup import RollupBuilder, offset_markers
+from processors.rollup import RollupBuilder
 from producers import events as build
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
+from schemas.rollup_table import offset_markers
 from schemas.store import Store
 from tests.rollups import ms, write_wire
 

@@ -24,12 +24,13 @@ from aiokafka.structs import TopicPartition
 
 from deploy.clickhouse_local import LocalClickHouse
 from deploy.processes import free_port
-from processors.deltas import Delta, encode
-from processors.sink import INSERT_SETTINGS, MAX_ROWS_PER_INSERT, TABLE, RollupStore, Sink
+from processors.sink import Sink
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
+from schemas.deltas import Delta, encode
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import INSERT_SETTINGS, MAX_ROWS_PER_INSERT, TABLE, RollupStore
 from schemas.store import Store, migrations
 from tests.integration.test_sink_insert import _deltas, _Record, _stored
 
@@ -182,7 +183,7 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import orjson
-    from processors.sink import RollupStore
+    from schemas.rollup_table import RollupStore
     from schemas.store import Store
 
     url, database, name, inserts, go = sys.argv[1:6]

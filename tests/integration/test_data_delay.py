@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from deploy.stack import running_pipeline
-from processors.rollup import offset_markers
 from processors.settings import WorkerSettings
 from producers import events as build
 from producers.gateway import Gateway
@@ -23,6 +22,7 @@ from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.queries import reflected_until
 from query_api.settings import ApiSettings
+from schemas.rollup_table import offset_markers
 from schemas.store import Store
 from tests.rollups import ms, write_wire
 

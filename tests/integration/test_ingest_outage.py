@@ -33,13 +33,13 @@ from deploy.kafka_local import LocalKafka, ensure_topics
 from deploy.processes import free_port
 from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
-from processors.sink import RollupStore
 from producers import events as build
 from producers.events import encode_event
 from query_api.app import create_app
 from query_api.ingest import BATCH
 from query_api.routes.admin import account_totals
 from query_api.settings import ApiSettings
+from schemas.rollup_table import RollupStore
 from schemas.store import Store
 from tests.conftest import consume_all
 

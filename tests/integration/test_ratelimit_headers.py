@@ -21,11 +21,11 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from processors.rollup import COLUMNS
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import COLUMNS
 from schemas.store import Store
 from tests.structured_fields import InnerList, Item, Token, parse_list
 

@@ -23,11 +23,12 @@ from deploy.processes import free_port
 from deploy.stack import ensure_rollups_topic, running_pipeline
 from processors.app import build_app
 from processors.settings import WorkerSettings
-from processors.sink import RollupStore, Sink
+from processors.sink import Sink
 from query_api import queries
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
+from schemas.rollup_table import RollupStore
 from schemas.store import Store
 
 pytestmark = pytest.mark.integration

@@ -34,16 +34,16 @@ from deploy.processes import free_port
 from deploy.reconcile_cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, run_reconcile
 from deploy.reconcile_source import ApiTotals, StoreTotals, TotalsSource
 from deploy.stack import running_pipeline
-from processors.rollup import MARKER_ACCOUNT, offset_markers
 from processors.settings import WorkerSettings
-from processors.windows import format_time
 from producers import events as build
 from producers.gateway import Gateway
 from query_api.admin_ops import account_totals
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import MARKER_ACCOUNT, offset_markers
 from schemas.store import Store
+from schemas.windows import format_time
 from tests.rollups import write_wire
 
 pytestmark = pytest.mark.integration

@@ -67,7 +67,7 @@ async def test_reconcile_exits_0_1_and_2(
     minute = int((now - timedelta(minutes=30)).timestamp())
     insert = (
         "from datetime import UTC, datetime\n"
-        "from processors.rollup import COLUMNS\n"
+        "from schemas.rollup_table import COLUMNS\n"
         "from schemas.store import Store\n"
         f"store = Store({env['TALLY_CLICKHOUSE_URL']!r}, {unique_name!r})\n"
         f"at = datetime.fromtimestamp({minute}, UTC)\n"

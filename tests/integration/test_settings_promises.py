@@ -17,12 +17,12 @@ import httpx
 import orjson
 import pytest
 
-from processors.rollup import COLUMNS
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from query_api.usage import history_start_any_anchor
 from schemas.events import REQUEST, STREAM_OPENED
+from schemas.rollup_table import COLUMNS
 from schemas.store import Store
 
 pytestmark = pytest.mark.integration

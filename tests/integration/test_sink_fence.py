@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from processors.sink import COLUMNS, INSERT_SETTINGS, TABLE, WIRE_SELECT, WIRE_STRUCTURE
 from processors.sink_fence import Gate, Gates
+from schemas.rollup_table import COLUMNS, INSERT_SETTINGS, TABLE, WIRE_SELECT, WIRE_STRUCTURE
 from schemas.store import Store
 
 MINUTE = int(datetime(2026, 12, 1, 9, 0, tzinfo=UTC).timestamp())

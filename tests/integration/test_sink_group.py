@@ -20,8 +20,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from processors.deltas import Delta, encode
-from processors.sink import TABLE, Sink
+from processors.sink import Sink
+from schemas.deltas import Delta, encode
+from schemas.rollup_table import TABLE
 from schemas.store import Store
 from tests.conftest import MakeTopics
 

@@ -19,10 +19,11 @@ import orjson
 import pytest
 from aiokafka.structs import TopicPartition
 
-from processors.deltas import Delta, decode, encode, read
-from processors.rollup import COLUMNS, EPOCH, MARKER_ACCOUNT, MARKER_TYPE
-from processors.sink import TABLE, Sink
+from processors.sink import Sink
+from schemas.deltas import Delta, decode, encode, read
+from schemas.rollup_table import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, TABLE
 from schemas.store import Store
+from schemas.windows import EPOCH
 
 U64 = 2**64 - 1
 LABELS = ["q\"uo'te", "back\\slash\\", "uni ünï 漢字 🚀", "line\nbreak\ttab\u2028", "", "$$"]

@@ -16,12 +16,12 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from processors.rollup import offset_markers
 from query_api import queries
 from query_api.accounts import AccountStore
 from query_api.usage import history_start, history_start_any_anchor
 from query_api.view import UsageView
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import offset_markers
 from schemas.store import Store
 from tests.rollups import write_wire
 

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from processors.windows import format_time
 from query_api.alerts.forecast import forecast
 from query_api.alerts.settings import AlertSettings
 from query_api.alerts.signing import SecretBox
@@ -25,6 +24,7 @@ from query_api.settings import ApiSettings
 from query_api.usage import compute
 from schemas.events import REQUEST
 from schemas.store import Store
+from schemas.windows import format_time
 from tests.integration.test_alerts_webhooks import Receiver
 from tests.rollups import ms, write_wire
 

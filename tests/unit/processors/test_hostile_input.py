@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.decode import Limits, Rejection, decode_flat, decode_message
-from processors.deltas import rows_of
 from processors.output import DLQ_MAX_VALUE_BYTES, dead_letter_record
 from processors.pipeline import BatchResult, Message, Pipeline
+from schemas.deltas import rows_of
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 LIMITS = Limits()

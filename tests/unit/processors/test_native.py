@@ -19,8 +19,8 @@ from tally_fold import Dedup
 
 from processors.decode import Limits, decode_flat
 from processors.dedup import Deduplicator
-from processors.deltas import rows_of
 from processors.pipeline import BatchResult, Message, Pipeline
+from schemas.deltas import rows_of
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, 123_456, tzinfo=UTC)

@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.decode import NATIVE_MAX_EVENT_BYTES, Limits, decode_flat
-from processors.deltas import rows_of
 from processors.pipeline import BatchResult, Message, Pipeline
+from schemas.deltas import rows_of
 from schemas.events import MAX_UNITS
 from tests.unit.processors.test_decode_flat import AWKWARD_VALUES, BASES, FIELDS_LIST, _mutate
 

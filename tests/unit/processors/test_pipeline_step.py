@@ -7,9 +7,9 @@ import orjson
 import pytest
 
 from processors.decode import Limits
-from processors.deltas import rows_of
 from processors.pipeline import BatchResult, Message, Pipeline
-from processors.rollup import COLUMNS
+from schemas.deltas import rows_of
+from schemas.rollup_table import COLUMNS
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)
 

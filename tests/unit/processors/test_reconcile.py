@@ -8,18 +8,12 @@ import orjson
 import pytest
 
 from processors.decode import Limits
-from processors.reconcile import (
-    AccountTotals,
-    Recount,
-    align_range,
-    compare,
-    format_units,
-    stored_totals,
-)
-from processors.rollup import MARKER_ACCOUNT, MARKER_TYPE
+from processors.reconcile import Recount
 from producers import events as build
-from query_api.routes.analytics import minute_range
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
+from schemas.rollup_table import MARKER_ACCOUNT, MARKER_TYPE
+from schemas.totals import AccountTotals, compare, format_units, stored_totals
+from schemas.windows import minute_range
 
 T0 = datetime(2026, 3, 29, 10, 0, tzinfo=UTC)
 SINCE, UNTIL = T0, T0 + timedelta(hours=1)
@@ -59,22 +53,21 @@ M = timedelta(minutes=1)
         (T0 + timedelta(microseconds=1), T0 + M, (T0 + M, T0 + M)),
     ],
 )
-def test_align_range_keeps_the_minutes_starting_inside(
+def test_minute_range_keeps_the_minutes_starting_inside(
     start: datetime, end: datetime, want: tuple[datetime, datetime]
 ) -> None:
-    assert align_range(start, end) == want
-    # The analytics API's rule too, so reconcile and /admin/totals read the same minutes.
+    # One rule for reconcile, /admin/totals and the analytics API: the same minutes.
     assert minute_range(start, end) == want
 
 
-def test_align_range_converts_zones_and_refuses_naive_times() -> None:
+def test_minute_range_converts_zones_and_refuses_naive_times() -> None:
     plus2 = datetime(2026, 3, 29, 14, 0, 30, tzinfo=timezone(timedelta(hours=2)))
-    assert align_range(plus2, plus2 + 2 * M) == (
+    assert minute_range(plus2, plus2 + 2 * M) == (
         datetime(2026, 3, 29, 12, 1, tzinfo=UTC),
         datetime(2026, 3, 29, 12, 3, tzinfo=UTC),
     )
     with pytest.raises(ValueError, match="zone"):
-        align_range(datetime(2026, 1, 1), T0)
+        minute_range(datetime(2026, 1, 1), T0)
 
 
 def test_recount_needs_an_aligned_range() -> None:

@@ -2,15 +2,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from processors.deltas import store_rows
-from processors.rollup import (
-    COLUMNS,
-    MARKER_ACCOUNT,
-    MARKER_TYPE,
-    RollupBuilder,
-    offset_markers,
-)
+from processors.rollup import RollupBuilder
 from producers import events as build
+from schemas.deltas import store_rows
+from schemas.rollup_table import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE, offset_markers
 
 T0 = datetime(2026, 3, 29, 10, 15, 42, 123000, tzinfo=UTC)
 

@@ -94,7 +94,7 @@ def _row(account: str, events: int) -> list[object]:
 async def test_a_batch_committed_twice_upstream_is_applied_once() -> None:
     from aiokafka.structs import TopicPartition
 
-    from processors.deltas import Delta, encode
+    from schemas.deltas import Delta, encode
 
     written: list[list[object]] = []
 
@@ -125,7 +125,7 @@ async def test_a_batch_committed_twice_upstream_is_applied_once() -> None:
 async def test_stats_say_how_far_each_partition_is_stored_once_written() -> None:
     from aiokafka.structs import TopicPartition
 
-    from processors.deltas import Delta, encode
+    from schemas.deltas import Delta, encode
 
     seen: list[dict[int, int]] = []
 
@@ -166,7 +166,7 @@ async def test_a_write_refused_because_the_gate_is_gone_is_not_retried() -> None
 async def test_a_fenced_sink_drops_its_batch_and_writes_nothing_more() -> None:
     from aiokafka.structs import TopicPartition
 
-    from processors.deltas import Delta, encode
+    from schemas.deltas import Delta, encode
 
     class DroppedGates:
         def alive(self, gate: Gate) -> bool:

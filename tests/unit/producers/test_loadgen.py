@@ -11,13 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers.events import AnyEvent, encode_event
+from producers.events import encode_event
 from producers.loadgen import LoadgenResult, Traffic, traffic
 from schemas.events import (
     EVENT_ADAPTER,
     REQUEST,
     STREAM_CLOSED,
     STREAM_OPENED,
+    AnyEvent,
     RequestEvent,
     StreamClosedEvent,
     StreamOpenedEvent,

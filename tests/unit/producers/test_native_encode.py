@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producers import events
-from producers.events import AnyEvent, batch_encoder, encode_event
+from producers.events import batch_encoder, encode_event
 from producers.partitioning import murmur2, partition_for
-from schemas.events import EVENT_ADAPTER, RequestData, RequestEvent
+from schemas.events import EVENT_ADAPTER, AnyEvent, RequestData, RequestEvent
 from tests.unit.producers.test_encode_events import _events
 
 tally_fold = pytest.importorskip("tally_fold")

@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from processors.windows import used_percentage
 from query_api.alerts.rules import CROSSED, PROJECTED, Alert, alert_id, due, event_body
 from query_api.plans import DEFAULT_PLANS, Plan, PlanConfigError, load_plans
 from query_api.queries import MinuteRow
 from query_api.usage import compute
+from schemas.windows import used_percentage
 
 T0 = datetime(2026, 3, 30, 10, 0, tzinfo=UTC)  # a Monday
 LATE = timedelta(hours=1)

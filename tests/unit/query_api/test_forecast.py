@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from processors.windows import Window, fixed_window, used_percentage
 from query_api.alerts.forecast import forecast
 from query_api.queries import MinuteRow
+from schemas.windows import Window, fixed_window, used_percentage
 
 M = 1_000_000
 

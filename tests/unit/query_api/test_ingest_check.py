@@ -55,7 +55,7 @@ def test_the_native_check_takes_only_what_the_reference_accepts_whole(seed: int)
 
 
 def _bounds() -> tuple[int, int]:
-    return ingest._micros(NOW - LIMITS.max_lateness), ingest._micros(NOW + LIMITS.max_future)
+    return LIMITS.on_time_us(NOW)
 
 
 def _events(n: int) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 compute sums every total in one pass and reuses the calendar windows of a minute
 and the billing period of a day across requests; the reference places each window
-from `now` with processors/windows.py and sums each separately, as compute once did.
+from `now` with schemas/windows.py and sums each separately, as compute once did.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from processors.windows import (
+from query_api.plans import DEFAULT_PLANS, Plan
+from query_api.queries import MinuteRow
+from query_api.usage import WEEK, AccountUsage, WindowUse, _first_request, compute
+from schemas.windows import (
     Window,
     billing_period,
     day_window,
@@ -20,9 +23,6 @@ from processors.windows import (
     minute_window,
     week_window,
 )
-from query_api.plans import DEFAULT_PLANS, Plan
-from query_api.queries import MinuteRow
-from query_api.usage import WEEK, AccountUsage, WindowUse, _first_request, compute
 
 PLANS = [
     *DEFAULT_PLANS.values(),

@@ -9,7 +9,6 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from processors.deltas import encode_wire
 from query_api.keys import hash_key, new_key
 from query_api.view import UsageView, to_ms
 from query_api.view_feed import (
@@ -21,6 +20,7 @@ from query_api.view_feed import (
     ViewFeed,
 )
 from query_api.view_rows import Snapshot
+from schemas.deltas import encode_wire
 from schemas.events import REQUEST
 
 NOW = datetime(2026, 3, 14, 15, 9, 26, 535_897, tzinfo=UTC)

@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producers.asgi import MeteringMiddleware, from_header
-from producers.events import AnyEvent, encode_event
+from producers.events import encode_event
 from schemas.events import (
     EVENT_ADAPTER,
+    AnyEvent,
     RequestEvent,
     StreamClosedEvent,
     StreamOpenedEvent,

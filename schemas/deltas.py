@@ -7,11 +7,12 @@ together with the consumed offset. The sink applies every committed message once
 Version 2 (what `encode` writes): one JSON header line, b"\n", then the rows:
 {"v": 2, "partition": p, "next_offset": n, "reflected_ms": t, "final": f,
 "count": k}\n[row],[row],... Each row holds the columns of `rollup_minute` in
-order: [account, minute_s, type, route, method, model, status, stream_id,
-events, units_micro, latency_ms_sum, bytes_in, bytes_out, last_time_ms,
-offset_end] (offset_end 0: only markers carry one). Comma-separated rows are
-what ClickHouse's JSONCompactEachRow reads, so the sink joins the row parts of
-many messages with "," and hands them to one INSERT without parsing a row.
+the order and wire types of `schemas.rollup_table.SPEC`: [account, minute_s, type,
+route, method, model, status, stream_id, events, units_micro, latency_ms_sum,
+bytes_in, bytes_out, last_time_ms, offset_end] (offset_end 0: only markers carry
+one). Comma-separated rows are what ClickHouse's JSONCompactEachRow reads, so the
+sink joins the row parts of many messages with "," and hands them to one INSERT
+without parsing a row.
 
 Version 1 (still read, for deltas written before an upgrade): one JSON object
 {"v": 1, "partition": p, "next_offset": n, "reflected_ms": t, "final": f,
@@ -26,18 +27,19 @@ counted up to `next_offset`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from schemas.rollup_table import DELTA_COLUMNS, SUMMED, RollupRow
+
 VERSION = 2
 # Kafka's default record limit is ~1 MiB; stay well below it with headroom
 # for the envelope and the batch framing.
 MAX_MESSAGE_BYTES = 700_000
-WIRE_COLUMNS = 14
-"""Columns of a row as the API's usage view applies it: all but offset_end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,8 @@ class Delta:
     partition: int
     next_offset: int
     reflected_ms: int
-    rows: list[list[Any]]
+    rows: Sequence[RollupRow]
+    """The delta's rows in the store's types (`store_rows`)."""
     final: bool = True
 
 
@@ -71,10 +74,10 @@ def rows_of(body: bytes) -> list[list[Any]]:
     """Rows of a version 2 row part, without offset_end."""
     if not body:
         return []
-    return [row[:WIRE_COLUMNS] for row in orjson.loads(b"[" + body + b"]")]
+    return [row[:DELTA_COLUMNS] for row in orjson.loads(b"[" + body + b"]")]
 
 
-def _wire_rows(rows: list[list[Any]]) -> list[list[Any]]:
+def _wire_rows(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     # Datetimes become integers: compact, and exact to the millisecond. A delta
     # holds few distinct minutes (and the builder shares their datetimes), so
     # each minute converts once.
@@ -136,8 +139,6 @@ def wire_bodies(rows: list[list[Any]], budget: int = BODY_BUDGET) -> list[tuple[
 
 
 _U64_MAX = 2**64 - 1
-_SUMMED = (9, 11, 12)
-"""units_micro, bytes_in, bytes_out: the integer sums that may outgrow UInt64."""
 
 
 def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
@@ -149,7 +150,7 @@ def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
     """
     out: list[list[Any]] = []
     for row in rows:
-        while any(row[i] > _U64_MAX for i in _SUMMED):
+        while any(row[i] > _U64_MAX for i in SUMMED):
             part = [*row[:8], 0, min(row[9], _U64_MAX), 0.0, min(row[11], _U64_MAX),
                     min(row[12], _U64_MAX), *row[13:]]  # fmt: skip
             out.append(part)
@@ -241,23 +242,24 @@ def decode(value: bytes) -> Delta:
     return Delta(frame.partition, frame.next_offset, frame.reflected_ms, rows, frame.final)
 
 
-def store_rows(wire: list[list[Any]]) -> list[list[object]]:
+def store_rows(wire: list[list[Any]]) -> list[RollupRow]:
     """Wire rows (`RollupBuilder.wire_rows`, with or without offset_end) in the store's
     column types: the minute and last_time as UTC datetimes, offset_end 0 (deltas
     carry none, markers do). The inverse of what `encode` does to `Delta.rows`."""
     # One datetime per distinct minute (a delta holds few), and no per-row helper call.
     minutes: dict[Any, datetime] = {}
-    rows: list[list[object]] = []
+    rows: list[RollupRow] = []
     append = rows.append
     fromtimestamp = datetime.fromtimestamp
     for cells in wire:
-        row: list[object] = cells[:13]
-        minute = cells[1]
+        account, minute, kind, route, method, model, status, stream_id = cells[:8]
+        events, units_micro, latency_ms_sum, bytes_in, bytes_out, last_ms = cells[8:14]
         at = minutes.get(minute)
         if at is None:
             at = minutes[minute] = fromtimestamp(minute, UTC)
-        row[1] = at
-        row.append(fromtimestamp(cells[13] / 1000, UTC))
-        row.append(0)
-        append(row)
+        append(
+            RollupRow(account, at, kind, route, method, model, status, stream_id, events,
+                      units_micro, latency_ms_sum, bytes_in, bytes_out,
+                      fromtimestamp(last_ms / 1000, UTC), 0)
+        )  # fmt: skip
     return rows

@@ -82,11 +82,33 @@ def fixed_window(now: datetime, length: timedelta) -> Window:
     Anchoring at the epoch rather than at midnight keeps blocks contiguous when
     `length` does not divide a day (5-hour sessions cross midnight).
     """
-    if length <= timedelta(0):
-        raise ValueError(f"length must be positive, got {length}")
-    # timedelta // timedelta is exact integer floor division, also before the epoch.
-    start = EPOCH + (_utc(now, "now") - EPOCH) // length * length
+    start = floor_to(now, length)
     return Window(start, start + length)
+
+
+def floor_to(t: datetime, step: timedelta) -> datetime:
+    """The start of the `step` block containing `t`, blocks counted from the Unix epoch."""
+    if step <= timedelta(0):
+        raise ValueError(f"step must be positive, got {step}")
+    # timedelta // timedelta is exact integer floor division, also before the epoch.
+    return EPOCH + (_utc(t, "time") - EPOCH) // step * step
+
+
+def ceil_to(t: datetime, step: timedelta) -> datetime:
+    """The first epoch-aligned `step` boundary at or after `t`."""
+    start = floor_to(t, step)
+    return start if start == t else start + step
+
+
+def minute_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The minutes whose start lies in [start, end), as [first, stop) (both UTC).
+
+    Rollups are per minute and a minute cannot be split, so every range over them
+    (analytics, admin totals, `tally reconcile`) keeps exactly these minutes:
+    `from=10:00:30Z` begins with the 10:01 minute. Empty (first >= stop) when no
+    minute starts inside the range. Naive bounds raise ValueError.
+    """
+    return ceil_to(start, MINUTE), ceil_to(end, MINUTE)
 
 
 def _period_start(year: int, month: int, anchor_day: int) -> datetime:
@@ -211,6 +233,14 @@ def used_percentage(used_micro: int, limit_units: float) -> float:
     num, den = used_micro * q, 1000 * p
     tenths = (2 * num + den) // (2 * den)  # floor(x + 1/2): half-up for x >= 0
     return tenths / 10
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_micros(at: datetime) -> int:
+    """Microseconds since the epoch, exactly (a float timestamp is not exact)."""
+    return (at - EPOCH) // _MICROSECOND
 
 
 def format_time(t: datetime) -> str:

@@ -1,4 +1,5 @@
-"""How the worker and the sink behave when something fails.
+"""How the long-running processes (worker, sink, the API's view feed) behave when
+something fails.
 
 Expected failures (Kafka or the store briefly away) are retried with these
 delays while offsets are held, so nothing is lost. Anything unexpected ends the

@@ -1,4 +1,4 @@
-"""Garbage-collector settings for the long-running worker and sink processes.
+"""Garbage-collector settings for the long-running processes (worker, sink, API).
 
 The worker allocates millions of short-lived tuples and lists per batch. At
 CPython's default gen-0 threshold (700 allocations) the cyclic collector runs

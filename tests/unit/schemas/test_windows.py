@@ -11,13 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.windows import (
+from schemas.windows import (
     EPOCH,
     Window,
     billing_period,
     chain_start,
     current_first_request_window,
     day_window,
+    epoch_micros,
     fixed_window,
     format_time,
     minute_window,
@@ -481,3 +482,10 @@ NAIVE = datetime(2026, 3, 29, 10)
 def test_naive_datetimes_are_rejected(call: Callable[[datetime], object]) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         call(NAIVE)
+
+
+def test_epoch_micros_counts_whole_microseconds_from_the_epoch() -> None:
+    assert epoch_micros(utc(2100, 1, 1, 0, 0, 0, 999_999)) == 4_102_444_800_999_999
+    assert epoch_micros(EPOCH - timedelta(microseconds=1)) == -1
+    plus2 = datetime(2026, 1, 1, 2, tzinfo=timezone(timedelta(hours=2)))
+    assert epoch_micros(plus2) == epoch_micros(utc(2026, 1, 1))

@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from processors.deltas import Delta, decode, encode, encode_wire, read, store_rows
 from processors.rollup import RollupBuilder
 from producers import events as build
+from schemas.deltas import Delta, decode, encode, encode_wire, read, store_rows
 
 T0 = datetime(2026, 3, 29, 10, 15, 42, 123000, tzinfo=UTC)
 
