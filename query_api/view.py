@@ -46,9 +46,16 @@ from query_api.keys import prefix_of, same_key
 from query_api.queries import MinuteRow, UsageReads
 from query_api.view_rows import AccountChange, Horizon, KeyChange, Snapshot, Versions
 from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
-from schemas.rollup_table import MARKER_PARAMS, MARKER_WHERE, Marker
+from schemas.rollup_table import MARKER_PARAMS, MARKER_WHERE, POSITION, Marker
 from schemas.store import Store
 from schemas.windows import EPOCH
+
+# Where apply() finds what it reads in a wire row (minute in epoch seconds,
+# last_time in epoch ms): positions from the table's one column spec.
+_ACCOUNT, _MINUTE, _TYPE, _STREAM, _EVENTS, _UNITS, _LAST_TIME = (
+    POSITION[name]
+    for name in ("account", "minute", "type", "stream_id", "events", "units_micro", "last_time")
+)
 
 log = logging.getLogger("tally.api.view")
 
@@ -388,20 +395,19 @@ class UsageView:
                 return
             horizon = self.horizon
             for row in rows:
-                account, minute, kind = row[0], row[1], row[2]
+                account, minute, kind = row[_ACCOUNT], row[_MINUTE], row[_TYPE]
                 if kind == REQUEST:
-                    requests, units = row[8], row[9]
+                    requests, units = row[_EVENTS], row[_UNITS]
                 elif kind == STREAM_CLOSED:
-                    requests, units = 0, row[9]
+                    requests, units = 0, row[_UNITS]
                 else:
                     requests, units = 0, 0
                 if minute >= horizon.minutes:
                     self._add(account, minute, requests, units)
                 if minute >= horizon.streams and kind in (STREAM_OPENED, STREAM_CLOSED):
                     opened = kind == STREAM_OPENED
-                    self._add_stream(
-                        account, row[7], minute, row[13] if opened else -1, 0 if opened else 1
-                    )
+                    last = row[_LAST_TIME] if opened else -1
+                    self._add_stream(account, row[_STREAM], minute, last, 0 if opened else 1)
             for partition, ms in reflected_ms.items():
                 if ms > self._reflected.get(partition, -1):
                     self._reflected[partition] = ms

@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from schemas.rollup_table import DELTA_COLUMNS, SUMMED, RollupRow
+from schemas.rollup_table import DELTA_COLUMNS, POSITION, SUMMED, RollupRow
 
 VERSION = 2
 # Kafka's default record limit is ~1 MiB; stay well below it with headroom
@@ -139,6 +139,7 @@ def wire_bodies(rows: list[list[Any]], budget: int = BODY_BUDGET) -> list[tuple[
 
 
 _U64_MAX = 2**64 - 1
+_EVENTS, _LATENCY = POSITION["events"], POSITION["latency_ms_sum"]
 
 
 def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
@@ -151,11 +152,14 @@ def split_overflowing(rows: list[list[Any]]) -> list[list[Any]]:
     out: list[list[Any]] = []
     for row in rows:
         while any(row[i] > _U64_MAX for i in SUMMED):
-            part = [*row[:8], 0, min(row[9], _U64_MAX), 0.0, min(row[11], _U64_MAX),
-                    min(row[12], _U64_MAX), *row[13:]]  # fmt: skip
+            part = list(row)
+            part[_EVENTS], part[_LATENCY] = 0, 0.0
+            rest = list(row)
+            for i in SUMMED:
+                part[i] = min(row[i], _U64_MAX)
+                rest[i] = row[i] - part[i]
             out.append(part)
-            row = [*row[:9], row[9] - part[9], row[10], row[11] - part[11],
-                   row[12] - part[12], *row[13:]]  # fmt: skip
+            row = rest
         out.append(row)
     return out
 

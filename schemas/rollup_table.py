@@ -72,7 +72,10 @@ WIRE_SELECT = ", ".join(c.load or c.name for c in SPEC)
 DELTA_COLUMNS = len(SPEC) - 1
 """Columns of a delta row as the API's usage view applies it: all but offset_end
 (only markers carry one)."""
-SUMMED = tuple(COLUMNS.index(name) for name in ("units_micro", "bytes_in", "bytes_out"))
+POSITION: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
+"""Each column's index in a table or wire row, for the hot loops that read rows as
+lists (the view's apply, the overflow split) rather than as `RollupRow`s."""
+SUMMED = tuple(POSITION[name] for name in ("units_micro", "bytes_in", "bytes_out"))
 """The integer sums that may outgrow the store's UInt64 (schemas/deltas.py splits them)."""
 
 
