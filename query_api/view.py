@@ -213,6 +213,7 @@ class UsageView:
         self._keys: dict[str, tuple[str, str, bool]] = {}
         self._usage: dict[str, _Usage] = {}
         self._reflected: dict[int, int] = {}
+        self._marks: Mapping[int, datetime] | None = None  # _partition_marks's cache
         self._times: dict[int, datetime] = {}
         self._next_prune = horizon.minutes
         self.evicted: set[str] = set()
@@ -263,7 +264,7 @@ class UsageView:
                 self.horizon = built.horizon
                 self.rows = built.rows
                 self._accounts, self._keys = built._accounts, built._keys
-                self._usage, self._reflected = built._usage, built._reflected
+                self._usage, self._reflected, self._marks = built._usage, built._reflected, None
                 self._times, self._next_prune = built._times, built._next_prune
                 self.versions, self.snapshot = built.versions, built.snapshot
                 self.evicted = built.evicted
@@ -407,6 +408,7 @@ class UsageView:
             for partition, ms in reflected_ms.items():
                 if ms > self._reflected.get(partition, -1):
                     self._reflected[partition] = ms
+                    self._marks = None
             if self.rows > self.max_rows:
                 self._evict()
             now_s = to_ms(self.now()) // 1000
@@ -571,10 +573,15 @@ class UsageView:
 
     def reflected_until(self) -> datetime | None:
         """As `queries.reflected_until`."""
-        reflected = self._reflected
-        if not reflected:
-            return None
-        return ms_time(min(reflected.values()))
+        marks = self._partition_marks()
+        return min(marks.values()) if marks else None
+
+    def _partition_marks(self) -> Mapping[int, datetime]:
+        """Per events partition, the time its events are counted up to: rebuilt after a
+        change, never mutated (answers share it without a copy)."""
+        if self._marks is None:
+            self._marks = {p: ms_time(ms) for p, ms in sorted(self._reflected.items())}
+        return self._marks
 
     def usage_reads(
         self, account: str, since: datetime, until: datetime, idle_cutoff: datetime
@@ -589,4 +596,5 @@ class UsageView:
                 minutes=self.minutes(account, since, until),
                 active_streams=self.active_streams(account, idle_cutoff),
                 reflected_until=self.reflected_until(),
+                partitions=self._partition_marks(),
             )
