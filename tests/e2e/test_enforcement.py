@@ -13,10 +13,13 @@ on a full UTC minute of the same account:
   ~300 calls (the session then holds 300 + overshoot of its 900 units). The calls the three
   gateways accepted in the minute are at most 300 + the documented bound
   (G-1)·r·(S + RTT + D), D the data delay the API reported; overshoot and bound printed.
-* minute 2, calls of 3 units: the session reaches 900 units after at most 200 calls,
-  before the minute's 300, so `quota_exceeded` is the session's doing. Once
-  /api/account/usage shows it at 100 %, every gateway refuses within S + RTT; the units
-  accepted past 900 are at most the same bound in units, (G-1)·r·u·(S + RTT + D).
+* minute 2, calls of 3 units: Tally's count shows the session at 900 units after at
+  most 200 calls, before the minute's 300 (the overshoot may still take the minute's
+  accepted calls to 300; a gateway that knows the session is full names it, a full
+  quota being decided first). Once
+  /api/account/usage shows it at 100 %, every gateway refuses within S + RTT with
+  `quota_exceeded`; the units accepted past 900 are at most the same bound in units,
+  (G-1)·r·u·(S + RTT + D).
 * The 429s and /api/v1/account/usage tell the same story: the same policy fields, the
   count Tally shows is exactly what the gateways accepted (refused calls are not
   metered), `remaining` 0 on both in minute 1, Retry-After the session's reset.
@@ -333,6 +336,8 @@ def _counted(stack: Stack, key: str, run: Run) -> None:
 
 def test_three_gateways_hold_one_account_to_both_limits(stack: Stack, gateways: list[str]) -> None:
     key = _account(stack, ACCOUNT)
+    # Each gateway syncs with its topic's partition count: judged per partition.
+    assert all(httpx.get(f"{u}/stats").json()["partitions"] > 0 for u in gateways)
     # Minute 1 with room to count it before it ends (answers may lag on a loaded machine).
     if 60 - time.time() % 60 < RATE_S + 25:
         time.sleep(60 - time.time() % 60 + 0.5)
@@ -398,7 +403,10 @@ def test_three_gateways_hold_one_account_to_both_limits(stack: Stack, gateways: 
     )
     assert used >= SESSION_UNITS, "refused below the session limit"
     assert used - SESSION_UNITS <= bound2.calls() * QUOTA_UNITS
-    assert seen2 < PER_MINUTE, "minute 2's refusals were the per-minute limit's"
+    # Not asserted: seen2 < PER_MINUTE. Tally's count shows the session full after at most
+    # 200 calls of minute 2, but the gateways' overshoot past it (within the bound above)
+    # may take the minute's accepted calls to 300 too (one run did). Past S + RTT after
+    # 100 %, the session is what every refusal names (a full quota is decided first).
     late = [o for o in quota.calls if o.sent_at > full + SYNC_S + bound2.rtt and o.status]
     assert {o.gateway for o in late} == set(range(G))
     assert all(_code(o) == "quota_exceeded" for o in late), [
