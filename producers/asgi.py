@@ -238,6 +238,8 @@ class MeteringMiddleware:
                 "(e.g. from_header('x-account-id') set by your auth proxy), or drop enforcement"
             )
         self.enforcement = enforcement
+        if enforcement is not None:
+            enforcement.learn_partitions_from(recorder)
         self._opens_stream = opens_stream
         self._docs_url = docs_url
         self.app = app

@@ -8,8 +8,10 @@ and closed), each with its event time. A decision is made from
     Tally's counts  +  this gateway's uses not yet reflected in them
 
 and a local use is dropped once Tally's counts reflect it: when the synced
-`reflected_until` (the time up to which every partition's events are counted) has
-passed its event time by `margin_s`. The margin covers the time between an event's
+`reflected_until` (the time up to which the account's own partition is counted, or
+every partition when the partition is not known: enforcement_sync.account_reflected)
+has passed its event time by `margin_s`. Per account, so one lagging partition keeps
+only its own accounts' uses. The margin covers the time between an event's
 time (the request's start) and its reaching Kafka (the call's latency, the metering
 queue, the producer's linger): an event of ours published after a later one of
 another gateway is not counted yet although `reflected_until` passed its time. Too
@@ -71,7 +73,8 @@ class Synced:
     active_streams: int
     max_streams: int
     reflected_until: float | None
-    """Events up to this time (epoch s) are in the counts; None: nothing counted yet."""
+    """The account's events up to this time (epoch s) are in the counts (its partition's
+    time, or the least over partitions); None: nothing counted yet."""
 
 
 @dataclass(slots=True)

@@ -8,6 +8,14 @@ are allowed (fail open, counted as `unsynced_allowed`) until its first answer ar
 one API round trip later, and its uses since are counted locally meanwhile, so the
 first answer plus them is exact.
 
+Which of its own requests Tally's counts already hold is judged per partition: the sync
+sends the events topic's partition count (`partitions`, from the `Gateway` the middleware
+records to, once it has started), and Tally answers, per account, the time up to which
+the partition that account's events go to is counted (`partition_reflected_until`, in the
+same snapshot as the counts). Without a count (another recorder, or before the gateway
+connected) the least over all partitions is used, which is safe but keeps every
+account's requests local while any one partition lags.
+
 No request waits for the API. When it fails (unreachable, 5xx, timeout), the failure
 is logged (at most once per 10 s) and counted in `stats.sync_failures`; accounts keep
 their last answer until it is `enforce_stale_after_s` old, then are allowed (fail open).
@@ -45,6 +53,15 @@ def _quota(body: Mapping[str, Any]) -> Quota:
     return Quota(int(body["used_micro"]), float(body["limit_units"]), _epoch(body["resets_at"]))
 
 
+def account_reflected(body: Mapping[str, Any]) -> float | None:
+    """Up to when (epoch s) the account's OWN events are in its counts: its partition's
+    time when Tally named the partition (None there means nothing of that partition is
+    counted yet, never "fall back to the others"); else the least over partitions."""
+    if body.get("partition") is not None:
+        return _epoch(body.get("partition_reflected_until"))
+    return _epoch(body.get("reflected_until"))
+
+
 def parse_account(body: Mapping[str, Any] | None) -> Synced | None:
     """One account of the limits answer (query_api/routes/limits.py) as the core needs it."""
     if body is None:
@@ -60,7 +77,7 @@ def parse_account(body: Mapping[str, Any] | None) -> Synced | None:
         weekly=_quota(body["weekly"]),
         active_streams=int(body["streams"]["active"]),
         max_streams=int(body["streams"]["max"]),
-        reflected_until=_epoch(body.get("reflected_until")),
+        reflected_until=account_reflected(body),
     )
 
 
@@ -90,6 +107,14 @@ class Enforcement:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._last_report = -1e9
+        self.partitions: Callable[[], int] | None = None
+        """The events topic's partition count (0: not known yet); None: never known."""
+
+    def learn_partitions_from(self, recorder: object) -> None:
+        """Ask `recorder` (a `Gateway`: its `partitions`, known once started) for the
+        partition count, unless one was set: its events went to those partitions."""
+        if self.partitions is None and isinstance(getattr(recorder, "partitions", None), int):
+            self.partitions = lambda: int(getattr(recorder, "partitions", 0))
 
     @classmethod
     def from_settings(cls, settings: EnforcementSettings | None = None) -> Enforcement:
@@ -143,19 +168,20 @@ class Enforcement:
     async def sync_once(self, client: httpx.AsyncClient) -> None:
         """Read and apply the limits of every recently active account; never raises."""
         accounts = self.core.active(self.clock() - self._active_within_s)
+        partitions = self.partitions() if self.partitions is not None else 0
         for i in range(0, len(accounts), BATCH):
-            batch = accounts[i : i + BATCH]
+            body: dict[str, object] = {"accounts": accounts[i : i + BATCH]}
+            if partitions > 0:
+                body["partitions"] = partitions
             started = time.monotonic()
             try:
-                response = await client.post(
-                    self._url, json={"accounts": batch}, headers=self._headers
-                )
+                response = await client.post(self._url, json=body, headers=self._headers)
                 response.raise_for_status()
                 took = time.monotonic() - started
                 self.stats.sync_seconds_max = max(self.stats.sync_seconds_max, took)
                 answers = response.json()["accounts"]
                 now = self.clock()
-                for account in batch:
+                for account in accounts[i : i + BATCH]:
                     self.core.apply(account, parse_account(answers.get(account)), now)
             except Exception as exc:
                 self.stats.sync_failures += 1

@@ -8,7 +8,8 @@ are told from deltas by schemas/rollup_table.py's names and read alone by its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
@@ -94,6 +95,11 @@ class UsageReads:
     minutes: list[MinuteRow]
     active_streams: int
     reflected_until: datetime | None
+    """The least of `partitions`: every event before it is in `minutes`."""
+    partitions: Mapping[int, datetime] = field(default_factory=dict)
+    """Per partition of the events topic, the time up to which its events are in
+    `minutes`: read in the same snapshot, so a gateway can tell, for the one partition
+    an account's events go to, which of its own requests these counts hold."""
 
 
 def usage_reads(
@@ -127,10 +133,10 @@ def usage_reads(
         " GROUP BY stream_id"
         ") WHERE closes = 0 AND opened_at > {cutoff:DateTime64(3)} "
         "UNION ALL "
-        "SELECT 2, toDateTime(0, 'UTC'), count(), 0, min(t), '' FROM ("
-        " SELECT status, max(last_time) AS t FROM rollup_minute"
+        "SELECT 2, toDateTime(0, 'UTC'), toUInt64(status), 0, max(last_time), ''"
+        " FROM rollup_minute"
         f" WHERE {MARKER_WHERE} AND route = {{topic:String}}"
-        " GROUP BY status) "
+        " GROUP BY status "
         "UNION ALL "
         "SELECT 3, toDateTime(0, 'UTC'), billing_anchor_day, 0, created_at, toString(plan)"
         " FROM accounts FINAL WHERE id = {a:String}",
@@ -148,11 +154,13 @@ def usage_reads(
         },
     )
     minutes = sorted((m, int(n), int(u)) for kind, m, n, u, _, _ in rows if kind == 0)
+    partitions = {int(n): t for kind, _, n, _, t, _ in rows if kind == 2}
     return UsageReads(
         account=next(((s, int(n), t) for kind, _, n, _, t, s in rows if kind == 3), None),
         minutes=minutes,
         active_streams=next((int(n) for kind, _, n, _, _, _ in rows if kind == 1), 0),
-        reflected_until=next((t for kind, _, n, _, t, _ in rows if kind == 2 and n), None),
+        reflected_until=min(partitions.values()) if partitions else None,
+        partitions=partitions,
     )
 
 

@@ -14,13 +14,11 @@ on any store, therefore answers usage from this view:
   read from `tally.rollups` by the rules the sink applies them by (`FeedPosition`),
   and polls accounts and keys (`sync_accounts`, `sync_keys`).
 
-One way for every deployment: `tally up` on the embedded store feeds its view
-from the topic as well, rather than from the sink's INSERTs in the same process,
-so the path the replicas depend on is the path every test and every
-single-process install runs. A view fed by the topic can be ahead of the store
-(a delta committed in Kafka and not yet INSERTed) but never wrong: the sink
-applies the same deltas once, in the same order, and `meta.updated_at` /
-`X-Data-Delay` say what this view reflects, not what the store does.
+One way for every deployment: `tally up` on the embedded store feeds its view from
+the topic too (not from its own sink's INSERTs), so the path replicas depend on is
+the one every test and install runs. Fed by the topic, a view can be ahead of the
+store (a delta committed, not yet INSERTed), never wrong: the sink applies the same
+deltas once, in order; `meta.updated_at` / `X-Data-Delay` say what the view holds.
 
 Admin writes made through this process reach the view at once
 (`AccountsListener`); those of other processes within one poll. Versions
@@ -50,8 +48,7 @@ from schemas.rollup_table import MARKER_PARAMS, MARKER_WHERE, POSITION, Marker
 from schemas.store import Store
 from schemas.windows import EPOCH
 
-# Where apply() finds what it reads in a wire row (minute in epoch seconds,
-# last_time in epoch ms): positions from the table's one column spec.
+# Where apply() reads a wire row: positions from the table's one column spec.
 _ACCOUNT, _MINUTE, _TYPE, _STREAM, _EVENTS, _UNITS, _LAST_TIME = (
     POSITION[name]
     for name in ("account", "minute", "type", "stream_id", "events", "units_micro", "last_time")
@@ -219,6 +216,7 @@ class UsageView:
         self._keys: dict[str, tuple[str, str, bool]] = {}
         self._usage: dict[str, _Usage] = {}
         self._reflected: dict[int, int] = {}
+        self._marks: Mapping[int, datetime] | None = None  # _partition_marks's cache
         self._times: dict[int, datetime] = {}
         self._next_prune = horizon.minutes
         self.evicted: set[str] = set()
@@ -269,7 +267,7 @@ class UsageView:
                 self.horizon = built.horizon
                 self.rows = built.rows
                 self._accounts, self._keys = built._accounts, built._keys
-                self._usage, self._reflected = built._usage, built._reflected
+                self._usage, self._reflected, self._marks = built._usage, built._reflected, None
                 self._times, self._next_prune = built._times, built._next_prune
                 self.versions, self.snapshot = built.versions, built.snapshot
                 self.evicted = built.evicted
@@ -411,6 +409,7 @@ class UsageView:
             for partition, ms in reflected_ms.items():
                 if ms > self._reflected.get(partition, -1):
                     self._reflected[partition] = ms
+                    self._marks = None
             if self.rows > self.max_rows:
                 self._evict()
             now_s = to_ms(self.now()) // 1000
@@ -575,10 +574,14 @@ class UsageView:
 
     def reflected_until(self) -> datetime | None:
         """As `queries.reflected_until`."""
-        reflected = self._reflected
-        if not reflected:
-            return None
-        return ms_time(min(reflected.values()))
+        marks = self._partition_marks()
+        return min(marks.values()) if marks else None
+
+    def _partition_marks(self) -> Mapping[int, datetime]:
+        """Per events partition, its events' counted-to time (rebuilt, never mutated)."""
+        if self._marks is None:
+            self._marks = {p: ms_time(ms) for p, ms in sorted(self._reflected.items())}
+        return self._marks
 
     def usage_reads(
         self, account: str, since: datetime, until: datetime, idle_cutoff: datetime
@@ -593,4 +596,5 @@ class UsageView:
                 minutes=self.minutes(account, since, until),
                 active_streams=self.active_streams(account, idle_cutoff),
                 reflected_until=self.reflected_until(),
+                partitions=self._partition_marks(),
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,21 @@ async def consume_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
         return records
     finally:
         await consumer.stop()
+
+
+@contextmanager
+def own_broker(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[LocalKafka]:
+    """A broker of a test module's own (a free port, a fresh data dir named `name`), for
+    tests that stop, kill and restart it; the session's shared broker is left alone.
+    Killed if it fails to start; stopped, then killed, when the block ends."""
+    kafka = LocalKafka(tmp_path_factory.mktemp(name), KAFKA_LIBS, port=free_port())
+    try:
+        kafka.start()
+    except Exception:
+        kafka.kill()
+        raise
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+        kafka.kill()

@@ -3,19 +3,27 @@ to hold accounts to their plans (producers/enforcement.py).
 
 Each account's answer is computed by the very code the usage endpoints run
 (`routes.usage.answer`: one read, `usage.compute`, `limits.plan_limits`), so the
-count a gateway enforces is the count `/api/v1/account/usage` shows. `reflected_until`
-(per partition of the events topic, and their minimum) says which events those counts
-include: a gateway keeps its own requests newer than that and adds them.
+count a gateway enforces is the count `/api/v1/account/usage` shows. Which events those
+counts include is said per account, read in the same snapshot as its counts:
+`reflected_until`, the least over the events topic's partitions, and, when the gateway
+sends the topic's partition count, `partition_reflected_until`, that of the one
+partition the account's events go to (Kafka's murmur2 of the account id, as every
+producer places them). A gateway keeps its own requests newer than that and adds them;
+with the account's own partition, one lagging partition does not hold every account's
+requests locally (counted twice, refused early) until it catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated, NamedTuple
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from producers.partitioning import partition_for
 from query_api import queries
 from query_api.deps import AdminDep, ServicesDep
 from query_api.errors import PAYLOAD_TOO_LARGE_RESPONSE, RATE_LIMITED_RESPONSE, ApiError, ErrorBody
@@ -41,6 +49,14 @@ AccountId = Annotated[str, Field(pattern=SUBJECT_PATTERN, max_length=128)]
 
 class LimitsIn(BaseModel):
     accounts: list[AccountId] = Field(max_length=MAX_ACCOUNTS, description="Account ids.")
+    partitions: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="The events topic's partition count as the gateway's producer sees "
+        "it; given, each account's answer names its partition and that partition's "
+        "`partition_reflected_until`.",
+    )
 
 
 class MinuteLimitOut(BaseModel):
@@ -70,8 +86,16 @@ class AccountLimitsOut(BaseModel):
     weekly: QuotaOut
     streams: StreamsOut
     reflected_until: str | None = Field(
-        description="The time up to which events are in THIS account's counts (read "
-        "with them, in one snapshot); null: nothing counted yet."
+        description="The time up to which events of every partition are in THIS "
+        "account's counts (read with them, in one snapshot); null: nothing counted yet."
+    )
+    partition: int | None = Field(
+        default=None, description="The partition of the account's events; null: not asked."
+    )
+    partition_reflected_until: str | None = Field(
+        default=None,
+        description="The time up to which that partition's events are in the counts (same "
+        "snapshot); null: not asked, or nothing of that partition counted yet.",
     )
 
 
@@ -98,8 +122,26 @@ def _quota(use: WindowUse, limit: float) -> QuotaOut:
     )
 
 
-def _account_out(found: Answer) -> AccountLimitsOut:
+class PartitionMark(NamedTuple):
+    partition: int | None
+    reflected_until: datetime | None
+
+
+def partition_mark(
+    account: str, partitions: int | None, marks: Mapping[int, datetime]
+) -> PartitionMark:
+    """The partition of `account`'s events among `partitions` and the time up to which
+    it is counted in `marks` (None: not asked, or no marker of it yet: nothing of that
+    partition may be taken as counted)."""
+    if partitions is None:
+        return PartitionMark(None, None)
+    p = partition_for(account, partitions)
+    return PartitionMark(p, marks.get(p))
+
+
+def _account_out(account_id: str, found: Answer, partitions: int | None) -> AccountLimitsOut:
     usage, limits, plan = found.usage, found.limits, found.plan
+    mark = partition_mark(account_id, partitions, found.reads.partitions)
     return AccountLimitsOut(
         plan=plan.name,
         minute=MinuteLimitOut(
@@ -114,6 +156,10 @@ def _account_out(found: Answer) -> AccountLimitsOut:
         streams=StreamsOut(active=limits.active_streams, max=limits.max_streams),
         reflected_until=format_time(reflected)
         if (reflected := found.reads.reflected_until)
+        else None,
+        partition=mark.partition,
+        partition_reflected_until=format_time(mark.reflected_until)
+        if mark.reflected_until
         else None,
     )
 
@@ -133,7 +179,8 @@ async def post_limits(body: LimitsIn, caller: AdminDep, svc: ServicesDep) -> Lim
     accounts: dict[str, AccountLimitsOut | None] = {}
     for account_id in dict.fromkeys(body.accounts):
         try:
-            accounts[account_id] = _account_out(await answer(svc, account_id, now))
+            found = await answer(svc, account_id, now)
+            accounts[account_id] = _account_out(account_id, found, body.partitions)
         except ApiError as exc:
             if exc.status != 401:  # 401: no such account (usage.answer's verdict)
                 raise

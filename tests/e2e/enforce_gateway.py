@@ -41,6 +41,9 @@ def create() -> FastAPI:
             "syncs": enforcement.stats.syncs,
             "sync_failures": enforcement.stats.sync_failures,
             "sync_seconds_max": enforcement.stats.sync_seconds_max,
+            # What the sync sends Tally: > 0 once the Gateway knows the topic, so each
+            # account's own partition decides which local uses Tally holds.
+            "partitions": enforcement.partitions() if enforcement.partitions else -1,
         }
 
     app.add_middleware(

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from deploy.stack import running_pipeline
@@ -25,15 +24,15 @@ from producers.events import encode_event
 from query_api.accounts import AccountStore
 from query_api.app import create_app
 from query_api.ingest import BATCH, JSON, SINGLE
-from query_api.settings import ApiSettings
 from schemas.store import Store
 from tests.e2e.test_usage_e2e import (
-    CUSTOM_PLANS,
-    Account,
     _expected,
-    _iso,
     _traffic,
     _wait_until_consumed,
+    oracle_accounts,
+    oracle_api_settings,
+    read_as_expected,
+    register,
 )
 
 pytestmark = pytest.mark.e2e
@@ -114,28 +113,14 @@ async def test_usage_is_exact_with_every_event_sent_over_http(
     settings, store = stack
     rng = random.Random(17_2026)
     now = datetime.now(UTC)
-    plans = ["free", "pro", "max", "team"]
-    accounts = [
-        Account(f"e2e-{i:03d}", plans[i % 4], rng.choice([1, 1, 15, 31]), i % 5 == 4)
-        for i in range(24)
-    ]
+    accounts = oracle_accounts(rng, 24)
     events = _traffic(rng, accounts, now)
     shuffled = list(events)
     rng.shuffle(shuffled)  # batches of many subjects: the server places each event
 
-    directory = AccountStore(store)
-    ingest_key, _ = directory.create_key(None, admin=False)
-    keys = {}
-    for account in accounts:
-        directory.create(account.id, account.plan, account.anchor_day)
-        keys[account.id], _ = directory.create_key(account.id, admin=False)
-    api_settings = ApiSettings(
-        kafka_bootstrap=settings.kafka_bootstrap,
-        events_topic=settings.events_topic,
-        clickhouse_url=settings.clickhouse_url,
-        clickhouse_database=settings.clickhouse_database,
-        plans=orjson.dumps(CUSTOM_PLANS).decode(),
-    )
+    ingest_key, _ = AccountStore(store).create_key(None, admin=False)
+    keys = register(store, accounts)
+    api_settings = oracle_api_settings(settings, kafka_bootstrap=settings.kafka_bootstrap)
     ingest = create_app(api_settings, store, now=lambda: now)
     by_account: dict[str, list[Any]] = {a.id: [] for a in accounts}
     for event in events:
@@ -159,15 +144,7 @@ async def test_usage_is_exact_with_every_event_sent_over_http(
     ) as client:
         for account in accounts:
             want = _expected(account, by_account[account.id], now)
-            summary = await client.get(
-                "/api/account/usage", headers={"Authorization": f"Bearer {keys[account.id]}"}
-            )
-            assert summary.status_code == 200, summary.text
-            assert summary.json() == want["summary"], account
-            v1 = await client.get("/api/v1/account/usage", headers={"X-API-Key": keys[account.id]})
-            assert v1.status_code == 200, v1.text
-            assert v1.json()["data"] == want["v1"], account
-            assert v1.json()["meta"]["updated_at"] == _iso(now)
+            await read_as_expected(client, keys[account.id], want, now, account)
 
     answers = [_expected(a, by_account[a.id], now) for a in accounts]
     assert any(x["summary"]["session"]["used_percentage"] > 100 for x in answers)

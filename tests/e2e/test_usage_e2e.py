@@ -268,6 +268,51 @@ def _expected(account: Account, events: list[Any], now: datetime) -> dict[str, A
     }
 
 
+def oracle_accounts(rng: random.Random, count: int) -> list[Account]:
+    """Every plan in turn, billing anchors 1, 15 and 31, every fifth account quiet."""
+    plans = ["free", "pro", "max", "team"]
+    return [
+        Account(f"e2e-{i:03d}", plans[i % 4], rng.choice([1, 1, 15, 31]), i % 5 == 4)
+        for i in range(count)
+    ]
+
+
+def register(store: Store, accounts: list[Account]) -> dict[str, str]:
+    """Each account created in the store with a key of its own; returns id -> key."""
+    directory = AccountStore(store)
+    keys = {}
+    for account in accounts:
+        directory.create(account.id, account.plan, account.anchor_day)
+        keys[account.id], _ = directory.create_key(account.id, admin=False)
+    return keys
+
+
+def oracle_api_settings(settings: WorkerSettings, **extra: Any) -> ApiSettings:
+    """An API on the pipeline's store and topic with CUSTOM_PLANS."""
+    return ApiSettings(
+        events_topic=settings.events_topic,
+        clickhouse_url=settings.clickhouse_url,
+        clickhouse_database=settings.clickhouse_database,
+        plans=orjson.dumps(CUSTOM_PLANS).decode(),
+        **extra,
+    )
+
+
+async def read_as_expected(
+    client: httpx.AsyncClient, key: str, want: dict[str, Any], now: datetime, account: Account
+) -> httpx.Response:
+    """Both usage endpoints answer `want` (from `_expected`) with everything counted up
+    to `now`; returns the v1 answer for further checks."""
+    summary = await client.get("/api/account/usage", headers={"Authorization": f"Bearer {key}"})
+    assert summary.status_code == 200, summary.text
+    assert summary.json() == want["summary"], account
+    v1 = await client.get("/api/v1/account/usage", headers={"X-API-Key": key})
+    assert v1.status_code == 200, v1.text
+    assert v1.json()["data"] == want["v1"], account
+    assert v1.json()["meta"]["updated_at"] == _iso(now)  # everything published is counted
+    return v1
+
+
 @pytest.fixture
 async def stack(
     pipeline_settings: WorkerSettings, pipeline_store: Store
@@ -300,11 +345,7 @@ async def test_both_endpoints_equal_values_computed_from_raw_events(
     settings, store, _ = stack
     rng = random.Random(9_2026)
     now = datetime.now(UTC)
-    plans = ["free", "pro", "max", "team"]
-    accounts = [
-        Account(f"e2e-{i:03d}", plans[i % 4], rng.choice([1, 1, 15, 31]), i % 5 == 4)
-        for i in range(48)
-    ]
+    accounts = oracle_accounts(rng, 48)
     events = _traffic(rng, accounts, now)
 
     async with Gateway(kafka_bootstrap, settings.events_topic) as gateway:
@@ -321,18 +362,8 @@ async def test_both_endpoints_equal_values_computed_from_raw_events(
         await raw.stop()
     await _wait_until_consumed(settings, store)
 
-    directory = AccountStore(store)
-    keys = {}
-    for account in accounts:
-        directory.create(account.id, account.plan, account.anchor_day)
-        keys[account.id], _ = directory.create_key(account.id, admin=False)
-    api_settings = ApiSettings(
-        events_topic=settings.events_topic,
-        clickhouse_url=settings.clickhouse_url,
-        clickhouse_database=settings.clickhouse_database,
-        plans=orjson.dumps(CUSTOM_PLANS).decode(),
-    )
-    api = create_app(api_settings, store, now=lambda: now)
+    keys = register(store, accounts)
+    api = create_app(oracle_api_settings(settings), store, now=lambda: now)
     by_account: dict[str, list[Any]] = {a.id: [] for a in accounts}
     for event in events:
         by_account[event.subject].append(event)
@@ -342,16 +373,7 @@ async def test_both_endpoints_equal_values_computed_from_raw_events(
     ) as client:
         for account in accounts:
             want = _expected(account, by_account[account.id], now)
-            summary = await client.get(
-                "/api/account/usage", headers={"Authorization": f"Bearer {keys[account.id]}"}
-            )
-            assert summary.status_code == 200, summary.text
-            assert summary.json() == want["summary"], account
-            v1 = await client.get("/api/v1/account/usage", headers={"X-API-Key": keys[account.id]})
-            assert v1.status_code == 200, v1.text
-            body = v1.json()
-            assert body["data"] == want["v1"], account
-            assert body["meta"]["updated_at"] == _iso(now)  # everything published is counted
+            v1 = await read_as_expected(client, keys[account.id], want, now, account)
             limit = want["v1"]["requests"]["limit"]
             assert v1.headers["X-RateLimit-Limit"] == str(limit["per_minute"])
             assert v1.headers["X-RateLimit-Remaining"] == str(limit["remaining"])

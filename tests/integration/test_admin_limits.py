@@ -10,6 +10,7 @@ import httpx
 import orjson
 import pytest
 
+from producers.partitioning import partition_for
 from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.rollup_table import COLUMNS, MARKER_ACCOUNT, MARKER_TYPE
@@ -82,6 +83,45 @@ async def test_limits_are_the_usage_endpoints_numbers(
                 assert got[window]["used_percentage"] == v0[window]["used_percentage"]
                 assert got[window]["resets_at"] == v0[window]["resets_at"]
             assert got["reflected_until"] == body["reflected_until"]
+            assert got["partition"] is None
+            assert got["partition_reflected_until"] is None
+
+
+async def test_with_the_partition_count_each_account_gets_its_partitions_time(
+    app_client: httpx.AsyncClient, keys: dict[str, str]
+) -> None:
+    """The gateway sends the events topic's partition count; each account's answer names
+    the partition its events go to and that partition's time, read with its counts."""
+    async with app_client as client:
+        r = await client.post(
+            "/api/v1/admin/limits",
+            json={"accounts": [*ACCOUNTS, "nobody"], "partitions": 2},
+            headers=_bearer(ADMIN_KEY),
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["accounts"]["nobody"] is None
+        seen = set()
+        for account in ACCOUNTS:
+            got = body["accounts"][account]
+            p = partition_for(account, 2)
+            seen.add(p)
+            assert got["partition"] == p
+            assert got["partition_reflected_until"] == body["partitions"][str(p)]
+            assert got["reflected_until"] == "2026-02-08T14:44:44.250Z"  # the least
+        assert seen == {0, 1}, "the accounts should cover both partitions"
+        # A partition without a marker: nothing of it counted, not the others' time.
+        r = await client.post(
+            "/api/v1/admin/limits",
+            json={"accounts": list(ACCOUNTS), "partitions": 3},
+            headers=_bearer(ADMIN_KEY),
+        )
+        for account, got in r.json()["accounts"].items():
+            if partition_for(account, 3) == 2:
+                assert got["partition_reflected_until"] is None
+        bad = {"accounts": ["acme"], "partitions": 0}
+        assert (await client.post("/api/v1/admin/limits", json=bad,
+                                  headers=_bearer(ADMIN_KEY))).status_code == 422  # fmt: skip
 
 
 async def test_limits_need_an_admin_key_and_at_most_1000_accounts(

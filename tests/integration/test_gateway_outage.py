@@ -21,34 +21,23 @@ import orjson
 import pytest
 
 from deploy.kafka_local import LocalKafka, ensure_topics
-from deploy.processes import free_port
 from producers import events
 from producers.gateway import Gateway
 from producers.partitioning import partition_for
 from producers.settings import ProducerSettings
-from tests.conftest import consume_all
+from tests.conftest import consume_all, own_broker
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KAFKA_LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
 PARTITIONS = 8
 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """A broker these tests may stop and restart (on the same data dir)."""
-    kafka = LocalKafka(tmp_path_factory.mktemp("outage-kafka"), KAFKA_LIBS, port=free_port())
-    try:
-        kafka.start()
-    except Exception:
-        kafka.kill()
-        raise
-    try:
+    with own_broker(tmp_path_factory, "outage-kafka") as kafka:
         yield kafka
-    finally:
-        kafka.stop()
-        kafka.kill()
 
 
 def received(records: list[Any]) -> tuple[Counter[tuple[str, str]], list[dict[str, Any]]]:

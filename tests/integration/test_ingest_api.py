@@ -59,6 +59,23 @@ async def _app(
         await app.state.services.ingest.publisher.close()
 
 
+async def _settings(
+    store: Store, kafka_bootstrap: str, unique_name: str, make_topics: MakeTopics, **extra: Any
+) -> ApiSettings:
+    """An API with ADMIN_KEY on `store`, publishing to a fresh `<unique_name>.events`
+    topic of PARTITIONS partitions on the shared broker, plus `extra` settings."""
+    topic = f"{unique_name}.events"
+    await make_topics(kafka_bootstrap, {topic: PARTITIONS})
+    return ApiSettings(
+        admin_key=SecretStr(ADMIN_KEY),
+        clickhouse_url=store.url,
+        clickhouse_database=store.database,
+        kafka_bootstrap=kafka_bootstrap,
+        events_topic=topic,
+        **extra,
+    )
+
+
 @pytest.fixture(params=[True, False], ids=["fast-path", "routed"])
 async def api(
     request: pytest.FixtureRequest,
@@ -69,17 +86,10 @@ async def api(
 ) -> AsyncIterator[Api]:
     """The app as served (the route called without routing, query_api/app.py
     RequestMiddleware) and through FastAPI's router: both must answer alike."""
-    topic = f"{unique_name}.events"
-    await make_topics(kafka_bootstrap, {topic: PARTITIONS})
-    settings = ApiSettings(
-        admin_key=SecretStr(ADMIN_KEY),
-        clickhouse_url=store.url,
-        clickhouse_database=store.database,
-        kafka_bootstrap=kafka_bootstrap,
-        events_topic=topic,
-        ingest_max_body_bytes=200_000,
-        ingest_max_events=150,
-    )
+    settings = await _settings(
+        store, kafka_bootstrap, unique_name, make_topics,
+        ingest_max_body_bytes=200_000, ingest_max_events=150,
+    )  # fmt: skip
     accounts = AccountStore(store)
     accounts.create("acme", "pro")
     account_key, _ = accounts.create_key("acme", admin=False)
@@ -88,7 +98,13 @@ async def api(
             "/api/v1/admin/keys", json={"ingest": True}, headers={"X-API-Key": ADMIN_KEY}
         )
         assert made.status_code == 201, made.text
-        yield Api(client, topic, kafka_bootstrap, made.json()["data"]["api_key"], account_key)
+        yield Api(
+            client,
+            settings.events_topic,
+            kafka_bootstrap,
+            made.json()["data"]["api_key"],
+            account_key,
+        )
 
 
 def _error(response: httpx.Response, status: int, code: str) -> str:
@@ -244,16 +260,8 @@ async def test_no_kafka_is_503_with_retry_after(store: Store, unique_name: str) 
 async def test_a_valid_key_sends_bodies_beyond_the_api_rate_limit(
     store: Store, kafka_bootstrap: str, unique_name: str, make_topics: MakeTopics
 ) -> None:
-    topic = f"{unique_name}.events"
-    await make_topics(kafka_bootstrap, {topic: PARTITIONS})
-    settings = ApiSettings(
-        admin_key=SecretStr(ADMIN_KEY),
-        clickhouse_url=store.url,
-        clickhouse_database=store.database,
-        kafka_bootstrap=kafka_bootstrap,
-        events_topic=topic,
-        api_rate_burst=2,
-        api_rate_per_s=0.001,
+    settings = await _settings(
+        store, kafka_bootstrap, unique_name, make_topics, api_rate_burst=2, api_rate_per_s=0.001
     )
     async for client, _ in _app(settings, store):
         key = {"X-API-Key": ADMIN_KEY, "Content-Type": BATCH}

@@ -41,12 +41,11 @@ from query_api.routes.admin import account_totals
 from query_api.settings import ApiSettings
 from schemas.rollup_table import RollupStore
 from schemas.store import Store
-from tests.conftest import consume_all
+from tests.conftest import consume_all, own_broker
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KAFKA_LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
 TALLY = REPO_ROOT / ".venv" / "bin" / "tally"
 ADMIN_KEY = "admin-key-for-ingest-outage-0123456789"
 PARTITIONS = 4
@@ -56,17 +55,8 @@ PATH = "/api/v1/events"
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """A broker these tests may stop and restart (on the same data dir)."""
-    kafka = LocalKafka(tmp_path_factory.mktemp("ingest-kafka"), KAFKA_LIBS, port=free_port())
-    try:
-        kafka.start()
-    except Exception:
-        kafka.kill()
-        raise
-    try:
+    with own_broker(tmp_path_factory, "ingest-kafka") as kafka:
         yield kafka
-    finally:
-        kafka.stop()
-        kafka.kill()
 
 
 def _events(n: int, source: str) -> list[Any]:

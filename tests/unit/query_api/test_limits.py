@@ -68,3 +68,20 @@ def test_the_fields_restate_x_ratelimit(offset_us: int, used: int, streams: int)
     assert reset <= now.timestamp() + t < reset + 1
     assert t == math.ceil(reset - now.timestamp())
     assert stream == Item("streams", {"r": max(0, PRO.max_streams - streams)})
+
+
+def test_an_accounts_partition_mark_is_its_own_partitions_time() -> None:
+    """routes/limits.partition_mark: Kafka's murmur2 partition of the account id, and
+    that partition's time; none when the gateway sent no count or it has no marker."""
+    from producers.partitioning import partition_for
+    from query_api.routes.limits import partition_mark
+
+    marks = {p: datetime(2030, 1, 1, 0, 0, p, tzinfo=UTC) for p in range(8)}
+    for account in ("acme", "bolt", "c-42"):
+        p = partition_for(account, 8)
+        assert partition_mark(account, 8, marks) == (p, marks[p])
+        assert partition_mark(account, None, marks) == (None, None)
+        missing = {q: t for q, t in marks.items() if q != p}
+        assert partition_mark(account, 8, missing) == (p, None)
+    # The three land on more than one partition, so the marks differ between them.
+    assert len({partition_for(a, 8) for a in ("acme", "bolt", "c-42")}) > 1

@@ -105,6 +105,21 @@ def test_freshness_is_the_slowest_partition_and_only_moves_forward() -> None:
     assert view.reflected_until() == ms_time(3_000)
 
 
+def test_reads_carry_each_partitions_time_in_the_same_snapshot() -> None:
+    """What a gateway compares its own requests of an account with: that account's
+    partition's time, read with the counts (routes/limits.partition_mark)."""
+    view = loaded()
+    view.apply([wire("a", NOW)], {0: 5_000, 1: 3_000})
+    since, until = NOW - timedelta(hours=1), NOW + timedelta(minutes=6)
+    before = view.usage_reads("a", since, until, NOW - IDLE)
+    assert before.partitions == {0: ms_time(5_000), 1: ms_time(3_000)}
+    assert before.reflected_until == ms_time(3_000)
+    view.apply([], {1: 4_000})
+    after = view.usage_reads("a", since, until, NOW - IDLE)
+    assert after.partitions == {0: ms_time(5_000), 1: ms_time(4_000)}
+    assert before.partitions == {0: ms_time(5_000), 1: ms_time(3_000)}  # not mutated
+
+
 def test_keys_authenticate_until_dropped() -> None:
     view = loaded()
     key, prefix = new_key()
