@@ -19,8 +19,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from deploy.processes import die_with_parent_hook
+from deploy.processes import die_with_parent_hook, free_port, port_is_free
+
+if TYPE_CHECKING:
+    from deploy.clickhouse_local import LocalClickHouse
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,6 +99,31 @@ def running(
         yield child
     finally:
         child.stop()
+
+
+@contextlib.contextmanager
+def clickhouse_server(workdir: pathlib.Path) -> Iterator[LocalClickHouse]:
+    """A ClickHouse server of the bench's own (deploy/clickhouse_local.py: ClickHouse's
+    server code from the chdb wheel) on a free port, its data under `workdir`; it dies
+    with the process that started it."""
+    from deploy.clickhouse_local import LocalClickHouse
+
+    server = LocalClickHouse(workdir, port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (`tally up --api-replicas N` listens
+    on TALLY_API_PORT, +1, ...)."""
+    for _ in range(50):
+        base = free_port()
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def tail(path: pathlib.Path, lines: int = 40) -> str:
