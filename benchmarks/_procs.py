@@ -172,3 +172,25 @@ def cpu_seconds(pid: int) -> float:
         # Fields after the parenthesised name; utime and stime are the 14th and 15th.
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and every live descendant (from /proc/<pid>/task/<tid>/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in pathlib.Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by `pid` and its live descendants (a child that exited
+    meanwhile is not counted: take it over a window in which none does)."""
+    total = 0.0
+    for each in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(each)
+    return total

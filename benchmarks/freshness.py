@@ -14,6 +14,8 @@ POLL_S, so it overstates by at most one poll).
 
 Figures: freshness_p50_s, freshness_p99_s, freshness_max_s, freshness_probes,
 freshness_lost (probes never seen within PROBE_TIMEOUT_S; counted as that delay),
+freshness_pipeline_cores (CPU of `tally up` and its worker process over the probes, in
+cores: a pipeline falling behind well under the machine's cores was starved by others),
 freshness_load_events_per_s (achieved background rate), freshness_counted_events_per_s
 (the pipeline's counting rate meanwhile: below the load rate it falls behind, and the
 delay then grows with the run's length, whatever the settings).
@@ -42,7 +44,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from benchmarks._procs import Child, child_env, python_module, running, tail, wait_http
+from benchmarks._procs import (
+    Child,
+    child_env,
+    python_module,
+    running,
+    tail,
+    tree_cpu_seconds,
+    wait_http,
+)
 
 RATE = 50_000.0
 FULL_DURATION_S = 60.0
@@ -291,6 +301,12 @@ class Pipeline:
     """The API replicas' base URLs; accounts are made through the first."""
     counted: Callable[[], int]
     """Events the pipeline has counted so far (to compare with the load's rate)."""
+    others: tuple[int, ...] = ()
+    """Processes of the pipeline that `tally up` did not start (a store server)."""
+
+    def cpu_seconds(self, up: Child) -> float:
+        """CPU used so far by `tally up`, every process it started, and `others`."""
+        return sum(tree_cpu_seconds(pid) for pid in (up.pid, *self.others))
 
 
 def run(
@@ -349,10 +365,12 @@ def measure(
             for load in loads:
                 load.check()
             counted_from = (time.monotonic(), pipeline.counted())
+            cpu_from = pipeline.cpu_seconds(up)
             delays, lost = asyncio.run(
                 _measure(bootstrap, pipeline.topic, pipeline.bases, keys, up)
             )
             counted_to = (time.monotonic(), pipeline.counted())
+            cores = (pipeline.cpu_seconds(up) - cpu_from) / (counted_to[0] - counted_from[0])
             codes = [load.proc.wait(timeout=duration + PROBE_TIMEOUT_S + 60) for load in loads]
         rates = [_load_rate(log) for log in logs]
         for code, found, log in zip(codes, rates, logs, strict=True):
@@ -373,6 +391,9 @@ def measure(
         # Below the load rate, the pipeline falls behind and the delay grows with the
         # run's length.
         f"{p}_counted_events_per_s": round(counted, 0),
+        # CPU of the pipeline's processes (Pipeline.cpu_seconds), in cores, over the probes:
+        # falling behind while well under the machine's cores means starved by others.
+        f"{p}_pipeline_cores": round(cores, 2),
     }
 
 

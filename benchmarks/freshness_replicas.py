@@ -8,8 +8,9 @@ view fed by its snapshot and `tally.rollups` (query_api/view_feed.py). A probe c
 as visible once both replicas answer it; its delay is until the later of the two.
 
 Figures: freshness_replicas_p50_s, _p99_s, _max_s, _probes, _lost, _load_events_per_s
-and _counted_events_per_s (events the sink stored in the server meanwhile, read from
-the store at the start and the end of the probes); run.py adds
+_counted_events_per_s (events the sink stored in the server meanwhile, read from
+the store at the start and the end of the probes) and _pipeline_cores (CPU of `tally
+up`, its children and the ClickHouse server over the probes); run.py adds
 freshness_replicas_vs_embedded (this p99 over `freshness`'s, when both ran).
 """
 
@@ -55,5 +56,6 @@ def run(bootstrap: str, workdir: pathlib.Path, scale: float) -> dict[str, float]
             settings=up_settings(bootstrap, workdir, name, port, store),
             bases=[f"http://127.0.0.1:{port + i}" for i in range(REPLICAS)],
             counted=lambda: stored_events(server.url),
+            others=(server.pid,) if server.pid is not None else (),
         )
         return measure(bootstrap, workdir, scale, pipeline)
