@@ -19,8 +19,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from deploy.processes import die_with_parent_hook
+from deploy.processes import die_with_parent_hook, free_port, port_is_free
+
+if TYPE_CHECKING:
+    from deploy.clickhouse_local import LocalClickHouse
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -97,6 +101,31 @@ def running(
         child.stop()
 
 
+@contextlib.contextmanager
+def clickhouse_server(workdir: pathlib.Path) -> Iterator[LocalClickHouse]:
+    """A ClickHouse server of the bench's own (deploy/clickhouse_local.py: ClickHouse's
+    server code from the chdb wheel) on a free port, its data under `workdir`; it dies
+    with the process that started it."""
+    from deploy.clickhouse_local import LocalClickHouse
+
+    server = LocalClickHouse(workdir, port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (`tally up --api-replicas N` listens
+    on TALLY_API_PORT, +1, ...)."""
+    for _ in range(50):
+        base = free_port()
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def tail(path: pathlib.Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -143,3 +172,25 @@ def cpu_seconds(pid: int) -> float:
         # Fields after the parenthesised name; utime and stime are the 14th and 15th.
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and every live descendant (from /proc/<pid>/task/<tid>/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in pathlib.Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by `pid` and its live descendants (a child that exited
+    meanwhile is not counted: take it over a window in which none does)."""
+    total = 0.0
+    for each in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(each)
+    return total

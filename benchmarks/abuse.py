@@ -74,7 +74,7 @@ def seed(url: str, database: str, keys_file: pathlib.Path) -> None:
     store.migrate()
     now = datetime.now(UTC)
     ids = [f"good-{i:03d}" for i in range(GOOD_ACCOUNTS)] + [HEAVY_ACCOUNT]
-    keys = seed_accounts(store, dict.fromkeys(ids, "pro"), now)
+    keys = seed_accounts(store, dict.fromkeys(ids, "pro"), now, time.time_ns())
     rng = random.Random(16)
     this_minute = now.replace(second=0, microsecond=0)
     rows: list[list[object]] = []

@@ -24,6 +24,7 @@ py-spy (top functions printed, flame graph in the workdir).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -34,10 +35,19 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from benchmarks._procs import child_env, cpu_seconds, python_module, rss_mib, running, wait_http
+from benchmarks._procs import (
+    Child,
+    child_env,
+    cpu_seconds,
+    python_module,
+    rss_mib,
+    running,
+    wait_http,
+)
 
 FULL_ACCOUNTS = 100_000
 MIN_ACCOUNTS = 2_000
@@ -51,6 +61,7 @@ FULL_DURATION_S = 30.0
 MIN_DURATION_S = 8.0
 WARMUP_S = 3.0
 EVENTS_TOPIC = "tally.events"
+DATABASE = "tally"
 PARTITIONS = 8
 
 USAGE_PATH = "/api/v1/account/usage"
@@ -87,13 +98,19 @@ if TYPE_CHECKING:
     from schemas.store import Store
 
 
-def seed_accounts(store: Store, plans: dict[str, str], now: datetime) -> list[str]:
-    """Accounts on their plans, each with a fresh key (returned in the same order)."""
+def seed_accounts(store: Store, plans: dict[str, str], now: datetime, version: int) -> list[str]:
+    """Accounts on their plans, each with a fresh key (returned in the same order).
+
+    `version` is the rows' ReplacingMergeTree version, a nanosecond clock as
+    `AccountStore` writes it: a server store's replicas re-read rows of the last
+    30 s of versions on every poll (query_api/view_feed.py), so it says whether the
+    accounts count as just written.
+    """
     from query_api.keys import hash_key, new_key
 
     store.insert(
         "accounts",
-        [[a, plan, 1, now, now, 1] for a, plan in plans.items()],
+        [[a, plan, 1, now, now, version] for a, plan in plans.items()],
         ["id", "plan", "billing_anchor_day", "created_at", "updated_at", "version"],
     )
     keys: list[str] = []
@@ -101,7 +118,7 @@ def seed_accounts(store: Store, plans: dict[str, str], now: datetime) -> list[st
     for a in plans:
         key, prefix = new_key()
         keys.append(key)
-        key_rows.append([prefix, hash_key(key), a, False, now, None, 1])
+        key_rows.append([prefix, hash_key(key), a, False, now, None, version])
     store.insert(
         "api_keys",
         key_rows,
@@ -113,6 +130,7 @@ def seed_accounts(store: Store, plans: dict[str, str], now: datetime) -> list[st
 def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> None:
     import orjson
 
+    from query_api.view_feed import OVERLAP_NS
     from schemas.events import REQUEST, STREAM_OPENED
     from schemas.rollup_table import COLUMNS, RollupStore, offset_markers
     from schemas.store import Store
@@ -126,7 +144,10 @@ def seed(url: str, database: str, accounts: int, keys_file: pathlib.Path) -> Non
     span_min = max(1, int((now - week_start).total_seconds() // 60))
     plans = ("free", "pro", "max")
     ids = [f"bench-{i:07d}" for i in range(accounts)]
-    keys = seed_accounts(store, {a: plans[i % 3] for i, a in enumerate(ids)}, now)
+    # Written before the measured window, as a deployment's accounts mostly are: a
+    # server store's replicas then poll none of them again (see seed_accounts).
+    made = time.time_ns() - 2 * OVERLAP_NS
+    keys = seed_accounts(store, {a: plans[i % 3] for i, a in enumerate(ids)}, now, made)
     batch: list[list[object]] = []
     for i, a in enumerate(ids):
         for _ in range(ROWS_PER_ACCOUNT):
@@ -218,8 +239,74 @@ def _figures(prefix: str, result: dict[str, float]) -> dict[str, float]:
     }
 
 
-def _durations(scale: float) -> float:
+def durations(scale: float) -> float:
     return max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))
+
+
+def seed_store(url: str, accounts: int, keys_file: pathlib.Path) -> float:
+    """`seed` in a child process (the embedded store admits one process per data path);
+    the seconds it took."""
+    started = time.monotonic()
+    subprocess.run(
+        python_module(
+            "benchmarks.api", "seed", "--url", url, "--database", DATABASE,
+            "--accounts", str(accounts), "--keys", str(keys_file),
+        ),
+        env=child_env({}), check=True, timeout=1800,
+    )  # fmt: skip
+    return round(time.monotonic() - started, 1)
+
+
+def api_env(url: str, port: int, workdir: pathlib.Path, **extra: str) -> dict[str, str]:
+    """The environment of a measured `tally api` on the store at `url`."""
+    return child_env(
+        {
+            "TALLY_CLICKHOUSE_URL": url,
+            "TALLY_CLICKHOUSE_DATABASE": DATABASE,
+            "TALLY_API_PORT": str(port),
+            "TALLY_DATA_DIR": str(workdir / "data"),
+            # off: the store read per request, to compare with the in-memory view.
+            "TALLY_API_USAGE_VIEW": os.environ.get("TALLY_BENCH_API_USAGE_VIEW", "auto"),
+            **extra,
+        }
+    )
+
+
+@contextlib.contextmanager
+def serving_api(
+    env: dict[str, str], keys_file: pathlib.Path, workdir: pathlib.Path
+) -> Iterator[tuple[Child, str]]:
+    """`tally api` running, answering and warmed up by wrk: the process and its usage URL."""
+    log = workdir / "api.log"
+    with running("tally api", python_module("deploy.cli", "api"), env, log) as api:
+        base = f"http://127.0.0.1:{env['TALLY_API_PORT']}"
+        wait_http(f"{base}/healthz", api)
+        wrk(f"{base}{USAGE_PATH}", keys_file, WARMUP_S, workdir)
+        api.check()
+        yield api, f"{base}{USAGE_PATH}"
+
+
+def measure_usage(
+    api: Child, url: str, keys_file: pathlib.Path, seconds: float, workdir: pathlib.Path,
+    prefix: str,
+) -> dict[str, float]:  # fmt: skip
+    """One wrk run against a serving API: `<prefix>_rps`, `_p50_ms`, `_p99_ms`, `_errors`,
+    `_cpu_us_per_request`, `_rss_mib`."""
+    cpu_before = cpu_seconds(api.pid)
+    loaded = wrk(url, keys_file, seconds, workdir)
+    cpu_used = cpu_seconds(api.pid) - cpu_before
+    figures = _figures(prefix, loaded)
+    # CPU per answer: steadier than rps on a shared machine (wall clock counts
+    # whatever else runs; this counts only the API process's own work).
+    per_request = cpu_used * 1e6 / max(1.0, loaded["requests"])
+    figures[f"{prefix}_cpu_us_per_request"] = round(per_request, 1)
+    api.check()
+    figures[f"{prefix}_rss_mib"] = rss_mib(api.pid)[0]
+    return figures
+
+
+def accounts_for(scale: float) -> int:
+    return max(MIN_ACCOUNTS, int(FULL_ACCOUNTS * scale))
 
 
 def run(
@@ -231,48 +318,17 @@ def run(
 
     workdir = pathlib.Path(workdir) / "api"
     workdir.mkdir(parents=True, exist_ok=True)
-    accounts = max(MIN_ACCOUNTS, int(FULL_ACCOUNTS * scale))
+    accounts = accounts_for(scale)
     url = f"chdb://{(workdir / 'clickhouse').resolve()}"
     keys_file = workdir / "keys.txt"
-    started = time.monotonic()
-    subprocess.run(
-        python_module(
-            "benchmarks.api", "seed", "--url", url, "--database", "tally",
-            "--accounts", str(accounts), "--keys", str(keys_file),
-        ),
-        env=child_env({}), check=True, timeout=1800,
-    )  # fmt: skip
-    seeded_s = time.monotonic() - started
-    duration = _durations(scale)
-    figures: dict[str, float] = {"api_accounts": float(accounts), "api_seed_s": round(seeded_s, 1)}
-
-    port = free_port()
-    env = child_env(
-        {
-            "TALLY_CLICKHOUSE_URL": url,
-            "TALLY_CLICKHOUSE_DATABASE": "tally",
-            "TALLY_API_PORT": str(port),
-            "TALLY_DATA_DIR": str(workdir / "data"),
-            # off: the store read per request, to compare with the in-memory view.
-            "TALLY_API_USAGE_VIEW": os.environ.get("TALLY_BENCH_API_USAGE_VIEW", "auto"),
-        }
-    )
-    with running("tally api", python_module("deploy.cli", "api"), env, workdir / "api.log") as api:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", api)
-        wrk(f"{base}{USAGE_PATH}", keys_file, WARMUP_S, workdir)
-        api.check()
+    seeded_s = seed_store(url, accounts, keys_file)
+    duration = durations(scale)
+    figures: dict[str, float] = {"api_accounts": float(accounts), "api_seed_s": seeded_s}
+    env = api_env(url, free_port(), workdir)
+    with serving_api(env, keys_file, workdir) as (api, usage):
         if profile_s > 0:
-            _profile(api.pid, f"{base}{USAGE_PATH}", keys_file, profile_s, workdir)
-        cpu_before = cpu_seconds(api.pid)
-        loaded = wrk(f"{base}{USAGE_PATH}", keys_file, duration, workdir)
-        cpu_used = cpu_seconds(api.pid) - cpu_before
-        figures.update(_figures("api", loaded))
-        # CPU per answer: steadier than rps on a shared machine (wall clock counts
-        # whatever else runs; this counts only the API process's own work).
-        figures["api_cpu_us_per_request"] = round(cpu_used * 1e6 / max(1.0, loaded["requests"]), 1)
-        api.check()
-        figures["api_rss_mib"] = rss_mib(api.pid)[0]
+            _profile(api.pid, usage, keys_file, profile_s, workdir)
+        figures.update(measure_usage(api, usage, keys_file, duration, workdir, "api"))
 
     port = free_port()
     args = python_module("benchmarks.api", "serve-baseline", "--port", str(port))

@@ -14,6 +14,8 @@ POLL_S, so it overstates by at most one poll).
 
 Figures: freshness_p50_s, freshness_p99_s, freshness_max_s, freshness_probes,
 freshness_lost (probes never seen within PROBE_TIMEOUT_S; counted as that delay),
+freshness_pipeline_cores (CPU of `tally up` and its worker process over the probes, in
+cores: a pipeline falling behind well under the machine's cores was starved by others),
 freshness_load_events_per_s (achieved background rate), freshness_counted_events_per_s
 (the pipeline's counting rate meanwhile: below the load rate it falls behind, and the
 delay then grows with the run's length, whatever the settings).
@@ -37,11 +39,20 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from benchmarks._procs import Child, child_env, python_module, running, tail, wait_http
+from benchmarks._procs import (
+    Child,
+    child_env,
+    python_module,
+    running,
+    tail,
+    tree_cpu_seconds,
+    wait_http,
+)
 
 RATE = 50_000.0
 FULL_DURATION_S = 60.0
@@ -57,6 +68,9 @@ messages (see background_load)."""
 LINGER_S = 0.02
 """The gateway's default linger (TALLY_PRODUCER_LINGER_MS): one message per partition
 this often."""
+MAX_MESSAGE_EVENTS = 1_000
+"""Most events in one load message (~280 kB); at RATE a linger period holds ~125 per
+partition, so only a load catching up after a stall reaches it."""
 PROBE_INTERVAL_S = 0.5
 POLL_S = 0.02
 PROBE_TIMEOUT_S = 30.0
@@ -114,7 +128,9 @@ async def background_load(
         pending: list[asyncio.Future[Any]] = []
         start = loop.time()
         while (elapsed := loop.time() - start) < duration_s:
-            due = int(elapsed * rate) - sent
+            # A loop held up (a starved machine) catches up over several messages:
+            # one message of everything due would exceed Kafka's request size.
+            due = min(int(elapsed * rate) - sent, count * MAX_MESSAGE_EVENTS)
             if due > 0:
                 now = format_time(datetime.now(UTC))
                 for p in range(count):
@@ -148,13 +164,15 @@ async def background_load(
 
 async def _probe(
     gateway: Any,
-    client: Any,
+    clients: list[Any],
     polling: asyncio.Semaphore,
     account: str,
     key: str,
     delays: list[float],
     lost: list[str],
 ) -> None:
+    """Record one probe event, then poll every API (`clients`) until each counts it: the
+    delay is until the last of them does (visible everywhere)."""
     import httpx
 
     from producers import events
@@ -162,7 +180,9 @@ async def _probe(
     sent_at = datetime.now(UTC)
     await gateway.record(events.request(account, "bench-probe", time=sent_at))
     deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while time.monotonic() < deadline:
+    waiting = list(clients)
+    while waiting and time.monotonic() < deadline:
+        client = waiting[0]
         try:
             # One poll in flight across all probes: polls must not load the API
             # (which shares its process with the worker and the sink) themselves.
@@ -171,10 +191,13 @@ async def _probe(
         except httpx.HTTPError:  # an overloaded API answering late: poll again
             continue
         if response.status_code == 200 and response.json()["data"]["requests"]["today"] >= 1:
-            delays.append((datetime.now(UTC) - sent_at).total_seconds())
-            return
+            waiting.pop(0)
+            continue
         await asyncio.sleep(POLL_S)
-    lost.append(account)
+    if waiting:
+        lost.append(account)
+    else:
+        delays.append((datetime.now(UTC) - sent_at).total_seconds())
 
 
 async def _probe_accounts(base: str, admin_key: str, probes: int) -> dict[str, str]:
@@ -195,7 +218,7 @@ async def _probe_accounts(base: str, admin_key: str, probes: int) -> dict[str, s
 
 
 async def _measure(
-    bootstrap: str, topic: str, base: str, keys: dict[str, str], up: Child
+    bootstrap: str, topic: str, bases: list[str], keys: dict[str, str], up: Child
 ) -> tuple[list[float], list[str]]:
     import httpx
 
@@ -205,10 +228,14 @@ async def _measure(
     lost: list[str] = []
     tasks: list[asyncio.Task[None]] = []
     polling = asyncio.Semaphore(1)
-    async with (
-        httpx.AsyncClient(base_url=base, timeout=10) as client,
-        Gateway(bootstrap, topic, client_id="bench-probe", spool=False) as gateway,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=10))
+            for base in bases
+        ]
+        gateway = await stack.enter_async_context(
+            Gateway(bootstrap, topic, client_id="bench-probe", spool=False)
+        )
         start = time.monotonic()
         for n, (account, key) in enumerate(keys.items()):
             wait = start + n * PROBE_INTERVAL_S - time.monotonic()
@@ -216,7 +243,7 @@ async def _measure(
                 await asyncio.sleep(wait)
             up.check()
             tasks.append(
-                asyncio.create_task(_probe(gateway, client, polling, account, key, delays, lost))
+                asyncio.create_task(_probe(gateway, clients, polling, account, key, delays, lost))
             )
         await asyncio.gather(*tasks)
     return delays, lost
@@ -229,15 +256,14 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def _up_settings(
+def up_settings(
     bootstrap: str,
     workdir: pathlib.Path,
     name: str,
     port: int,
-    admin_key: str,
     overrides: Mapping[str, str] | None,
 ) -> dict[str, str]:
-    """The environment of the measured `tally up`: topics and group of its own."""
+    """The environment of the measured `tally up`: topics, group and admin key of its own."""
     topic = f"{name}.events"
     return {
         "TALLY_KAFKA_BOOTSTRAP": bootstrap,
@@ -248,7 +274,7 @@ def _up_settings(
         "TALLY_CONSUMER_GROUP": name,
         "TALLY_EVENTS_PARTITIONS": str(PARTITIONS),
         "TALLY_API_PORT": str(port),
-        "TALLY_ADMIN_KEY": admin_key,
+        "TALLY_ADMIN_KEY": secrets.token_urlsafe(32),
         # Probes poll their own keys 50 times a second; the API's own per-key
         # limit (50/s by default) would answer some of them 429.
         "TALLY_API_RATE_PER_S": "100000",
@@ -259,6 +285,28 @@ def _up_settings(
         "TALLY_UP_WORKER_PROCESSES": "1",
         **(overrides or {}),
     }
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a freshness run measures: the `tally up` command and its settings, the APIs
+    a probe must become visible on, and how to read what has been counted."""
+
+    prefix: str
+    """Of the figures' names: `<prefix>_p99_s` and so on."""
+    topic: str
+    command: list[str]
+    settings: dict[str, str]
+    bases: list[str]
+    """The API replicas' base URLs; accounts are made through the first."""
+    counted: Callable[[], int]
+    """Events the pipeline has counted so far (to compare with the load's rate)."""
+    others: tuple[int, ...] = ()
+    """Processes of the pipeline that `tally up` did not start (a store server)."""
+
+    def cpu_seconds(self, up: Child) -> float:
+        """CPU used so far by `tally up`, every process it started, and `others`."""
+        return sum(tree_cpu_seconds(pid) for pid in (up.pid, *self.others))
 
 
 def run(
@@ -274,21 +322,35 @@ def run(
 
     workdir = pathlib.Path(workdir) / "freshness"
     workdir.mkdir(parents=True, exist_ok=True)
+    name = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    pipeline = Pipeline(
+        prefix="freshness",
+        topic=f"{name}.events",
+        command=python_module("deploy.cli", "up"),
+        settings=up_settings(bootstrap, workdir, name, port, overrides),
+        bases=[f"http://127.0.0.1:{port}"],
+        # From `tally up`'s status line (every 5 s).
+        counted=lambda: _counted(workdir / "up.log"),
+    )
+    return measure(bootstrap, workdir, scale, pipeline, rate)
+
+
+def measure(
+    bootstrap: str, workdir: pathlib.Path, scale: float, pipeline: Pipeline, rate: float = RATE
+) -> dict[str, float]:
+    """Run `pipeline` under the background load and probe it; its figures."""
     duration = max(MIN_DURATION_S, FULL_DURATION_S * min(scale, 1.0))
     probes = int(duration / PROBE_INTERVAL_S)
-    name = f"bench-fresh-{uuid.uuid4().hex[:8]}"
-    topic = f"{name}.events"
-    port = free_port()
-    admin_key = secrets.token_urlsafe(32)
-    settings = _up_settings(bootstrap, workdir, name, port, admin_key, overrides)
-    base = f"http://127.0.0.1:{port}"
-    with running(
-        "tally up", python_module("deploy.cli", "up"), child_env(settings), workdir / "up.log"
-    ) as up:
-        wait_http(f"{base}/healthz", up)
-        keys = asyncio.run(_probe_accounts(base, admin_key, probes))
+    env = child_env(pipeline.settings)
+    with running("tally up", pipeline.command, env, workdir / "up.log") as up:
+        for base in pipeline.bases:
+            wait_http(f"{base}/healthz", up)
+        keys = asyncio.run(
+            _probe_accounts(pipeline.bases[0], pipeline.settings["TALLY_ADMIN_KEY"], probes)
+        )
         load_args = python_module(
-            "benchmarks.freshness", "load", "--bootstrap", bootstrap, "--topic", topic,
+            "benchmarks.freshness", "load", "--bootstrap", bootstrap, "--topic", pipeline.topic,
             "--rate", str(rate / LOAD_PROCESSES),
             "--duration", str(duration + WARMUP_S + PROBE_TIMEOUT_S / 3),
             "--accounts", str(LOAD_ACCOUNTS),
@@ -302,30 +364,36 @@ def run(
             time.sleep(WARMUP_S)
             for load in loads:
                 load.check()
-            counted_from = (time.monotonic(), _counted(workdir / "up.log"))
-            delays, lost = asyncio.run(_measure(bootstrap, topic, base, keys, up))
-            counted_to = (time.monotonic(), _counted(workdir / "up.log"))
+            counted_from = (time.monotonic(), pipeline.counted())
+            cpu_from = pipeline.cpu_seconds(up)
+            delays, lost = asyncio.run(
+                _measure(bootstrap, pipeline.topic, pipeline.bases, keys, up)
+            )
+            counted_to = (time.monotonic(), pipeline.counted())
+            cores = (pipeline.cpu_seconds(up) - cpu_from) / (counted_to[0] - counted_from[0])
             codes = [load.proc.wait(timeout=duration + PROBE_TIMEOUT_S + 60) for load in loads]
         rates = [_load_rate(log) for log in logs]
         for code, found, log in zip(codes, rates, logs, strict=True):
             if code != 0 or found is None:
                 raise RuntimeError(f"a background gateway failed:\n{tail(log)}")
-        rate = sum(r for r in rates if r is not None)
         up.check()
     # A probe never seen counts as PROBE_TIMEOUT_S: a lower bound, never flattering.
     every = delays + [PROBE_TIMEOUT_S] * len(lost)
+    counted = (counted_to[1] - counted_from[1]) / (counted_to[0] - counted_from[0])
+    p = pipeline.prefix
     return {
-        "freshness_p50_s": round(statistics.median(every), 3),
-        "freshness_p99_s": round(_quantile(every, 0.99), 3),
-        "freshness_max_s": round(max(every), 3),
-        "freshness_probes": float(len(every)),
-        "freshness_lost": float(len(lost)),
-        "freshness_load_events_per_s": round(rate, 0),
-        # From `tally up`'s status line (every 5 s): below the load rate, the
-        # pipeline falls behind and the delay grows with the run's length.
-        "freshness_counted_events_per_s": round(
-            (counted_to[1] - counted_from[1]) / (counted_to[0] - counted_from[0]), 0
-        ),
+        f"{p}_p50_s": round(statistics.median(every), 3),
+        f"{p}_p99_s": round(_quantile(every, 0.99), 3),
+        f"{p}_max_s": round(max(every), 3),
+        f"{p}_probes": float(len(every)),
+        f"{p}_lost": float(len(lost)),
+        f"{p}_load_events_per_s": round(sum(r for r in rates if r is not None), 0),
+        # Below the load rate, the pipeline falls behind and the delay grows with the
+        # run's length.
+        f"{p}_counted_events_per_s": round(counted, 0),
+        # CPU of the pipeline's processes (Pipeline.cpu_seconds), in cores, over the probes:
+        # falling behind while well under the machine's cores means starved by others.
+        f"{p}_pipeline_cores": round(cores, 2),
     }
 
 

@@ -20,7 +20,7 @@ The dataset topic is full before the pipeline starts (a catch-up run). Two runs:
 After each, the store's totals are checked against the dataset, so a fast wrong
 answer cannot pass. Before both, the pipeline runs unmeasured over the dataset's
 first WARM_EVENTS, so that the broker has compiled its transaction paths
-(`_warm_pipeline`); the limit bench reads unmeasured first too.
+(`warm_pipeline`); the limit bench reads unmeasured first too.
 """
 
 from __future__ import annotations
@@ -81,7 +81,10 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         await consumer.stop()
 
 
-def _settings(bootstrap: str, workdir: Path, ds: Dataset) -> WorkerSettings:
+def _settings(
+    bootstrap: str, workdir: Path, ds: Dataset, store_url: str | None = None
+) -> WorkerSettings:
+    """A run's own topics, group and database; on the embedded store unless `store_url`."""
     name = f"bp{uuid.uuid4().hex[:8]}"
     return WorkerSettings(
         kafka_bootstrap=bootstrap,
@@ -89,22 +92,24 @@ def _settings(bootstrap: str, workdir: Path, ds: Dataset) -> WorkerSettings:
         rollups_topic=f"{name}.rollups",
         dlq_topic=f"{name}.dlq",
         consumer_group=f"{name}-worker",
-        clickhouse_url=f"chdb://{workdir / 'processor-chdb'}",
+        clickhouse_url=store_url or f"chdb://{workdir / 'processor-chdb'}",
         clickhouse_database=name,
         data_dir=workdir / f"processor-data-{name}",
     )
 
 
-async def _prepared(bootstrap: str, workdir: Path, ds: Dataset) -> tuple[WorkerSettings, Store]:
+async def prepared(
+    bootstrap: str, workdir: Path, ds: Dataset, store_url: str | None = None
+) -> tuple[WorkerSettings, Store]:
     """A run's own names, its database migrated and its dead-letter topic created."""
-    settings = _settings(bootstrap, workdir, ds)
+    settings = _settings(bootstrap, workdir, ds, store_url)
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
     await ensure_topics(bootstrap, {settings.dlq_topic: 1})
     return settings, store
 
 
-def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
+def check(store: Store, ds: Dataset) -> tuple[bool, int]:
     """Whether the store's totals are the dataset's; and its rollup row count."""
     total = store.query(
         "SELECT sum(events), sum(units_micro), count() FROM rollup_minute"
@@ -125,7 +130,7 @@ def _check(store: Store, ds: Dataset) -> tuple[bool, int]:
 
 
 async def _measure_one_loop(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
-    settings, store = await _prepared(bootstrap, workdir, ds)
+    settings, store = await prepared(bootstrap, workdir, ds)
     ends = await end_offsets(bootstrap, ds.topic, ds.partitions)
     rollups = RollupStore(store)
     first_at = first_events = None
@@ -147,13 +152,13 @@ async def _measure_one_loop(bootstrap: str, workdir: Path, ds: Dataset) -> dict[
             if first_at is None and worker.stats.messages:
                 first_at = now
                 first_events = worker.stats.counted + worker.stats.duplicates
-            if _all_counted(sink, ends, started):
+            if all_counted(sink.stats.counted, ends, started):
                 break
             await asyncio.sleep(0.1)
         finished = time.perf_counter()
         cpu = time.process_time() - cpu_started
-    _confirm(rollups, ds.topic, ends)
-    correct, _ = _check(store, ds)
+    confirm(rollups, ds.topic, ends)
+    correct, _ = check(store, ds)
     store.close()
     elapsed = finished - started
     steady = None
@@ -168,7 +173,7 @@ async def _measure_one_loop(bootstrap: str, workdir: Path, ds: Dataset) -> dict[
     }
 
 
-def _scrape(port: int) -> dict[str, float]:
+def scrape(port: int) -> dict[str, float]:
     """The worker's Prometheus counters (unlabelled samples, and sums over labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -188,30 +193,29 @@ async def _committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> dict
     return {tp.partition: om.offset for tp, om in found.items() if tp.topic == topic}
 
 
-def _all_counted(sink: Sink, ends: dict[int, int], since: float) -> bool:
-    """Whether the sink has stored every partition's events up to `ends`; raises once
-    the bench has run out of time.
+def all_counted(done: dict[int, int], ends: dict[int, int], since: float) -> bool:
+    """Whether `done` (per events partition, the offset the store counts to) reaches
+    `ends`; raises once the bench has run out of time.
 
     Read from the sink's own record of the markers it wrote: querying the store
     for them ten times a second cost the sink's process CPU the pipeline needs
-    (~5 ms a query on the embedded engine). `_confirm` reads the store once after.
+    (~5 ms a query on the embedded engine). `confirm` reads the store once after.
     """
-    done = sink.stats.counted
-    if _reaches(done, ends):
+    if reaches(done, ends):
         return True
     if time.perf_counter() - since > TIMEOUT_S - 60:
         raise RuntimeError(f"not done after {time.perf_counter() - since:.0f}s: {done} of {ends}")
     return False
 
 
-def _confirm(rollups: RollupStore, topic: str, ends: dict[int, int]) -> None:
+def confirm(rollups: RollupStore, topic: str, ends: dict[int, int]) -> None:
     """The store's freshness markers say what the sink said it stored."""
     stored = rollups.resume_offsets(topic)
-    if not _reaches(stored, ends):
+    if not reaches(stored, ends):
         raise RuntimeError(f"the store's markers {stored} fall short of {ends}")
 
 
-def _reaches(offsets: dict[int, int], ends: dict[int, int]) -> bool:
+def reaches(offsets: dict[int, int], ends: dict[int, int]) -> bool:
     return all(offsets.get(p, 0) >= end for p, end in ends.items())
 
 
@@ -259,7 +263,7 @@ async def _until_counted(
         now = time.perf_counter()
         if worker_done is None:
             committed = await _committed(admin, group, topic)
-            if _reaches(committed, ends):
+            if reaches(committed, ends):
                 worker_done = now
         if now - traced >= 1.0:
             traced = now
@@ -270,28 +274,35 @@ async def _until_counted(
                 f"inserts={sink.stats.inserts}",
                 flush=True,
             )
-        if _all_counted(sink, ends, started):
+        if all_counted(sink.stats.counted, ends, started):
             return worker_done
         await asyncio.sleep(0.1)
 
 
-async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
-    settings, store = await _prepared(bootstrap, workdir, ds)
-    await ensure_rollups_topic(settings)
-    ends = await end_offsets(bootstrap, ds.topic, ds.partitions)
-    rollups = RollupStore(store)
-    port = free_port()
-    env = _procs.child_env(
+def process_env(settings: WorkerSettings, metrics_port: int) -> dict[str, str]:
+    """The environment of a `tally worker` or `tally sink` of this run."""
+    return _procs.child_env(
         {
-            "TALLY_KAFKA_BOOTSTRAP": bootstrap,
+            "TALLY_KAFKA_BOOTSTRAP": settings.bootstrap,
             "TALLY_EVENTS_TOPIC": settings.events_topic,
             "TALLY_ROLLUPS_TOPIC": settings.rollups_topic,
             "TALLY_DLQ_TOPIC": settings.dlq_topic,
             "TALLY_CONSUMER_GROUP": settings.consumer_group,
+            "TALLY_CLICKHOUSE_URL": settings.store_url,
+            "TALLY_CLICKHOUSE_DATABASE": settings.store_database,
             "TALLY_DATA_DIR": str(settings.data_dir),
-            "TALLY_METRICS_PORT": str(port),
+            "TALLY_METRICS_PORT": str(metrics_port),
         }
     )
+
+
+async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
+    settings, store = await prepared(bootstrap, workdir, ds)
+    await ensure_rollups_topic(settings)
+    ends = await end_offsets(bootstrap, ds.topic, ds.partitions)
+    rollups = RollupStore(store)
+    port = free_port()
+    env = process_env(settings, port)
     sink = new_sink(settings, store)
     log = _child.RESULTS / "processor-worker.log"
     log.unlink(missing_ok=True)
@@ -317,14 +328,14 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
             finished = time.perf_counter()
             sink_cpu = time.process_time() - cpu_started
             worker_cpu = _procs.cpu_seconds(w.pid) - worker_cpu_started
-            metrics = _scrape(port)
+            metrics = scrape(port)
         finally:
             await admin.close()
             _stop_profiler(profiler)
             sink.stop()
             await applying
-    _confirm(rollups, ds.topic, ends)
-    correct, rows = _check(store, ds)
+    confirm(rollups, ds.topic, ends)
+    correct, rows = check(store, ds)
     store.close()
     elapsed = finished - started
     worker_elapsed = (worker_done or finished) - started
@@ -348,7 +359,7 @@ async def _measure_split(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str
     }
 
 
-async def _warm_broker(bootstrap: str) -> None:
+async def warm_broker(bootstrap: str) -> None:
     """Have the broker create its internal topics before any clock starts.
 
     The first consumer group and the first transactional producer on a new broker make
@@ -376,7 +387,7 @@ async def _warm_broker(bootstrap: str) -> None:
         await producer.stop()
 
 
-async def _warm_pipeline(bootstrap: str, workdir: Path, ds: Dataset) -> None:
+async def warm_pipeline(bootstrap: str, workdir: Path, ds: Dataset) -> None:
     """Run the pipeline over the first WARM_EVENTS of the dataset, unmeasured.
 
     The broker is a fresh JVM: its first transactions, read_committed fetches and
@@ -386,7 +397,7 @@ async def _warm_pipeline(bootstrap: str, workdir: Path, ds: Dataset) -> None:
     in service has compiled them long before. The faust and quixstreams benches
     run after this one, on the same warm broker.
     """
-    settings, store = await _prepared(bootstrap, workdir, ds)
+    settings, store = await prepared(bootstrap, workdir, ds)
     started = time.perf_counter()
     warm = min(WARM_EVENTS, ds.unique_events)  # a small dataset holds fewer
     try:
@@ -405,8 +416,8 @@ async def _warm_pipeline(bootstrap: str, workdir: Path, ds: Dataset) -> None:
 
 
 async def _measure(bootstrap: str, workdir: Path, ds: Dataset) -> dict[str, Any]:
-    await _warm_broker(bootstrap)
-    await _warm_pipeline(bootstrap, workdir, ds)
+    await warm_broker(bootstrap)
+    await warm_pipeline(bootstrap, workdir, ds)
     split = await _measure_split(bootstrap, workdir, ds)
     return {**split, **await _measure_one_loop(bootstrap, workdir, ds)}
 

@@ -46,13 +46,16 @@ RESULTS = REPO / "benchmarks" / "results"
 BENCHES: tuple[tuple[str, str, bool], ...] = (
     ("limit", "benchmarks.limit", True),
     ("processor", "benchmarks.processor", True),
+    ("server_processor", "benchmarks.processor_server", True),
     ("faust_naive", "benchmarks.faust_naive", True),
     ("quix", "benchmarks.quix", True),
     ("producer", "benchmarks.producer", False),
     ("api", "benchmarks.api", False),
+    ("api_replica", "benchmarks.api_replica", False),
     ("ingest", "benchmarks.ingest", False),
     ("abuse", "benchmarks.abuse", False),
     ("freshness", "benchmarks.freshness", False),
+    ("freshness_replicas", "benchmarks.freshness_replicas", False),
     ("memory", "benchmarks.memory", False),
     ("view_memory", "benchmarks.view_memory", False),
     ("enforce", "benchmarks.enforce", False),
@@ -71,6 +74,11 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("api_abuse_p99_ratio", "<=", 3),
     ("api_abuse_good_errors", "<=", 0),
     ("freshness_p99_s", "<=", 1.0),
+    # The server topology (ClickHouse server instead of the embedded store).
+    ("server_processor_events_per_s", ">=", 200_000),
+    ("api_replica_rps", ">=", 3_000),
+    ("api_replica_p99_ms", "<=", 10),
+    ("freshness_replicas_p99_s", "<=", 1.0),
     ("worker_peak_rss_mib", "<=", 1_024),
     ("enforce_overhead_us", "<=", 50),
 )
@@ -81,6 +89,10 @@ RATIOS = {
     "processor_vs_faust_naive": ("processor_events_per_s", "faust_naive_events_per_s"),
     "processor_vs_quixstreams": ("processor_events_per_s", "quixstreams_events_per_s"),
     "producer_vs_naive": ("producer_events_per_s", "producer_naive_events_per_s"),
+    "api_replica_vs_embedded": ("api_replica_rps", "api_rps"),
+    "api_replica_cpu_vs_embedded": ("api_replica_cpu_us_per_request", "api_cpu_us_per_request"),
+    "server_processor_vs_embedded": ("server_processor_events_per_s", "processor_events_per_s"),
+    "freshness_replicas_vs_embedded": ("freshness_replicas_p99_s", "freshness_p99_s"),
 }
 
 
