@@ -14,7 +14,12 @@ Why this order is safe at every instant:
   new owner reads the committed offset only after fencing, skipping whatever
   the old owner managed to commit;
 - a worker fenced while it keeps the partition (a timed-out transaction) reads
-  what its consumer delivered past the committed offset again (_take_over).
+  what its consumer delivered past the committed offset again (_take_over);
+- a batch counts only messages fetched under the assignment in force (_current):
+  faust's take buffer can hand over messages fetched before a rebalance, and
+  counting them would take over (fence) a partition the group gave another worker;
+- letting a partition go closes its output (PartitionOutput.close), which releases
+  a commit in flight on it: no batch ever waits on a producer that was stopped.
 Anything unexpected in this process ends it at once (crash-only): a half-done
 batch is never acknowledged, so nothing is skipped.
 """
@@ -29,19 +34,18 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 from faust.tables import TableManager
 from faust.types import TP
 
-from processors.exceptions import FencedError
+from processors.exceptions import FencedError, OutputClosedError
 from processors.output import PartitionOutput, Record, dead_letter_record
 from processors.pipeline import BatchResult, Message, Pipeline
 from processors.replay import Redelivered, Resumer
 from processors.settings import WorkerSettings
-from processors.timing import Timings
+from processors.stats import WorkerStats
 from schemas.deltas import Delta, encode, encode_bodies
 from schemas.failure import EXIT_UNSAFE, retry_delay
 from schemas.kafka import COMPRESSION
@@ -50,25 +54,6 @@ log = logging.getLogger("tally.worker")
 
 
 STOP_COMMIT_WAIT_S = 10.0
-
-
-@dataclass
-class WorkerStats:
-    messages: int = 0
-    counted: int = 0
-    duplicates: int = 0
-    dead_letters: int = 0
-    replayed: int = 0
-    remembered: int = 0
-    """Messages re-read after a takeover to rebuild dedup memory."""
-    transactions: int = 0
-    fenced: int = 0
-    flushes: int = 0
-    by_type: dict[str, int] = field(default_factory=dict)
-    dlq_by_reason: dict[str, int] = field(default_factory=dict)
-    last_flush_unix: float = 0.0
-    commit_seconds: Timings = field(default_factory=Timings)
-    """Kafka transaction commit latency, retries included (for metrics)."""
 
 
 class RollupWorker:
@@ -102,6 +87,9 @@ class RollupWorker:
         # was assigned; with the messages read again after a fence (see _take_over).
         self._delivered: dict[int, int] = {}
         self._backlog: dict[int, Redelivered] = {}
+        # The consumer generation whose partitions were revoked last: until the next
+        # assignment (a later generation), every message delivered is stale.
+        self._revoked_generation: int | None = None
         # Batches and the heartbeat's backlog runs take turns (commits stay in order).
         self._counting = asyncio.Lock()
         self._resumer = Resumer(
@@ -124,14 +112,39 @@ class RollupWorker:
     async def _handle(self, events: Sequence[Any]) -> None:
         received: dict[int, list[Message]] = defaultdict(list)
         keys: dict[tuple[int, int], bytes | None] = {}
+        stale: dict[int, int] = defaultdict(int)
         for e in events:
             m = e.message
+            if not self._current(m.generation_id):
+                stale[m.partition] += 1
+                continue
             received[m.partition].append(
                 Message(m.partition, m.offset, m.value, int((m.timestamp or 0) * 1000))
             )
             keys[(m.partition, m.offset)] = m.key
+        if stale:  # their owner now reads them from the committed offset
+            log.info("left to their owners, fetched before a rebalance: %s", dict(stale))
         async with self._counting:
             await self._count(received, keys, len(events))
+
+    def _current(self, generation: int | None) -> bool:
+        """Whether a message fetched under consumer `generation` may be counted here.
+
+        Invariant: a batch counts (and takes over) a partition only with messages
+        fetched under the assignment in force. faust drops older messages as its
+        stream reads them, but its take buffer keeps what it had read before a
+        rebalance and yields it afterwards. Counted, such a message made this worker
+        take over a partition the group had just given another worker, fencing that
+        owner, which then took it back ("fenced while this worker still held it"),
+        in turn. Its owner reads it from the committed offset; if this worker is
+        given the partition again, its consumer reads it again as well.
+        """
+        return generation is not None and generation == self._generation()
+
+    def _generation(self) -> int | None:
+        """The consumer generation whose assignment is in force (None: a rebalance)."""
+        now = int(self.app.consumer_generation_id)
+        return None if now == self._revoked_generation else now
 
     async def _count(
         self,
@@ -262,12 +275,12 @@ class RollupWorker:
                 if delivered > committed:
                     again = await self._resumer.redeliver(partition, committed, delivered)
         except BaseException:
-            await output.stop()  # the next attempt starts (and fences) afresh
+            await output.close()  # the next attempt starts (and fences) afresh
             raise
         if self._revocations[partition] != generation:
             # Revoked meanwhile: a later assignment takes it over again, from scratch.
             self.pipeline.forget(partition)
-            await output.stop()
+            await output.close()
             return
         self.stats.remembered += remembered
         if again is not None:
@@ -326,12 +339,15 @@ class RollupWorker:
                 self.stats.transactions += 1
                 self._last_commit[partition] = time.monotonic()
                 return True
+            except OutputClosedError:
+                return False  # dropped mid-commit: the next owner settles and re-reads it
             except FencedError:
                 # Usually a rebalance gave it to another worker; if the group left it
                 # here (a timed-out transaction), _take_over counts it again.
                 log.info("partition %d: this worker's producer was fenced", partition)
                 self.stats.fenced += 1
-                self._drop(partition)
+                if self._outputs.get(partition) is output:  # not a later takeover's
+                    self._drop(partition)
                 return False
             except Exception as exc:
                 delay = retry_delay(attempt)
@@ -366,6 +382,8 @@ class RollupWorker:
                 await output.stop()
                 await output.start()
                 committed = await self._resumer.committed(partition)
+        except OutputClosedError:
+            return False  # dropped while this waited: the next owner settles it
         except Exception as exc:
             log.error("partition %d: could not learn the commit's outcome (%r)", partition, exc)
             await output.stop()  # the next attempt starts (and fences) afresh
@@ -421,7 +439,14 @@ class RollupWorker:
         await asyncio.gather(*beats)
 
     def _assigned(self) -> set[int] | None:
-        """The events partitions the group gave this worker (None: not known yet)."""
+        """The events partitions the group gave this worker (None: not known yet).
+
+        None from a revocation until the next assignment: the consumer still reports
+        the revoked partitions then, and a takeover started from them would fence
+        their next owner (see _current).
+        """
+        if self._generation() is None:
+            return None
         try:
             assignment = self.app.consumer.assignment()
         except Exception:  # consumer not started yet
@@ -429,6 +454,8 @@ class RollupWorker:
         return {tp.partition for tp in assignment if tp.topic == self.settings.events_topic}
 
     def on_revoked(self, partitions: set[int]) -> None:
+        # Whatever the consumer delivered until now was fetched under this assignment.
+        self._revoked_generation = int(self.app.consumer_generation_id)
         for partition in partitions:
             self._revocations[partition] += 1
             self._delivered.pop(partition, None)
@@ -440,8 +467,9 @@ class RollupWorker:
         self._next_offset.pop(partition, None)
         output = self._outputs.pop(partition, None)
         if output is not None:
-            # Stopping may wait on the network; the callback must not.
-            task = asyncio.ensure_future(output.stop())
+            # Closing may wait on the network; the callback must not. It also releases
+            # a commit in flight on this output (PartitionOutput.close).
+            task = asyncio.ensure_future(output.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -486,7 +514,7 @@ class RollupWorker:
             await asyncio.wait([committing], timeout=STOP_COMMIT_WAIT_S)
         for partition in list(self._outputs):
             output = self._outputs.pop(partition)
-            await output.stop()
+            await output.close()
         await self._resumer.stop()
 
 

@@ -14,5 +14,10 @@ class FencedError(TallyError):
     """Another worker owns this partition now; this one must let it go."""
 
 
+class OutputClosedError(TallyError):
+    """This worker dropped the partition's output (revoked, fenced, stopping) while a
+    commit was in flight or waiting: the partition's next owner resumes it."""
+
+
 class SinkFencedError(TallyError):
     """This sink's write gate is gone: another sink took its partitions over."""

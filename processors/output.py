@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
 from aiokafka.structs import TopicPartition
 
-from processors.exceptions import FencedError
+from processors.exceptions import FencedError, OutputClosedError
 from processors.pipeline import DeadLetter
 
 log = logging.getLogger("tally.worker")
@@ -62,6 +62,13 @@ def dead_letter_record(
     return (dlq_topic, key, value, None, headers)
 
 
+def _abandoned(transaction: asyncio.Future[None]) -> None:
+    """What a transaction cut off by `close` ended with no longer matters (its next
+    owner settles it); retrieved so that asyncio does not report it as unhandled."""
+    if not transaction.cancelled():
+        transaction.exception()
+
+
 class PartitionOutput:
     def __init__(
         self, bootstrap: str, group: str, events_topic: str, partition: int, compression: str | None
@@ -75,9 +82,21 @@ class PartitionOutput:
         self._producer: AIOKafkaProducer | None = None
         # One transaction at a time per producer: batches and heartbeats take turns.
         self.lock = asyncio.Lock()
+        # Resolved by close(): a commit in flight or waiting stops waiting then.
+        self._closed: asyncio.Future[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None and self._closed.done()
 
     async def start(self) -> None:
-        """Initialise the transactional producer; this is what fences a zombie."""
+        """Initialise the transactional producer; this is what fences a zombie.
+
+        Refused once closed: a producer started for a partition this worker let go
+        would fence the partition's new owner.
+        """
+        if self.closed:
+            raise OutputClosedError(f"partition {self.partition}: output closed")
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             transactional_id=self._transactional_id,
@@ -86,9 +105,32 @@ class PartitionOutput:
             request_timeout_ms=30_000,
         )
         await producer.start()
+        if self.closed:  # closed while it started: it must not outlive the close
+            await producer.stop()
+            raise OutputClosedError(f"partition {self.partition}: output closed")
         self._producer = producer
 
+    async def close(self) -> None:
+        """Let the partition go for good: stop the producer, release every commit.
+
+        aiokafka's `commit_transaction` waits (shielded) on a future that only its
+        sender resolves, and `AIOKafkaProducer.stop()` cancels the sender: a commit
+        in flight when its producer is stopped would wait forever, and with it the
+        batch after it (`RollupWorker._settle_commits`). So `commit` races its
+        transaction against this close: once closed, every commit in flight or
+        waiting raises OutputClosedError, and nothing starts a producer again.
+        Whether a transaction cut off this way lands or is aborted, the next owner's
+        producer (or this worker's, after a takeover) settles it before the resume
+        offset is read (processors/replay.py), so nothing is lost or counted twice.
+        """
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        await self.stop()
+
     async def stop(self) -> None:
+        """Stop the producer; the next commit starts a fresh one (unless closed)."""
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
@@ -99,14 +141,31 @@ class PartitionOutput:
     async def commit(self, records: Sequence[Record], next_offset: int | None) -> None:
         """Send `records` and (if given) the consumed offset in one transaction.
 
-        Raises FencedError when another worker took the partition; any other
-        failure propagates after the transaction was aborted, so the caller may
-        retry the same records.
+        Raises FencedError when another worker took the partition, OutputClosedError
+        when this output was closed meanwhile (see `close`); any other failure
+        propagates after the transaction was aborted, so the caller may retry the
+        same records.
         """
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        closed = self._closed
         if self._producer is None:
             await self.start()
+        transaction = asyncio.ensure_future(self._transact(records, next_offset))
+        try:
+            await asyncio.wait([transaction, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not transaction.done():
+                transaction.cancel()  # closed (or this commit cancelled): stop waiting
+                transaction.add_done_callback(_abandoned)
+        if transaction.cancelled() or not transaction.done():
+            raise OutputClosedError(f"partition {self.partition}: output closed mid-commit")
+        transaction.result()
+
+    async def _transact(self, records: Sequence[Record], next_offset: int | None) -> None:
         producer = self._producer
-        assert producer is not None
+        if producer is None:  # closed between start() and here
+            raise OutputClosedError(f"partition {self.partition}: output closed")
         try:
             async with producer.transaction():
                 for topic, key, value, partition, headers in records:

@@ -209,8 +209,7 @@ async def test_the_production_topology_counts_exactly_through_faults(tmp_path: P
 
             # Both workers and both sinks in their groups first, so the faults below are
             # the only disturbances. A second worker joining in the middle of the first
-            # large batch is a case of its own: it once stalled counting here (docs/
-            # scaling.md, "Known problem").
+            # large batch is a case of its own: tests/integration/test_worker_join.py.
             await _groups_settled(bootstrap, {"tally-worker": 2, "tally.rollups.sinks": 2})
             await sent.publish(ACCOUNTS)
             await _until_exact(client, urls, keys, sent.unique)

@@ -34,9 +34,9 @@ import yaml
 from docker.utils.build import exclude_paths
 from prometheus_client import CollectorRegistry
 
-from processors.app import WorkerStats
 from processors.metrics import PipelineCollector
 from processors.sink import SinkStats
+from processors.stats import WorkerStats
 from query_api.metrics import REQUEST_SECONDS
 from tests.unit.deploy.kustomize import K8S, kustomize_build
 from tests.unit.deploy.manifest_checks import (

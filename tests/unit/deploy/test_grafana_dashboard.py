@@ -11,9 +11,9 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
-from processors.app import WorkerStats
 from processors.metrics import PipelineCollector
 from processors.sink import SinkStats
+from processors.stats import WorkerStats
 from query_api.metrics import REQUEST_SECONDS
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana-dashboard.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -45,6 +46,9 @@ class FakeOutput:
     async def stop(self) -> None:
         self.stops += 1
 
+    async def close(self) -> None:
+        await self.stop()
+
 
 class FakeResumer:
     def __init__(self, output: FakeOutput, start: int) -> None:
@@ -59,7 +63,7 @@ class FakeResumer:
 
 def worker_with(output: FakeOutput, start: int) -> RollupWorker:
     settings = WorkerSettings(events_topic="e", rollups_topic="r", dlq_topic="d")
-    worker = RollupWorker(settings, cast(Any, None))
+    worker = RollupWorker(settings, cast(Any, SimpleNamespace(consumer_generation_id=1)))
     worker._outputs[0] = cast(Any, output)
     worker._resumer = cast(Any, FakeResumer(output, start))
     return worker
@@ -136,6 +140,7 @@ class GatedOutput(FakeOutput):
 class _Msg:
     def __init__(self, offset: int) -> None:
         self.partition, self.offset, self.key, self.timestamp = 0, offset, b"k", 1.0
+        self.generation_id = 1  # fetched under the assignment in force
         self.value = b"[]"  # a dead letter: enough to give the batch an offset to commit
 
 

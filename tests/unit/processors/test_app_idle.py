@@ -30,7 +30,8 @@ class Assigned:
 
 def idle_worker(*tps: TP) -> tuple[RollupWorker, list[int]]:
     settings = WorkerSettings(events_topic="e", rollups_topic="r", dlq_topic="d")
-    worker = RollupWorker(settings, cast(Any, SimpleNamespace(consumer=Assigned(*tps))))
+    app = SimpleNamespace(consumer=Assigned(*tps), consumer_generation_id=1)
+    worker = RollupWorker(settings, cast(Any, app))
     taken: list[int] = []
 
     async def take_over(partition: int) -> None:
@@ -72,6 +73,9 @@ class FakeOutput:
     async def stop(self) -> None:
         self.stopped = True
 
+    async def close(self) -> None:
+        self.stopped = True
+
 
 class SlowResumer:
     """Answers `committed` once the test lets it, so a revocation can come first."""
@@ -99,7 +103,8 @@ async def test_a_takeover_overtaken_by_a_revocation_installs_nothing(
 
     monkeypatch.setattr("processors.app.PartitionOutput", output)
     settings = WorkerSettings(events_topic="e", rollups_topic="r", dlq_topic="d")
-    worker = RollupWorker(settings, cast(Any, SimpleNamespace(consumer=Assigned(TP("e", 0)))))
+    app = SimpleNamespace(consumer=Assigned(TP("e", 0)), consumer_generation_id=1)
+    worker = RollupWorker(settings, cast(Any, app))
     resumer = SlowResumer()
     worker._resumer = cast(Any, resumer)
     taking = asyncio.ensure_future(worker._take_over_all([0]))

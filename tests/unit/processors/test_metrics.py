@@ -6,9 +6,9 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from processors.app import WorkerStats
 from processors.metrics import PipelineCollector
 from processors.sink import SinkStats
+from processors.stats import WorkerStats
 
 
 def test_the_collector_reports_the_live_counters() -> None:
