@@ -169,17 +169,26 @@ async def pipeline_settings(
     kafka_bootstrap: str, store_url: str, unique_name: str
 ) -> WorkerSettings:
     """Worker settings with topics (8 partitions), a group and a database of the test's own."""
-    settings = WorkerSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        events_topic=f"{unique_name}.events",
-        dlq_topic=f"{unique_name}.dlq",
-        rollups_topic=f"{unique_name}.rollups",
-        consumer_group=f"{unique_name}-worker",
-        clickhouse_url=store_url,
-        clickhouse_database=unique_name,
-    )
+    settings = worker_settings(kafka_bootstrap, store_url, unique_name)
     await ensure_topics(kafka_bootstrap, {settings.events_topic: 8, settings.dlq_topic: 1})
     return settings
+
+
+def worker_settings(
+    kafka_bootstrap: str, store_url: str, name: str, **update: Any
+) -> WorkerSettings:
+    """Worker settings whose topics, consumer group and database are named after `name`
+    (a test's unique name), so tests sharing a broker and a store never meet."""
+    return WorkerSettings(
+        kafka_bootstrap=kafka_bootstrap,
+        events_topic=f"{name}.events",
+        dlq_topic=f"{name}.dlq",
+        rollups_topic=f"{name}.rollups",
+        consumer_group=f"{name}-worker",
+        clickhouse_url=store_url,
+        clickhouse_database=name,
+        **update,
+    )
 
 
 @pytest.fixture

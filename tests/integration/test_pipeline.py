@@ -27,6 +27,7 @@ from processors.settings import WorkerSettings
 from producers import events as build
 from producers.gateway import Gateway
 from schemas.store import Store
+from tests.traffic import Shape, mixed_traffic
 
 pytestmark = pytest.mark.integration
 
@@ -38,46 +39,27 @@ def _micro(units: float) -> int:
     return int(Decimal(repr(units)) * 1_000_000)
 
 
-def _traffic(rng: random.Random, now: datetime) -> list[Any]:
-    made: list[Any] = []
-    open_streams: list[tuple[str, str, str]] = []
-    for i in range(N_UNIQUE):
-        account = f"acct-{rng.randrange(N_ACCOUNTS):05d}"
-        source = f"gw-{rng.randrange(4)}"
-        at = now - timedelta(seconds=rng.uniform(0, 2 * 86_400))
-        roll = rng.random()
-        if roll < 0.04:
-            stream_id = f"s{i}"
-            open_streams.append((account, source, stream_id))
-            made.append(
-                build.stream_opened(
-                    account, source, stream_id, route="/v1/chat", model="m-large", time=at
-                )
-            )
-        elif roll < 0.07 and open_streams:
-            account, source, stream_id = open_streams.pop(rng.randrange(len(open_streams)))
-            made.append(
-                build.stream_closed(
-                    account, source, stream_id, units=round(rng.uniform(0, 40), 3), time=at
-                )
-            )
-        else:
-            made.append(
-                build.request(
-                    account,
-                    source,
-                    units=rng.choice([1.0, 1.0, 2.0, 0.5, round(rng.uniform(0, 10), 3)]),
-                    route=rng.choice(["/v1/messages", "/v1/embeddings", None]),
-                    method=rng.choice(["GET", "POST"]),
-                    status=rng.choice([200, 200, 200, 429, 500]),
-                    model=rng.choice(["m-small", "m-large", None]),
-                    latency_ms=rng.uniform(1, 900),
-                    bytes_in=rng.randrange(10_000),
-                    bytes_out=rng.randrange(50_000),
-                    time=at,
-                )
-            )
-    return made
+TRAFFIC = Shape(
+    events=N_UNIQUE,
+    accounts=N_ACCOUNTS,
+    account_digits=5,
+    sources=4,
+    span_s=2 * 86_400,
+    opens=0.04,
+    closes=0.07,
+    opened={"route": "/v1/chat", "model": "m-large"},
+    closed_units=lambda rng: {"units": round(rng.uniform(0, 40), 3)},
+    request=lambda rng: {
+        "units": rng.choice([1.0, 1.0, 2.0, 0.5, round(rng.uniform(0, 10), 3)]),
+        "route": rng.choice(["/v1/messages", "/v1/embeddings", None]),
+        "method": rng.choice(["GET", "POST"]),
+        "status": rng.choice([200, 200, 200, 429, 500]),
+        "model": rng.choice(["m-small", "m-large", None]),
+        "latency_ms": rng.uniform(1, 900),
+        "bytes_in": rng.randrange(10_000),
+        "bytes_out": rng.randrange(50_000),
+    },
+)
 
 
 def _expected(events: list[Any]) -> dict[tuple[str, str], tuple[int, int]]:
@@ -153,7 +135,7 @@ async def test_rollups_equal_ground_truth(
     settings, store, rollup_worker = worker
     rng = random.Random(20261121)
     now = datetime.now(UTC)
-    unique = _traffic(rng, now)
+    unique = mixed_traffic(rng, now, TRAFFIC)
     resent = rng.sample(unique, 6_000)
     junk = _junk(now)
 

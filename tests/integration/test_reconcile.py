@@ -44,7 +44,9 @@ from schemas.events import REQUEST, STREAM_CLOSED, STREAM_OPENED
 from schemas.rollup_table import MARKER_ACCOUNT, offset_markers
 from schemas.store import Store
 from schemas.windows import format_time
+from tests.conftest import worker_settings
 from tests.rollups import write_wire
+from tests.traffic import Shape, mixed_traffic
 
 pytestmark = pytest.mark.integration
 
@@ -78,27 +80,20 @@ class Counted:
     """Per account in the range: requests, units_micro, events per type (ground truth)."""
 
 
-def _traffic(rng: random.Random, now: datetime) -> list[Any]:
-    made: list[Any] = []
-    open_streams: list[tuple[str, str, str]] = []
-    for i in range(N_UNIQUE):
-        account = f"acct-{rng.randrange(N_ACCOUNTS):03d}"
-        source = f"gw-{rng.randrange(3)}"
-        # Three hours back: the checked range below covers about two of them.
-        at = now - timedelta(seconds=rng.uniform(0, 3 * 3600))
-        roll = rng.random()
-        if roll < 0.05:
-            stream_id = f"s{i}"
-            open_streams.append((account, source, stream_id))
-            made.append(build.stream_opened(account, source, stream_id, time=at))
-        elif roll < 0.09 and open_streams:
-            account, source, stream_id = open_streams.pop(rng.randrange(len(open_streams)))
-            units = round(rng.uniform(0, 30), 4)
-            made.append(build.stream_closed(account, source, stream_id, units=units, time=at))
-        else:
-            units = rng.choice([1.0, 2.0, 0.5, round(rng.uniform(0, 10), 6)])
-            made.append(build.request(account, source, units=units, route="/v1/x", time=at))
-    return made
+TRAFFIC = Shape(
+    events=N_UNIQUE,
+    accounts=N_ACCOUNTS,
+    account_digits=3,
+    sources=3,
+    span_s=3 * 3600,  # the checked range below covers about two of these three hours
+    opens=0.05,
+    closes=0.09,
+    closed_units=lambda rng: {"units": round(rng.uniform(0, 30), 4)},
+    request=lambda rng: {
+        "units": rng.choice([1.0, 2.0, 0.5, round(rng.uniform(0, 10), 6)]),
+        "route": "/v1/x",
+    },
+)
 
 
 def _ground_truth(events: list[Any], start: datetime, end: datetime) -> dict[str, dict[str, Any]]:
@@ -143,23 +138,14 @@ async def _counted_rows(store: Store) -> int:
 
 @pytest.fixture
 async def counted(kafka_bootstrap: str, store_url: str, unique_name: str) -> AsyncIterator[Counted]:
-    settings = WorkerSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        events_topic=f"{unique_name}.events",
-        dlq_topic=f"{unique_name}.dlq",
-        rollups_topic=f"{unique_name}.rollups",
-        consumer_group=f"{unique_name}-worker",
-        clickhouse_url=store_url,
-        clickhouse_database=unique_name,
-        worker_flush_interval_s=0.3,
-    )
+    settings = worker_settings(kafka_bootstrap, store_url, unique_name, worker_flush_interval_s=0.3)
     await ensure_topics(kafka_bootstrap, {settings.events_topic: 4, settings.dlq_topic: 1})
     store = Store(settings.store_url, settings.store_database)
     store.migrate()
 
     rng = random.Random(20261122)
     now = datetime.now(UTC)
-    unique = _traffic(rng, now)
+    unique = mixed_traffic(rng, now, TRAFFIC)
     async with Gateway(kafka_bootstrap, settings.events_topic) as gateway:
         for i, event in enumerate(unique):
             if i % 10 == 0:
