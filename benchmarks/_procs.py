@@ -10,8 +10,10 @@ session of their own, and are stopped by their own process-group id.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,3 +196,38 @@ def tree_cpu_seconds(pid: int) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(each)
     return total
+
+
+# -- wrk --------------------------------------------------------------------------------
+
+WRK_DONE = """
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "status_errors": %d, ' ..
+    '"socket_errors": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n',
+    summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+"""The Lua every wrk run ends with: its summary as one `WRKJSON {...}` line."""
+
+
+def run_wrk(
+    script: pathlib.Path, lua: str, options: Sequence[str], seconds: float
+) -> dict[str, float]:
+    """Run wrk with `lua` (plus WRK_DONE) written to `script` and `options` (threads,
+    connections, duration, url, `--` and the script's arguments); its summary."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError(
+            "wrk is not installed: `apt-get install -y wrk` (Debian), or run `make bench` as root"
+        )
+    script.write_text(lua + WRK_DONE, encoding="ascii")
+    args = ["wrk", "-s", str(script), *options]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            found: dict[str, float] = json.loads(line[len("WRKJSON ") :])
+            return found
+    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")

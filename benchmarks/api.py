@@ -45,6 +45,7 @@ from benchmarks._procs import (
     cpu_seconds,
     python_module,
     rss_mib,
+    run_wrk,
     running,
     wait_http,
 )
@@ -78,15 +79,6 @@ end
 function request()
   i = i % #keys + 1
   return wrk.format("GET", wrk.path, {["X-API-Key"] = keys[i]})
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests": %d, "duration_us": %d, "status_errors": %d, ' ..
-    '"socket_errors": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n',
-    summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
 end
 """
 
@@ -211,22 +203,11 @@ def serve_baseline(host: str, port: int) -> None:
 def wrk(
     url: str, keys_file: pathlib.Path, duration_s: float, workdir: pathlib.Path
 ) -> dict[str, float]:
-    if shutil.which("wrk") is None:
-        raise RuntimeError(
-            "wrk is not installed: `apt-get install -y wrk` (Debian), or run `make bench` as root"
-        )
-    script = workdir / "rotate_keys.lua"
-    script.write_text(_WRK_SCRIPT, encoding="ascii")
     args = [
-        "wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s",
-        "--timeout", "5s", "-s", str(script), url, "--", str(keys_file), "0",
+        f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s",
+        "--timeout", "5s", url, "--", str(keys_file), "0",
     ]  # fmt: skip
-    out = subprocess.run(args, capture_output=True, text=True, timeout=duration_s + 60, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("WRKJSON "):
-            found: dict[str, float] = json.loads(line[len("WRKJSON ") :])
-            return found
-    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return run_wrk(workdir / "rotate_keys.lua", _WRK_SCRIPT, args, duration_s)
 
 
 def _figures(prefix: str, result: dict[str, float]) -> dict[str, float]:

@@ -20,15 +20,12 @@ and ingest_http_kafka_events (events on the topic after the run, at least those 
 from __future__ import annotations
 
 import asyncio
-import json
 import pathlib
 import random
 import secrets
-import shutil
-import subprocess
 from datetime import UTC, datetime, timedelta
 
-from benchmarks._procs import child_env, cpu_seconds, python_module, running, wait_http
+from benchmarks._procs import child_env, cpu_seconds, python_module, run_wrk, running, wait_http
 
 EVENTS_PER_BODY = 100
 BODIES = 500
@@ -57,15 +54,6 @@ function request()
   i = i % #bodies + 1
   return wrk.format("POST", wrk.path, {["X-API-Key"] = key,
     ["Content-Type"] = "application/cloudevents-batch+json"}, bodies[i])
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests": %d, "duration_us": %d, "status_errors": %d, ' ..
-    '"socket_errors": %d, "p50_us": %d, "p99_us": %d}\\n',
-    summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
 end
 """
 
@@ -100,20 +88,11 @@ def write_bodies(path: pathlib.Path) -> None:
 def wrk(
     url: str, bodies: pathlib.Path, key: str, seconds: float, workdir: pathlib.Path
 ) -> dict[str, float]:
-    if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed: `apt-get install -y wrk` (Debian)")
-    script = workdir / "post_bodies.lua"
-    script.write_text(_WRK_SCRIPT, encoding="ascii")
     args = [
-        "wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
-        "--timeout", "10s", "-s", str(script), url, "--", str(bodies), key,
+        f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
+        "--timeout", "10s", url, "--", str(bodies), key,
     ]  # fmt: skip
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("WRKJSON "):
-            found: dict[str, float] = json.loads(line[len("WRKJSON ") :])
-            return found
-    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return run_wrk(workdir / "post_bodies.lua", _WRK_SCRIPT, args, seconds)
 
 
 async def _events_on(bootstrap: str) -> int:
