@@ -235,8 +235,10 @@ async def await_coordinators(
                     waiting = f"the transaction coordinator of {tid}"
                     await admin.find_coordinator(tid, coordinator_type=1)
                 waiting = f"the coordinator of groups {', '.join(groups)}"
-                described = await admin.describe_consumer_groups(groups)
-                if all(g[0] == 0 for r in described for g in r.groups):
+                # One group per request: aiokafka fails to decode an answer describing
+                # several groups that have members ("Buffer underrun decoding string").
+                described = [await admin.describe_consumer_groups([g]) for g in groups]
+                if all(g[0] == 0 for d in described for r in d for g in r.groups):
                     return
             except Exception as exc:  # not available or still loading: expected here
                 log.debug("waiting for %s: %r", waiting, exc)

@@ -350,9 +350,12 @@ async def _groups_settled(bootstrap: str, members: dict[str, int]) -> None:
     try:
         while time.monotonic() < deadline:
             try:
-                for response in await admin.describe_consumer_groups(list(members)):
-                    for group in response.groups:
-                        found[group[1]] = (group[2], len(group[5]))
+                # One group per request: aiokafka cannot decode an answer describing
+                # several groups with members ("Buffer underrun decoding string").
+                for name in members:
+                    for response in await admin.describe_consumer_groups([name]):
+                        for group in response.groups:
+                            found[group[1]] = (group[2], len(group[5]))
             except KafkaError:
                 pass
             if all(found.get(g) == ("Stable", n) for g, n in members.items()):
