@@ -28,7 +28,9 @@ from deploy.clickhouse_local import LocalClickHouse
 from deploy.kafka_local import LocalKafka, ensure_topics
 from deploy.processes import free_port
 from processors.settings import WorkerSettings
+from query_api.settings import ApiSettings
 from schemas.store import Store
+from tests.webhook_receiver import Receiver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_LIBS = REPO_ROOT / ".tally" / "kafka" / "libs"
@@ -232,3 +234,26 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[
     finally:
         kafka.stop()
         kafka.kill()
+
+
+def api_settings_for(worker: WorkerSettings, **extra: Any) -> ApiSettings:
+    """An API on the worker's broker, topics, group and store (`extra` on top)."""
+    return ApiSettings(
+        kafka_bootstrap=worker.kafka_bootstrap,
+        events_topic=worker.events_topic,
+        rollups_topic=worker.rollups_topic,
+        consumer_group=worker.consumer_group,
+        clickhouse_url=worker.clickhouse_url,
+        clickhouse_database=worker.clickhouse_database,
+        **extra,
+    )
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A webhook receiver process of the test's own (tests/webhook_receiver.py)."""
+    found = Receiver(tmp_path)
+    try:
+        yield found
+    finally:
+        found.stop()

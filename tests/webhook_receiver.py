@@ -15,8 +15,14 @@ import hashlib
 import hmac
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+from deploy.processes import free_port
 
 TOLERANCE_S = 300
 _first: list[float] = []
@@ -69,3 +75,52 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         log.write(json.dumps(entry) + "\n")
     await send({"type": "http.response.start", "status": status, "headers": []})
     await send({"type": "http.response.body", "body": b"ok" if status == 200 else b"no"})
+
+
+class Receiver:
+    """This app in a uvicorn process of its own, for a test (`start`, `received`, `stop`)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.log = tmp / "received.jsonl"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, secret: str, fail_s: float) -> None:
+        env = {
+            **os.environ,
+            "RECEIVER_SECRET": secret,
+            "RECEIVER_LOG": str(self.log),
+            "RECEIVER_FAIL_S": str(fail_s),
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.webhook_receiver:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("the receiver did not listen within 30 s")
+
+    def received(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deploy.processes import free_port
 from deploy.stack import running_pipeline
 from processors.settings import WorkerSettings
 from producers import events as build
@@ -43,68 +37,12 @@ from schemas.events import REQUEST
 from schemas.store import Store
 from tests.conftest import consume_all
 from tests.rollups import ms, write_wire
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 FAIL_S = 30.0
 """How long the receiver answers 500 before it answers 200 (the issue's outage)."""
-
-
-class Receiver:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        self.log = tmp / "received.jsonl"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, secret: str, fail_s: float) -> None:
-        env = {
-            **os.environ,
-            "RECEIVER_SECRET": secret,
-            "RECEIVER_LOG": str(self.log),
-            "RECEIVER_FAIL_S": str(fail_s),
-        }
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "tests.webhook_receiver:app",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise AssertionError("the receiver did not listen within 30 s")
-
-    def received(self) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    found = Receiver(tmp_path)
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from query_api.app import create_app
 from query_api.deps import Services
 from query_api.settings import ApiSettings
 from schemas.store import Store
+from tests.conftest import api_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,18 +49,6 @@ async def server_settings(
 ) -> WorkerSettings:
     return pipeline_settings.model_copy(
         update={"clickhouse_url": clickhouse_server_url, "clickhouse_database": unique_name}
-    )
-
-
-def _api_settings(worker: WorkerSettings, **extra: Any) -> ApiSettings:
-    return ApiSettings(
-        kafka_bootstrap=worker.kafka_bootstrap,
-        events_topic=worker.events_topic,
-        rollups_topic=worker.rollups_topic,
-        consumer_group=worker.consumer_group,
-        clickhouse_url=worker.clickhouse_url,
-        clickhouse_database=worker.clickhouse_database,
-        **extra,
     )
 
 
@@ -116,7 +105,7 @@ async def test_two_replicas_on_the_server_are_exact_and_share_keys(
         keys[account], _ = accounts.create_key(account, admin=False)
     rng = random.Random(2026_12_07)
     sent: Counter[str] = Counter()
-    api = _api_settings(server_settings)
+    api = api_settings_for(server_settings)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(running_pipeline(server_settings, store))
         _, early = await stack.enter_async_context(_replica(api))
@@ -135,7 +124,7 @@ async def test_two_replicas_on_the_server_are_exact_and_share_keys(
         assert late_services.view is not None
         assert late_services.view.rows > 0
         await _send(gateway, rng, 1_500, sent)
-        off = _api_settings(server_settings, api_usage_view="off")
+        off = api_settings_for(server_settings, api_usage_view="off")
         reader_app, store_reader = await stack.enter_async_context(_replica(off))
 
         async def replicas_exact() -> bool:
@@ -151,7 +140,7 @@ async def test_two_replicas_on_the_server_are_exact_and_share_keys(
         settle = await _until("both replicas and the store exact", replicas_exact)
         print(f"both replicas and the store exact {settle:.2f}s after the last event was flushed")
         # A replica whose bound holds only some accounts reads the others from the store.
-        bounded = _api_settings(server_settings, api_view_max_rows=len(ACCOUNTS) // 2)
+        bounded = api_settings_for(server_settings, api_view_max_rows=len(ACCOUNTS) // 2)
         bounded_app, small = await stack.enter_async_context(_replica(bounded))
         for account in ACCOUNTS:
             from_store = await _today(store_reader, keys[account])

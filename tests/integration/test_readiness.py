@@ -30,6 +30,7 @@ from query_api.app import create_app
 from query_api.settings import ApiSettings
 from schemas.rollup_table import RollupStore
 from schemas.store import Store
+from tests.conftest import api_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +38,7 @@ KAFKA_LIBS = Path(__file__).resolve().parents[2] / ".tally" / "kafka" / "libs"
 
 
 def api_settings(worker: WorkerSettings, **extra: Any) -> ApiSettings:
-    return ApiSettings(
-        kafka_bootstrap=worker.kafka_bootstrap,
-        events_topic=worker.events_topic,
-        rollups_topic=worker.rollups_topic,
-        consumer_group=worker.consumer_group,
-        clickhouse_url=worker.clickhouse_url,
-        clickhouse_database=worker.clickhouse_database,
-        readyz_refresh_s=0.2,
-        **extra,
-    )
+    return api_settings_for(worker, **{"readyz_refresh_s": 0.2, **extra})
 
 
 async def readyz(client: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:

@@ -19,7 +19,7 @@ from query_api.alerts.settings import STANDARD_SCHEDULE, AlertSettings
 from query_api.alerts.signing import SecretBox, new_secret
 from query_api.alerts.store import DELIVERED, FAILED, PENDING, AlertStore, Delivery, Endpoint
 from schemas.store import Store
-from tests.integration.test_alerts_webhooks import Receiver
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +34,6 @@ def black_hole() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
     finally:
         server.close()
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    found = Receiver(tmp_path)
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def _endpoint(alerts: AlertStore, box: SecretBox, name: str, url: str, secret: str) -> Endpoint:

@@ -4,7 +4,7 @@ real store; the test message goes to a receiver in its own uvicorn process."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,8 +25,8 @@ from query_api.usage import compute
 from schemas.events import REQUEST
 from schemas.store import Store
 from schemas.windows import format_time
-from tests.integration.test_alerts_webhooks import Receiver
 from tests.rollups import ms, write_wire
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -64,15 +64,6 @@ async def api(store_url: str, unique_name: str, tmp_path: Path) -> AsyncIterator
     async with httpx.AsyncClient(transport=transport, base_url="http://tally") as client:
         yield Api(client, store, hooks)
     store.close()
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    found = Receiver(tmp_path)
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 async def test_an_endpoints_life(api: Api, receiver: Receiver) -> None:
