@@ -15,7 +15,7 @@ Why this order is safe at every instant:
   the old owner managed to commit;
 - a worker fenced while it keeps the partition (a timed-out transaction) reads
   what its consumer delivered past the committed offset again (_take_over);
-- a batch counts only messages fetched under the assignment in force (_current):
+- a batch counts only messages fetched under the assignment in force (_generation):
   faust's take buffer can hand over messages fetched before a rebalance, and
   counting them would take over (fence) a partition the group gave another worker;
 - letting a partition go closes its output (PartitionOutput.close), which releases
@@ -113,9 +113,11 @@ class RollupWorker:
         received: dict[int, list[Message]] = defaultdict(list)
         keys: dict[tuple[int, int], bytes | None] = {}
         stale: dict[int, int] = defaultdict(int)
+        # The loop does not yield, so the assignment in force is the same throughout.
+        current = self._generation()
         for e in events:
             m = e.message
-            if not self._current(m.generation_id):
+            if current is None or m.generation_id != current:  # see _generation
                 stale[m.partition] += 1
                 continue
             received[m.partition].append(
@@ -127,22 +129,18 @@ class RollupWorker:
         async with self._counting:
             await self._count(received, keys, len(events))
 
-    def _current(self, generation: int | None) -> bool:
-        """Whether a message fetched under consumer `generation` may be counted here.
+    def _generation(self) -> int | None:
+        """The consumer generation whose assignment is in force (None: a rebalance).
 
         Invariant: a batch counts (and takes over) a partition only with messages
-        fetched under the assignment in force. faust drops older messages as its
-        stream reads them, but its take buffer keeps what it had read before a
-        rebalance and yields it afterwards. Counted, such a message made this worker
-        take over a partition the group had just given another worker, fencing that
-        owner, which then took it back ("fenced while this worker still held it"),
-        in turn. Its owner reads it from the committed offset; if this worker is
-        given the partition again, its consumer reads it again as well.
+        fetched under this generation. faust drops older messages as its stream reads
+        them, but its take buffer keeps what it had read before a rebalance and yields
+        it afterwards. Counted, such a message made this worker take over a partition
+        the group had just given another worker, fencing that owner, which then took
+        it back ("fenced while this worker still held it"), in turn. Its owner reads it
+        from the committed offset; if this worker is given the partition again, its
+        consumer reads it again as well.
         """
-        return generation is not None and generation == self._generation()
-
-    def _generation(self) -> int | None:
-        """The consumer generation whose assignment is in force (None: a rebalance)."""
         now = int(self.app.consumer_generation_id)
         return None if now == self._revoked_generation else now
 
@@ -443,7 +441,7 @@ class RollupWorker:
 
         None from a revocation until the next assignment: the consumer still reports
         the revoked partitions then, and a takeover started from them would fence
-        their next owner (see _current).
+        their next owner (see _generation).
         """
         if self._generation() is None:
             return None
